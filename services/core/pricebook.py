@@ -1,0 +1,211 @@
+"""The price book: every price a model has had, as effective-dated versions.
+
+A price is never overwritten. Each change is a new :class:`PriceVersion` with a book-wide,
+increasing ``version`` number and an ``effective_from`` time; a lookup takes (model, at) and
+returns the version in effect then. Two layers exist: ``catalogue`` (OpenRouter's list, the
+bundled snapshot) and ``override`` (negotiated or corrected prices), and an override in
+effect always wins over the catalogue.
+
+:class:`PriceBook` is the port; :class:`InMemoryPriceBook` is the pure adapter that the
+file and database adapters build on.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+from services.core.errors import PriceNotFound
+from services.core.pricing import ModelPricing
+
+Layer = Literal["catalogue", "override"]
+LAYERS: tuple[Layer, ...] = ("override", "catalogue")  # lookup order: overrides win
+
+
+@dataclass(frozen=True, slots=True)
+class PriceVersion:
+    model: str
+    version: int
+    pricing: ModelPricing
+    effective_from: datetime
+    recorded_at: datetime
+    layer: Layer = "catalogue"
+    source: str = "catalogue"
+    """Where the price came from: snapshot, openrouter, file, override, correction."""
+    reason: str = ""
+
+
+class PriceLookup(Protocol):
+    """Anything that can answer "what did model M cost at time T"."""
+
+    def lookup(self, model: str, at: datetime | None = None) -> PriceVersion: ...
+
+
+class PriceBook(PriceLookup, Protocol):
+    """The port every price-book adapter implements (in-memory, file, PostgreSQL)."""
+
+    def record(
+        self,
+        model: str,
+        pricing: ModelPricing,
+        *,
+        effective_from: datetime,
+        layer: Layer = "catalogue",
+        source: str = "catalogue",
+        reason: str = "",
+        recorded_at: datetime | None = None,
+    ) -> PriceVersion | None:
+        """Add a version; return ``None`` when it equals the price already in effect then."""
+        ...
+
+    def add_alias(self, alias: str, model: str) -> None:
+        """Make ``alias`` resolve to ``model``."""
+        ...
+
+    def resolve(self, model: str) -> str | None:
+        """The canonical id for a model id, alias or spelling variant; ``None`` if unknown."""
+        ...
+
+    def history(self, model: str) -> list[PriceVersion]:
+        """Every version of a model, oldest recorded first."""
+        ...
+
+    def models(self) -> list[str]:
+        """Canonical ids of every model with at least one version."""
+        ...
+
+
+_DATE_SUFFIX = re.compile(r"(-\d{8}|-\d{4}-\d{2}-\d{2}|@\d{8})$")
+_DIGIT_DASH_DIGIT = re.compile(r"(?<=\d)-(?=\d)")
+
+
+def spelling_key(model: str) -> str:
+    """A loose key under which spelling variants of one model id coincide.
+
+    ``anthropic/claude-sonnet-4-5-20250929`` and ``Anthropic/claude-sonnet-4.5`` share one.
+    """
+    key = _DATE_SUFFIX.sub("", model.strip().lower())
+    return _DIGIT_DASH_DIGIT.sub(".", key)
+
+
+class InMemoryPriceBook:
+    """A price book held in dictionaries; the reference adapter of the :class:`PriceBook` port."""
+
+    def __init__(self) -> None:
+        self._versions: dict[tuple[Layer, str], list[PriceVersion]] = {}
+        self._history: dict[str, list[PriceVersion]] = {}
+        self._aliases: dict[str, str] = {}
+        self._loose: dict[str, set[str]] = {}
+        self._last_version = 0
+
+    # -- writing --------------------------------------------------------------------------
+
+    def record(
+        self,
+        model: str,
+        pricing: ModelPricing,
+        *,
+        effective_from: datetime,
+        layer: Layer = "catalogue",
+        source: str = "catalogue",
+        reason: str = "",
+        recorded_at: datetime | None = None,
+    ) -> PriceVersion | None:
+        _require_aware(effective_from, "effective_from")
+        current = self._in_effect(layer, model, effective_from)
+        if current is not None and current.pricing == pricing:
+            return None
+        version = PriceVersion(
+            model=model,
+            version=self._last_version + 1,
+            pricing=pricing,
+            effective_from=effective_from,
+            recorded_at=recorded_at or datetime.now(UTC),
+            layer=layer,
+            source=source,
+            reason=reason,
+        )
+        self._apply(version)
+        return version
+
+    def _apply(self, version: PriceVersion) -> None:
+        """Index an existing version (used by adapters replaying their storage)."""
+        versions = self._versions.setdefault((version.layer, version.model), [])
+        bisect.insort(versions, version, key=lambda v: (v.effective_from, v.version))
+        self._history.setdefault(version.model, []).append(version)
+        self._loose.setdefault(spelling_key(version.model), set()).add(version.model)
+        self._last_version = max(self._last_version, version.version)
+
+    def add_alias(self, alias: str, model: str) -> None:
+        if alias != model:
+            self._aliases[alias] = model
+            self._aliases.setdefault(spelling_key(alias), model)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def resolve(self, model: str) -> str | None:
+        if model in self._history:
+            return model
+        target = self._aliases.get(model)
+        if target is not None:
+            return target
+        key = spelling_key(model)
+        candidates = self._loose.get(key)
+        if candidates and len(candidates) == 1:
+            return next(iter(candidates))
+        return self._aliases.get(key)
+
+    def lookup(self, model: str, at: datetime | None = None) -> PriceVersion:
+        canonical = self.resolve(model)
+        if canonical is None:
+            raise PriceNotFound(model, suggestions=self.suggest(model))
+        when = at or datetime.now(UTC)
+        _require_aware(when, "at")
+        for layer in LAYERS:
+            found = self._in_effect(layer, canonical, when)
+            if found is not None:
+                return found
+        raise PriceNotFound(canonical, at=when, suggestions=[canonical])
+
+    def _in_effect(self, layer: Layer, model: str, at: datetime) -> PriceVersion | None:
+        versions = self._versions.get((layer, model))
+        if not versions:
+            return None
+        index = bisect.bisect_right(versions, at, key=lambda v: v.effective_from)
+        return versions[index - 1] if index else None
+
+    def history(self, model: str) -> list[PriceVersion]:
+        canonical = self.resolve(model)
+        return list(self._history.get(canonical, [])) if canonical else []
+
+    def models(self) -> list[str]:
+        return sorted(self._history)
+
+    def suggest(self, model: str, limit: int = 5) -> list[str]:
+        """Known model ids that look like ``model`` (for "did you mean" answers)."""
+        known = self.models()
+        tail = model.rsplit("/", 1)[-1].lower()
+        close = difflib.get_close_matches(model.lower(), known, n=limit, cutoff=0.6)
+        containing = [m for m in known if tail and tail in m.lower()]
+        return list(dict.fromkeys([*close, *containing]))[:limit]
+
+    @property
+    def last_version(self) -> int:
+        return self._last_version
+
+    def all_versions(self) -> Iterable[PriceVersion]:
+        for versions in self._history.values():
+            yield from versions
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+
+def _require_aware(value: datetime, name: str) -> None:
+    if value.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware")

@@ -1,0 +1,1 @@
+"""The HTTP gateway: the quote API now; the LLM proxy, usage ingest and queries later."""

@@ -1,0 +1,22 @@
+"""Admin-token authentication for the ``/internal`` API."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import HTTPException, Request, status
+
+
+def require_admin(request: Request) -> None:
+    """Allow the request when no admin token is configured or the Bearer token matches."""
+    expected: str | None = request.app.state.admin_token
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, supplied = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip(), expected):
+        raise HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED,
+            detail="a valid admin token is required (Authorization: Bearer ...)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -1,0 +1,268 @@
+"""The ``billing`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from services.core.errors import BillingError
+from services.core.money import fmt
+from services.core.pricebook import PriceLookup, PriceVersion
+from services.core.quote import error_json, parse_time, quote
+from services.runtime.errors import CatalogueUnavailable, ConfigError, PriceBookCorrupt
+from services.runtime.pricebook_file import FilePriceBook
+from services.runtime.pricing_cache import OpenRouterCatalogue, sync_catalogue
+from services.runtime.settings import Settings
+
+
+def _dumps(document: Any) -> str:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+
+
+def _load_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text, parse_float=Decimal)
+    except ValueError as exc:
+        raise click.BadParameter(f"{what} is not valid JSON: {exc}") from None
+
+
+class Context:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._book: FilePriceBook | None = None
+
+    @property
+    def book(self) -> FilePriceBook:
+        if self._book is None:
+            try:
+                self._book = FilePriceBook.open(self.settings.price_book_path)
+            except PriceBookCorrupt as exc:
+                raise click.ClickException(str(exc)) from exc
+        return self._book
+
+
+@click.group()
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="BILLING_DATA_DIR",
+    default=None,
+    help="Where the price book lives (default .billing, or $BILLING_DATA_DIR).",
+)
+@click.pass_context
+def main(ctx: click.Context, data_dir: Path | None) -> None:
+    """Billing for LLM traffic: quotes, prices and the gateway."""
+    overrides: dict[str, Any] = {"data_dir": data_dir} if data_dir else {}
+    try:
+        settings = Settings(**overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    ctx.obj = Context(settings)
+
+
+# -- quote --------------------------------------------------------------------------------------
+
+
+@main.command("quote")
+@click.option("--model", "-m", help="Model id, e.g. anthropic/claude-sonnet-4.5.")
+@click.option("--usage-json", help="Usage object as JSON (any supported shape).")
+@click.option("--usage-file", type=click.File("r"), help="File holding the usage JSON.")
+@click.option(
+    "--format",
+    "usage_format",
+    type=click.Choice(["openai", "openai_responses", "anthropic", "gemini", "normalised"]),
+    help="Wire format of the usage (detected when omitted).",
+)
+@click.option("--pricing-file", type=click.File("r"), help="Quote against this pricing object.")
+@click.option("--at", help="Price as of this RFC 3339 time (default: now).")
+@click.option("--batch", is_flag=True, help="Read JSON lines from stdin, write one result each.")
+@click.pass_obj
+def quote_cmd(
+    obj: Context,
+    model: str | None,
+    usage_json: str | None,
+    usage_file: IO[str] | None,
+    usage_format: str | None,
+    pricing_file: IO[str] | None,
+    at: str | None,
+    batch: bool,
+) -> None:
+    """Price a model, or one request's usage, with the same JSON as the quote API."""
+    if batch:
+        if model or usage_json or usage_file or pricing_file or at or usage_format:
+            raise click.UsageError("--batch takes every field from its input lines")
+        errors = run_batch(sys.stdin, sys.stdout, obj.book)
+        if errors:
+            click.echo(f"{errors} line(s) had errors", err=True)
+        return
+    if not model:
+        raise click.UsageError("--model is required (or use --batch)")
+    if usage_json and usage_file:
+        raise click.UsageError("give --usage-json or --usage-file, not both")
+    request: dict[str, Any] = {"provider_model_id": model}
+    if usage_json or usage_file:
+        text = usage_json if usage_json is not None else usage_file.read()  # type: ignore[union-attr]
+        request["usage"] = _load_json(text, "the usage")
+    if usage_format:
+        request["format"] = usage_format
+    if pricing_file:
+        request["pricing"] = _load_json(pricing_file.read(), "the pricing file")
+    if at:
+        request["at"] = at
+    try:
+        click.echo(json.dumps(quote(request, obj.book), indent=2))
+    except BillingError as exc:
+        click.echo(json.dumps(error_json(exc), indent=2))
+        sys.exit(1)
+
+
+def run_batch(source: IO[str], sink: IO[str], book: PriceLookup) -> int:
+    """Quote every JSON line of ``source`` into ``sink``, in order; return the error count."""
+    errors = 0
+    write = sink.write
+    for number, line in enumerate(source, start=1):
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line, parse_float=Decimal)
+            result = quote(request, book)
+        except BillingError as exc:
+            result = error_json(exc) | {"line": number}
+            errors += 1
+        except ValueError as exc:
+            result = {"error": f"line is not valid JSON: {exc}", "line": number}
+            errors += 1
+        write(_dumps(result))
+        write("\n")
+    sink.flush()
+    return errors
+
+
+# -- prices -------------------------------------------------------------------------------------
+
+
+@main.group()
+def prices() -> None:
+    """Inspect and update the price book."""
+
+
+@prices.command("sync")
+@click.option(
+    "--file",
+    "file_",
+    type=click.File("r"),
+    help="Import a saved /models response instead of fetching the live catalogue.",
+)
+@click.pass_obj
+def prices_sync(obj: Context, file_: IO[str] | None) -> None:
+    """Fetch OpenRouter's catalogue and record every changed price as a new version."""
+    settings = obj.settings
+    try:
+        if file_ is not None:
+            document, source = _load_json(file_.read(), "the catalogue file"), "file"
+        else:
+            key = settings.openrouter_api_key
+            client = OpenRouterCatalogue(
+                settings.openrouter_base_url,
+                key.get_secret_value() if key else None,
+                timeout=settings.catalogue_timeout_seconds,
+            )
+            document, source = client.fetch_sync(), "openrouter"
+        report = sync_catalogue(obj.book, document, source=source)
+    except CatalogueUnavailable as exc:
+        raise click.ClickException(
+            f"{exc} (prices unchanged; try --file for offline import)"
+        ) from exc
+    click.echo(json.dumps(report.to_json() | {"skipped": len(report.skipped)}))
+    for model, reason in report.skipped:
+        click.echo(f"skipped {model}: {reason}", err=True)
+
+
+@prices.command("list")
+@click.option("--at", help="Prices in effect at this RFC 3339 time (default: now).")
+@click.pass_obj
+def prices_list(obj: Context, at: str | None) -> None:
+    """One line per model: id, prompt and completion $/M tokens, version, since."""
+    when = _cli_time(at)
+    million = Decimal(1_000_000)
+    click.echo(f"{'model':<48} {'$/M in':>10} {'$/M out':>10} {'version':>8}  effective from")
+    for model in obj.book.models():
+        try:
+            v = obj.book.lookup(model, when)
+        except BillingError:
+            continue
+        p = v.pricing
+        click.echo(
+            f"{model:<48} {fmt(p.prompt * million):>10} {fmt(p.completion * million):>10} "
+            f"{v.version:>8}  {v.effective_from.isoformat()}"
+        )
+
+
+@prices.command("show")
+@click.argument("model")
+@click.option("--at", help="The version in effect at this RFC 3339 time (default: now).")
+@click.pass_obj
+def prices_show(obj: Context, model: str, at: str | None) -> None:
+    """The price in effect for MODEL, and every version it has had."""
+    try:
+        current = obj.book.lookup(model, _cli_time(at))
+    except BillingError as exc:
+        click.echo(json.dumps(error_json(exc), indent=2))
+        sys.exit(1)
+    document = _version_json(current) | {
+        "history": [_version_json(v) for v in obj.book.history(current.model)]
+    }
+    click.echo(json.dumps(document, indent=2))
+
+
+def _version_json(v: PriceVersion) -> dict[str, Any]:
+    return {
+        "model": v.model,
+        "version": v.version,
+        "layer": v.layer,
+        "source": v.source,
+        "effective_from": v.effective_from.isoformat(),
+        "recorded_at": v.recorded_at.isoformat(),
+        "reason": v.reason,
+        "pricing": v.pricing.to_json(),
+    }
+
+
+def _cli_time(value: str | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    try:
+        return parse_time(value, "--at")
+    except BillingError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+# -- services -----------------------------------------------------------------------------------
+
+
+@main.command("gateway")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.pass_obj
+def gateway_cmd(obj: Context, host: str, port: int) -> None:
+    """Run the gateway HTTP service (quote API)."""
+    import uvicorn
+
+    from services.gateway.app import create_app
+
+    uvicorn.run(create_app(obj.settings), host=host, port=port, log_level="info")
+
+
+@main.command("demo")
+@click.pass_obj
+def demo(obj: Context) -> None:
+    """Price a handful of real-shaped requests from every supported format and print a table."""
+    from services.runtime.demo import run_demo
+
+    run_demo(obj.book)

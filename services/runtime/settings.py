@@ -1,0 +1,53 @@
+"""Settings, read once from the environment (``BILLING_*``, plus ``OPENROUTER_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.runtime.errors import ConfigError
+
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "admin", "token", "xxx"})
+
+
+class Settings(BaseSettings):
+    """Gateway and CLI settings; defaults work on a laptop with no network."""
+
+    model_config = SettingsConfigDict(env_prefix="BILLING_", frozen=True, extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".billing")
+    admin_token: SecretStr | None = None
+    """When set, ``/internal/*`` requires ``Authorization: Bearer <token>``."""
+    openrouter_base_url: str = Field(
+        default="https://openrouter.ai/api/v1",
+        validation_alias=AliasChoices("OPENROUTER_BASE_URL", "BILLING_OPENROUTER_BASE_URL"),
+    )
+    openrouter_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENROUTER_API_KEY", "BILLING_OPENROUTER_API_KEY"),
+    )
+    catalogue_sync: bool = True
+    """Refresh prices from the live catalogue in the background (off: snapshot and book only)."""
+    price_ttl_seconds: float = Field(default=900.0, gt=0)
+    catalogue_timeout_seconds: float = Field(default=10.0, gt=0)
+    catalogue_retry_seconds: float = Field(default=60.0, gt=0)
+    """After a failed refresh, wait this long before trying again (not on every request)."""
+
+    @model_validator(mode="after")
+    def _refuse_placeholders(self) -> Settings:
+        if self.env == "development":
+            return self
+        token = self.admin_token.get_secret_value() if self.admin_token else None
+        if token is None or token.strip().lower() in PLACEHOLDER_SECRETS:
+            raise ConfigError(
+                "BILLING_ADMIN_TOKEN must be set to a real secret outside development"
+            )
+        return self
+
+    @property
+    def price_book_path(self) -> Path:
+        return self.data_dir / "prices.jsonl"
