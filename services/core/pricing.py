@@ -167,7 +167,9 @@ def parse_pricing(raw: object, model: str = "") -> ModelPricing:
     # price", not "reasoning is free": only a non-zero price is a distinct reasoning rate.
     if not prices["internal_reasoning"]:
         prices["internal_reasoning"] = None
-    overrides = raw.get("overrides") or []
+    overrides = raw.get("overrides")
+    if overrides is None:
+        overrides = []
     if not isinstance(overrides, list):
         raise PricingError("overrides", "must be a list")
     extra = {

@@ -1,0 +1,263 @@
+"""The ``billing`` command line, run as a subprocess like a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import OWN_FIXTURES
+
+pytestmark = pytest.mark.e2e
+
+BILLING = shutil.which("billing", path=os.path.dirname(sys.executable)) or "billing"
+
+
+def billing(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BILLING, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+SONNET_USAGE = json.dumps(
+    {
+        "usage": {
+            "prompt_tokens": 1800,
+            "completion_tokens": 320,
+            "prompt_tokens_details": {"cached_tokens": 600},
+            "completion_tokens_details": {"reasoning_tokens": 24},
+        }
+    }
+)
+
+
+def test_quote_prints_the_breakdown() -> None:
+    result = billing(
+        "quote", "--model", "anthropic/claude-sonnet-4.5", "--usage-json", SONNET_USAGE
+    )
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["breakdown"]["total_cost"] == "0.00858"
+    assert body["breakdown"]["tier"] is None
+
+
+def test_quote_from_a_file_with_what_if_pricing_and_at(tmp_path: Path) -> None:
+    usage = tmp_path / "usage.json"
+    usage.write_text('{"input_tokens": 1000, "output_tokens": 10}')
+    pricing = tmp_path / "pricing.json"
+    pricing.write_text('{"prompt": "0.000002", "completion": "0.00001"}')
+    result = billing(
+        "quote", "-m", "mine/model", "--usage-file", str(usage), "--format", "anthropic",
+        "--pricing-file", str(pricing), "--at", "2026-01-01T00:00:00Z",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["breakdown"]["total_cost"] == "0.0021"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["quote", "-m", "openai/gpt-5", "--usage-json", '{"prompt_tokens": -4}'],
+            '"field": "usage.prompt_tokens"',
+        ),
+        (["quote", "-m", "nope/nothing", "--usage-json", "{}"], '"suggestions"'),
+    ],
+)
+def test_quote_errors_exit_1_with_the_api_error_document(args: list[str], needle: str) -> None:
+    result = billing(*args)
+    assert result.returncode == 1
+    assert needle in result.stdout
+
+
+def test_quote_usage_mistakes_are_reported() -> None:
+    assert billing("quote", "--usage-json", "{}").returncode == 2
+    bad_json = billing("quote", "-m", "openai/gpt-5", "--usage-json", "{oops")
+    assert bad_json.returncode == 2
+    assert "not valid JSON" in bad_json.stderr
+
+
+def test_batch_answers_every_line_in_order_and_survives_bad_ones() -> None:
+    gpt5 = "openai/gpt-5"
+    lines = [
+        {"provider_model_id": gpt5, "usage": {"prompt_tokens": 1000, "completion_tokens": 100}},
+        "not json at all",
+        {"provider_model_id": gpt5, "usage": {"prompt_tokens": 1, "completion_tokens": -1}},
+        {"provider_model_id": "who/knows", "usage": {"prompt_tokens": 1}},
+        {
+            "provider_model_id": "x/y",
+            "usage": {"input_tokens": 10, "output_tokens": 1},
+            "format": "anthropic",
+            "pricing": {"prompt": "0.1", "completion": "1"},
+        },
+        {"provider_model_id": gpt5, "usage": {"prompt_tokens": 1000}, "at": "2020-01-01T00:00:00Z"},
+    ]
+    stdin = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
+    result = billing("quote", "--batch", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(out) == len(lines)
+    assert out[0]["breakdown"]["total_cost"] == "0.00225"  # 1,000 × $1.25/M + 100 × $10/M
+    assert out[1]["line"] == 2 and "not valid JSON" in out[1]["error"]
+    assert out[2]["field"] == "usage.completion_tokens"
+    assert out[3]["model"] == "who/knows" and "suggestions" in out[3]
+    assert out[4]["breakdown"]["total_cost"] == "2"
+    assert "in effect at 2020" in out[5]["error"]
+    assert "4 line(s) had errors" in result.stderr
+
+
+def test_prices_sync_from_files_of_both_shapes_list_and_show() -> None:
+    first = billing("prices", "sync", "--file", str(OWN_FIXTURES / "catalogue_2025_shape.json"))
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["new_versions"] == 2
+    assert "skipped openrouter/auto" in first.stderr
+    second = billing("prices", "sync", "--file", str(OWN_FIXTURES / "catalogue_2026_shape.json"))
+    assert json.loads(second.stdout)["new_versions"] == 2  # alpha-1 changed, gamma-3 is new
+    again = billing("prices", "sync", "--file", str(OWN_FIXTURES / "catalogue_2026_shape.json"))
+    assert json.loads(again.stdout)["new_versions"] == 0
+
+    listing = billing("prices", "list")
+    assert listing.returncode == 0
+    assert "acme/gamma-3" in listing.stdout and "openai/gpt-5" in listing.stdout
+
+    shown = json.loads(billing("prices", "show", "acme/alpha-1-20250101").stdout)
+    assert shown["model"] == "acme/alpha-1"
+    assert shown["pricing"]["prompt"] == "0.0000018"
+    assert [v["pricing"]["prompt"] for v in shown["history"]] == ["0.000002", "0.0000018"]
+    missing = billing("prices", "show", "acme/zzz")
+    assert missing.returncode == 1 and "no price" in missing.stdout
+
+
+def test_prices_sync_offline_fails_clearly_and_changes_nothing() -> None:
+    result = billing("prices", "sync")  # OPENROUTER_BASE_URL points where nothing listens
+    assert result.returncode == 1
+    assert "prices unchanged" in result.stderr
+
+
+class _FakeOpenRouter(BaseHTTPRequestHandler):
+    body = (OWN_FIXTURES / "catalogue_2026_shape.json").read_bytes()
+    seen: list[dict[str, str]] = []
+
+    def do_GET(self) -> None:
+        type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization", "")})
+        if self.path != "/api/v1/models":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_openrouter() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenRouter)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/api/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_prices_sync_from_a_live_catalogue(fake_openrouter: str) -> None:
+    env = {"OPENROUTER_BASE_URL": fake_openrouter, "OPENROUTER_API_KEY": "sk-or-e2e"}
+    result = billing("prices", "sync", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["new_versions"] == 3
+    assert _FakeOpenRouter.seen[-1] == {"path": "/api/v1/models", "auth": "Bearer sk-or-e2e"}
+
+
+def test_demo_runs_offline() -> None:
+    result = billing("demo")
+    assert result.returncode == 0, result.stderr
+    assert "0.00858" in result.stdout
+    assert "error" not in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def gateway(fake_openrouter: str, tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "BILLING_ADMIN_TOKEN": "e2e-admin-token",
+        "BILLING_CATALOGUE_SYNC": "true",
+        "OPENROUTER_BASE_URL": fake_openrouter,
+    }
+    log = (tmp_path / "gateway.log").open("w")
+    process = subprocess.Popen(
+        [BILLING, "gateway", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        process.wait()
+        log.close()
+        pytest.fail(f"gateway did not start: {(tmp_path / 'gateway.log').read_text()}")
+    yield url
+    process.terminate()
+    process.wait(timeout=15)
+    log.close()
+
+
+def test_gateway_serves_quotes_over_http_and_refreshes_prices(gateway: str) -> None:
+    auth = {"Authorization": "Bearer e2e-admin-token"}
+    payload = {
+        "provider_model_id": "anthropic/claude-sonnet-4.5",
+        "usage": json.loads(SONNET_USAGE),
+    }
+    assert httpx.post(f"{gateway}/internal/billing/quote", json=payload).status_code == 401
+    response = httpx.post(f"{gateway}/internal/billing/quote", json=payload, headers=auth)
+    assert response.status_code == 200
+    assert response.json()["breakdown"]["total_cost"] == "0.00858"
+    # The background refresh pulled the live catalogue in: a model only it knows is priced.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        answer = httpx.post(
+            f"{gateway}/internal/billing/quote",
+            json={"provider_model_id": "acme/gamma-3"},
+            headers=auth,
+        )
+        if answer.status_code == 200:
+            break
+        time.sleep(0.1)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["price_source"] == "openrouter"
