@@ -14,6 +14,7 @@ import click
 from services.core.errors import BillingError
 from services.core.money import fmt
 from services.core.pricebook import PriceLookup, PriceVersion
+from services.core.pricing import parse_pricing
 from services.core.quote import error_json, parse_time, quote
 from services.runtime.errors import CatalogueUnavailable, ConfigError, PriceBookCorrupt
 from services.runtime.pricebook_file import FilePriceBook
@@ -182,6 +183,37 @@ def prices_sync(obj: Context, file_: IO[str] | None) -> None:
     click.echo(json.dumps(report.to_json() | {"skipped": len(report.skipped)}))
     for model, reason in report.skipped:
         click.echo(f"skipped {model}: {reason}", err=True)
+
+
+@prices.command("override")
+@click.argument("model")
+@click.option(
+    "--pricing-file", type=click.File("r"), required=True, help="OpenRouter pricing object."
+)
+@click.option("--effective-from", required=True, help="RFC 3339 time the price applies from.")
+@click.option("--reason", required=True, help="Why (kept with the version for the audit trail).")
+@click.pass_obj
+def prices_override(
+    obj: Context, model: str, pricing_file: IO[str], effective_from: str, reason: str
+) -> None:
+    """Record a custom or negotiated price for MODEL; it wins over the catalogue from then on."""
+    try:
+        pricing = parse_pricing(_load_json(pricing_file.read(), "the pricing file"), model)
+        version = obj.book.record(
+            obj.book.resolve(model) or model,
+            pricing,
+            effective_from=_cli_time(effective_from),
+            layer="override",
+            source="override",
+            reason=reason,
+        )
+    except BillingError as exc:
+        click.echo(json.dumps(error_json(exc), indent=2))
+        sys.exit(1)
+    if version is None:
+        click.echo("unchanged: that override is already in effect", err=True)
+        return
+    click.echo(json.dumps(_version_json(version), indent=2))
 
 
 @prices.command("list")

@@ -261,3 +261,31 @@ def test_gateway_serves_quotes_over_http_and_refreshes_prices(gateway: str) -> N
         time.sleep(0.1)
     assert answer.status_code == 200, answer.text
     assert answer.json()["price_source"] == "openrouter"
+
+
+def test_prices_override_wins_over_the_catalogue_from_its_time(tmp_path: Path) -> None:
+    pricing = tmp_path / "deal.json"
+    pricing.write_text('{"prompt": "0.000001", "completion": "0.000005"}')
+    result = billing(
+        "prices", "override", "openai/gpt-5", "--pricing-file", str(pricing),
+        "--effective-from", "2026-02-01T00:00:00Z", "--reason", "negotiated 20% off",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["layer"] == "override"
+    usage = '{"prompt_tokens": 1000, "completion_tokens": 100}'
+    before = billing(
+        "quote", "-m", "openai/gpt-5", "--usage-json", usage, "--at", "2026-01-15T00:00:00Z"
+    )
+    after = billing(
+        "quote", "-m", "openai/gpt-5", "--usage-json", usage, "--at", "2026-02-15T00:00:00Z"
+    )
+    assert json.loads(before.stdout)["breakdown"]["total_cost"] == "0.00225"
+    assert json.loads(after.stdout)["breakdown"]["total_cost"] == "0.0015"
+    assert json.loads(after.stdout)["price_source"] == "override"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"prompt": "0.000001"}')
+    refused = billing(
+        "prices", "override", "openai/gpt-5", "--pricing-file", str(bad),
+        "--effective-from", "2026-02-01T00:00:00Z", "--reason", "typo",
+    )  # fmt: skip
+    assert refused.returncode == 1 and "pricing.completion" in refused.stdout
