@@ -1,9 +1,10 @@
 """Errors raised by the pricing core.
 
     BillingError                 root of every error the core raises
-    ├── UsageError               usage that cannot be priced (names the offending field)
-    ├── PricingError             a pricing object that cannot be used (names the field)
-    ├── QuoteRequestError        a quote request with a missing or malformed field
+    ├── FieldError               bad input; ``field`` names where
+    │   ├── UsageError           usage that cannot be priced
+    │   ├── PricingError         a pricing object that cannot be used
+    │   └── QuoteRequestError    a quote request with a missing or malformed field
     └── PriceNotFound            no price for the model at the requested time
         └── VariablePricing      the model has no fixed price (routers, "-1")
 
@@ -21,31 +22,29 @@ class BillingError(Exception):
     """Root of the core's exceptions."""
 
 
-class UsageError(BillingError):
+class FieldError(BillingError):
+    """Input that cannot be used; ``field`` is its path, ``reason`` says why."""
+
+    prefix = ""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{self.prefix}{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class UsageError(FieldError):
     """Usage that is malformed or does not add up; it must never be priced."""
 
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
+
+class PricingError(FieldError):
+    """A pricing object with a missing, negative or non-numeric price (``field`` is its key)."""
+
+    prefix = "pricing."
 
 
-class PricingError(BillingError):
-    """A pricing object with a missing, negative or non-numeric price."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"pricing.{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-
-class QuoteRequestError(BillingError):
+class QuoteRequestError(FieldError):
     """A quote request whose own fields (not its usage or pricing) are invalid."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class PriceNotFound(BillingError):
