@@ -72,28 +72,50 @@ def parse_catalogue(document: object) -> Catalogue:
         except PricingError as exc:
             skipped.append((model, str(exc)))
             continue
+        try:
+            effective = _parse_time(row["effective_from"]) if row.get("effective_from") else None
+        except ValueError as exc:
+            skipped.append((model, f"effective_from: {exc}"))
+            continue
         slug = row.get("canonical_slug")
-        effective = row.get("effective_from")
         entries.append(
             CatalogueEntry(
                 model=model,
                 pricing=pricing,
                 canonical_slug=slug if isinstance(slug, str) and slug else None,
                 name=row.get("name") if isinstance(row.get("name"), str) else None,
-                effective_from=_parse_time(effective, model) if effective else None,
+                effective_from=effective,
             )
         )
     return Catalogue(entries, skipped)
 
 
-def _parse_time(value: object, model: str) -> datetime:
+def _parse_time(value: object) -> datetime:
     try:
         parsed = datetime.fromisoformat(str(value))
     except ValueError:
-        raise PricingError(f"{model}.effective_from", f"{value!r} is not RFC 3339") from None
+        raise ValueError(f"{value!r} is not RFC 3339") from None
     if parsed.tzinfo is None:
-        raise PricingError(f"{model}.effective_from", "must carry a timezone")
+        raise ValueError(f"{value!r} has no timezone")
     return parsed
+
+
+def slug_aliases(catalogue: Catalogue) -> dict[str, str]:
+    """``canonical_slug`` → model id, for slugs that name exactly one base model.
+
+    A paid model and its ``:batch``/``:free`` variants share one slug; the slug (which is
+    what OpenRouter reports as a response's ``model``) must resolve to the base model, never
+    to a discounted or free variant. A slug shared by two base models is left out.
+    """
+    bases: dict[str, set[str]] = {}
+    for entry in catalogue.entries:
+        if entry.canonical_slug and ":" not in entry.model:
+            bases.setdefault(entry.canonical_slug, set()).add(entry.model)
+    return {
+        slug: next(iter(models))
+        for slug, models in bases.items()
+        if len(models) == 1 and slug not in models
+    }
 
 
 def apply_catalogue(
@@ -106,9 +128,9 @@ def apply_catalogue(
     ``effective_from``. Canonical slugs become aliases.
     """
     report = SyncReport(models=len(catalogue.entries), skipped=list(catalogue.skipped))
+    for slug, model in slug_aliases(catalogue).items():
+        book.add_alias(slug, model)
     for entry in catalogue.entries:
-        if entry.canonical_slug:
-            book.add_alias(entry.canonical_slug, entry.model)
         recorded = book.record(
             entry.model,
             entry.pricing,

@@ -14,12 +14,11 @@ Rules (checked against real OpenRouter charges):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
-from typing import Any
+from decimal import Decimal, localcontext
+from typing import Any, NamedTuple
 
-from services.core.money import fmt
+from services.core.money import EXACT, ZERO, fmt
 from services.core.pricing import ModelPricing, Tier
 from services.core.usage import Usage
 
@@ -35,8 +34,9 @@ COMPONENTS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class CostBreakdown:
+class CostBreakdown(NamedTuple):
+    """What one request costs, by component (a tuple: one is built per billed request)."""
+
     prompt_cost: Decimal
     cache_read_cost: Decimal
     cache_write_cost: Decimal
@@ -81,54 +81,63 @@ def compute_cost(
     usage: Usage,
     pricing: ModelPricing,
     *,
-    at: datetime | None = None,
+    at: datetime,
     price_version: int | None = None,
 ) -> CostBreakdown:
-    """Price one request. ``at`` matters only for time-of-day tiers."""
+    """Price one request that happened at ``at`` (time-of-day tiers depend on it).
+
+    Arithmetic runs in :data:`~services.core.money.EXACT`: nothing is rounded, ever.
+    """
     prices, tier = (pricing, None)
     if pricing.tiers:
         prices, tier = pricing.for_request(usage.prompt_tokens, at)
     prompt_price = prices.prompt
     read_price = prices.input_cache_read if prices.input_cache_read is not None else prompt_price
     write_price = prices.input_cache_write if prices.input_cache_write is not None else prompt_price
+    # A catalogue lists input_cache_write_1h only where the provider prices the 1-hour TTL
+    # separately; elsewhere a 1-hour write costs what the default write does.
     write_1h_price = (
         prices.input_cache_write_1h if prices.input_cache_write_1h is not None else write_price
     )
-
-    prompt_cost = usage.uncached_input_tokens * prompt_price
-    cache_read_cost = usage.cache_read_tokens * read_price
-    cache_write_cost = (
-        usage.cache_write_tokens * write_price + usage.cache_write_1h_tokens * write_1h_price
-    )
-    completion_cost = usage.completion_tokens * prices.completion
-    reasoning_price = prices.internal_reasoning
-    if reasoning_price and reasoning_price != prices.completion and usage.reasoning_tokens:
-        internal_reasoning_cost = usage.reasoning_tokens * (reasoning_price - prices.completion)
-    else:
-        internal_reasoning_cost = Decimal(0)
-    request_cost = usage.requests * prices.request
-    web_search_cost = usage.web_search_requests * prices.web_search
-    image_cost = usage.images * prices.image
-    total = (
-        prompt_cost
-        + cache_read_cost
-        + cache_write_cost
-        + completion_cost
-        + internal_reasoning_cost
-        + request_cost
-        + web_search_cost
-        + image_cost
-    )
+    with localcontext(EXACT):
+        prompt_cost = usage.uncached_input_tokens * prompt_price
+        cache_read_cost = usage.cache_read_tokens * read_price if usage.cache_read_tokens else ZERO
+        cache_write_cost = ZERO
+        if usage.cache_write_tokens or usage.cache_write_1h_tokens:
+            cache_write_cost = (
+                usage.cache_write_tokens * write_price
+                + usage.cache_write_1h_tokens * write_1h_price
+            )
+        completion_cost = usage.completion_tokens * prices.completion
+        internal_reasoning_cost = ZERO
+        reasoning_price = prices.internal_reasoning
+        if usage.reasoning_tokens and reasoning_price and reasoning_price != prices.completion:
+            internal_reasoning_cost = usage.reasoning_tokens * (reasoning_price - prices.completion)
+        request_cost = usage.requests * prices.request if prices.request else ZERO
+        web_search_cost = (
+            usage.web_search_requests * prices.web_search if usage.web_search_requests else ZERO
+        )
+        image_cost = usage.images * prices.image if usage.images else ZERO
+        total = (
+            prompt_cost
+            + cache_read_cost
+            + cache_write_cost
+            + completion_cost
+            + internal_reasoning_cost
+            + request_cost
+            + web_search_cost
+            + image_cost
+        )
     return CostBreakdown(
-        prompt_cost=prompt_cost,
-        cache_read_cost=cache_read_cost,
-        cache_write_cost=cache_write_cost,
-        completion_cost=completion_cost,
-        internal_reasoning_cost=internal_reasoning_cost,
-        request_cost=request_cost,
-        web_search_cost=web_search_cost,
-        image_cost=image_cost,
-        total_cost=total,
-        tier=tier,
-        price_version=price_version,
+        prompt_cost,
+        cache_read_cost,
+        cache_write_cost,
+        completion_cost,
+        internal_reasoning_cost,
+        request_cost,
+        web_search_cost,
+        image_cost,
+        total,
+        tier,
+        price_version,
     )

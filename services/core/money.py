@@ -7,9 +7,22 @@ float it may already be wrong, and nothing on a money path may round through bin
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 
 ZERO = Decimal(0)
+
+MAX_DIGITS = 9
+MAX_AMOUNT = Decimal(10) ** MAX_DIGITS
+"""No price or charge on the wire is a billion dollars or more."""
+MIN_EXPONENT = -30
+"""Amounts are kept to 30 decimal places at most (prices are ~1e-9 per token)."""
+
+_FINEST = Decimal(1).scaleb(MIN_EXPONENT)
+
+EXACT = Context(prec=80, traps=[Inexact, Overflow, InvalidOperation])
+"""Arithmetic on money never rounds: with amounts bounded as above and token counts below
+``usage.MAX_COUNT``, every product and sum fits in 80 digits, and if one ever did not,
+``Inexact`` would be raised rather than a cent silently lost."""
 
 
 def to_decimal(value: object) -> Decimal:
@@ -31,6 +44,14 @@ def to_decimal(value: object) -> Decimal:
         raise ValueError(f"must be a decimal number, got {type(value).__name__}")
     if not result.is_finite():
         raise ValueError(f"{value!r} is not a finite number")
+    if not result:
+        return ZERO
+    if result.adjusted() >= MAX_DIGITS:  # no arithmetic yet: 1E+999999 must not overflow
+        raise ValueError(f"{value!r:.40} is out of range (below {MAX_AMOUNT:,})")
+    try:
+        result.quantize(_FINEST, context=EXACT)  # traps Inexact when digits would be lost
+    except ArithmeticError:
+        raise ValueError(f"{value!r:.40} has more than {-MIN_EXPONENT} decimal places") from None
     return result
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import bisect
 import difflib
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
 
 from services.core.errors import PriceNotFound
 from services.core.pricing import ModelPricing
@@ -27,8 +28,10 @@ Layer = Literal["catalogue", "override"]
 LAYERS: tuple[Layer, ...] = ("override", "catalogue")  # lookup order: overrides win
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PriceVersion:
+    """One price of one model, in effect from ``effective_from`` (identity is ``version``)."""
+
     model: str
     version: int
     pricing: ModelPricing
@@ -38,6 +41,13 @@ class PriceVersion:
     source: str = "catalogue"
     """Where the price came from: snapshot, openrouter, file, override, correction."""
     reason: str = ""
+    pricing_json: Mapping[str, Any] = field(init=False, repr=False)
+    """``pricing.to_json()``, rendered once: every quote repeats it. Read-only."""
+    effective_from_iso: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pricing_json", MappingProxyType(self.pricing.to_json()))
+        object.__setattr__(self, "effective_from_iso", self.effective_from.isoformat())
 
 
 class PriceLookup(Protocol):
@@ -79,18 +89,23 @@ class PriceBook(PriceLookup, Protocol):
         """Canonical ids of every model with at least one version."""
         ...
 
+    def reload(self) -> None:
+        """Pick up versions another process stored (a no-op for books held in memory)."""
+        ...
 
-_DATE_SUFFIX = re.compile(r"(-\d{8}|-\d{4}-\d{2}-\d{2}|@\d{8})$")
+
 _DIGIT_DASH_DIGIT = re.compile(r"(?<=\d)-(?=\d)")
 
 
 def spelling_key(model: str) -> str:
-    """A loose key under which spelling variants of one model id coincide.
+    """A loose key under which spellings of one model id coincide.
 
-    ``anthropic/claude-sonnet-4-5-20250929`` and ``Anthropic/claude-sonnet-4.5`` share one.
+    ``Anthropic/claude-sonnet-4-5`` and ``anthropic/claude-sonnet-4.5`` share one. Nothing
+    else is loosened: a dated id (``openai/gpt-4o-2024-05-13``) or a variant
+    (``…:batch``, ``…:free``) can carry another price, so it resolves only through an
+    explicit alias such as OpenRouter's ``canonical_slug``.
     """
-    key = _DATE_SUFFIX.sub("", model.strip().lower())
-    return _DIGIT_DASH_DIGIT.sub(".", key)
+    return _DIGIT_DASH_DIGIT.sub(".", model.strip().lower())
 
 
 class InMemoryPriceBook:
@@ -116,11 +131,36 @@ class InMemoryPriceBook:
         reason: str = "",
         recorded_at: datetime | None = None,
     ) -> PriceVersion | None:
+        version = self._prepare(
+            model,
+            pricing,
+            effective_from=effective_from,
+            layer=layer,
+            source=source,
+            reason=reason,
+            recorded_at=recorded_at,
+        )
+        if version is not None:
+            self._apply(version)
+        return version
+
+    def _prepare(
+        self,
+        model: str,
+        pricing: ModelPricing,
+        *,
+        effective_from: datetime,
+        layer: Layer,
+        source: str,
+        reason: str,
+        recorded_at: datetime | None,
+    ) -> PriceVersion | None:
+        """The version ``record`` would add (not yet applied), or ``None`` if unchanged."""
         _require_aware(effective_from, "effective_from")
         current = self._in_effect(layer, model, effective_from)
         if current is not None and current.pricing == pricing:
             return None
-        version = PriceVersion(
+        return PriceVersion(
             model=model,
             version=self._last_version + 1,
             pricing=pricing,
@@ -130,8 +170,6 @@ class InMemoryPriceBook:
             source=source,
             reason=reason,
         )
-        self._apply(version)
-        return version
 
     def _apply(self, version: PriceVersion) -> None:
         """Index an existing version (used by adapters replaying their storage)."""
@@ -144,7 +182,7 @@ class InMemoryPriceBook:
     def add_alias(self, alias: str, model: str) -> None:
         if alias != model:
             self._aliases[alias] = model
-            self._aliases.setdefault(spelling_key(alias), model)
+            self._loose.setdefault(spelling_key(alias), set()).add(model)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -154,11 +192,10 @@ class InMemoryPriceBook:
         target = self._aliases.get(model)
         if target is not None:
             return target
-        key = spelling_key(model)
-        candidates = self._loose.get(key)
-        if candidates and len(candidates) == 1:
+        candidates = self._loose.get(spelling_key(model))
+        if candidates and len(candidates) == 1:  # ambiguous spellings resolve to nothing
             return next(iter(candidates))
-        return self._aliases.get(key)
+        return None
 
     def lookup(self, model: str, at: datetime | None = None) -> PriceVersion:
         canonical = self.resolve(model)
@@ -170,7 +207,7 @@ class InMemoryPriceBook:
             found = self._in_effect(layer, canonical, when)
             if found is not None:
                 return found
-        raise PriceNotFound(canonical, at=when, suggestions=[canonical])
+        raise PriceNotFound(model, at=when, suggestions=[canonical])
 
     def _in_effect(self, layer: Layer, model: str, at: datetime) -> PriceVersion | None:
         versions = self._versions.get((layer, model))
@@ -193,6 +230,9 @@ class InMemoryPriceBook:
         close = difflib.get_close_matches(model.lower(), known, n=limit, cutoff=0.6)
         containing = [m for m in known if tail and tail in m.lower()]
         return list(dict.fromkeys([*close, *containing]))[:limit]
+
+    def reload(self) -> None:
+        """Nothing to do: this book has no storage another process could write."""
 
     @property
     def last_version(self) -> int:

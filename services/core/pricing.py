@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
 
@@ -50,7 +50,8 @@ class Tier:
         if self.utc_start is not None and self.utc_end is not None:
             if at is None:
                 return False
-            hhmm = at.hour * 100 + at.minute
+            utc = at.astimezone(UTC) if at.utcoffset() else at
+            hhmm = utc.hour * 100 + utc.minute
             if self.utc_start <= self.utc_end:
                 return self.utc_start <= hhmm < self.utc_end
             return hhmm >= self.utc_start or hhmm < self.utc_end

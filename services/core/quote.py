@@ -13,10 +13,11 @@ from typing import Any
 from services.core.cost import compute_cost
 from services.core.errors import (
     BillingError,
+    FieldError,
     PriceNotFound,
     PricingError,
     QuoteRequestError,
-    UsageError,
+    VariablePricing,
 )
 from services.core.money import fmt
 from services.core.pricebook import PriceLookup
@@ -34,7 +35,10 @@ def parse_time(value: object, field: str = "at") -> datetime:
         raise QuoteRequestError(field, f"{value!r} is not an RFC 3339 timestamp") from None
     if parsed.tzinfo is None:
         raise QuoteRequestError(field, f"{value!r} has no timezone (add Z or +00:00)")
-    return parsed
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise QuoteRequestError(field, f"{value!r} is out of range") from None
 
 
 def quote(request: Mapping[str, Any], book: PriceLookup) -> dict[str, Any]:
@@ -58,7 +62,10 @@ def quote(request: Mapping[str, Any], book: PriceLookup) -> dict[str, Any]:
 
     what_if = request.get("pricing")
     if what_if is not None:
-        pricing = parse_pricing(what_if, model)
+        try:
+            pricing = parse_pricing(what_if, model)
+        except VariablePricing:
+            raise PricingError("prompt", "a variable price (-1) cannot be quoted") from None
         answer: dict[str, Any] = {
             "provider_model_id": model,
             "model": model,
@@ -75,9 +82,9 @@ def quote(request: Mapping[str, Any], book: PriceLookup) -> dict[str, Any]:
         answer = {
             "provider_model_id": model,
             "model": version.model,
-            "pricing": pricing.to_json(),
+            "pricing": dict(version.pricing_json),
             "price_version": version.version,
-            "effective_from": version.effective_from.isoformat(),
+            "effective_from": version.effective_from_iso,
             "price_source": version.source,
         }
 
@@ -103,8 +110,8 @@ def error_json(exc: BillingError) -> dict[str, Any]:
     body: dict[str, Any] = {"error": str(exc)}
     if isinstance(exc, PriceNotFound):
         body.update(error=exc.reason, model=exc.model, suggestions=exc.suggestions)
-    elif isinstance(exc, UsageError | QuoteRequestError):
-        body["field"] = exc.field
     elif isinstance(exc, PricingError):
         body["field"] = f"pricing.{exc.field}" if exc.field else "pricing"
+    elif isinstance(exc, FieldError):
+        body["field"] = exc.field
     return body

@@ -17,9 +17,9 @@ up. Anything that does not raises :class:`UsageError` naming the field: it is ne
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from decimal import Decimal
-from typing import Any, Final, Literal
+from types import MappingProxyType
+from typing import Any, Final, Literal, NamedTuple
 
 from services.core.errors import UsageError
 from services.core.money import to_decimal
@@ -28,9 +28,12 @@ UsageFormat = Literal["openai", "openai_responses", "anthropic", "gemini", "norm
 USAGE_FORMATS: Final = ("openai", "openai_responses", "anthropic", "gemini", "normalised")
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Normalised token counts of one request (all integers, never negative)."""
+class Usage(NamedTuple):
+    """Normalised token counts of one request (all integers, never negative).
+
+    An immutable tuple rather than a frozen dataclass: one is built per billed request, and
+    a tuple is several times cheaper to construct.
+    """
 
     prompt_tokens: int = 0
     """Every input token, cached or not (the quantity long-context tiers are chosen by)."""
@@ -47,11 +50,10 @@ class Usage:
     requests: int = 1
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return dict(zip(self._fields, self, strict=True))
 
 
-@dataclass(frozen=True, slots=True)
-class ReportedCost:
+class ReportedCost(NamedTuple):
     """What the upstream said it charged, kept beside our own computation."""
 
     cost: Decimal | None = None
@@ -70,46 +72,58 @@ class ReportedCost:
         return self.cost
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedUsage:
+class ParsedUsage(NamedTuple):
     usage: Usage
     format: UsageFormat
     reported: ReportedCost | None = None
 
 
 # ---------------------------------------------------------------------------------------------
-# small readers that name the field on error
+# small readers that name the field on error (the path is joined only when raising: these run
+# once per billed request, so the happy path builds no strings)
 
 
-def _count(obj: Mapping[str, Any], key: str, path: str, default: int = 0) -> int:
+MAX_COUNT: Final = 10**12
+"""No count of one request reaches a trillion; larger ones are refused, not priced."""
+
+
+def _count(obj: Mapping[str, Any], key: str, *where: str) -> int:
     value = obj.get(key)
+    if type(value) is int and 0 <= value < MAX_COUNT:
+        return value
     if value is None:
-        return default
+        return 0
     if type(value) is not int:
-        raise UsageError(f"{path}.{key}", f"must be a non-negative integer, got {value!r}")
+        raise UsageError(_at(where, key), f"must be a non-negative integer, got {value!r:.40}")
     if value < 0:
-        raise UsageError(f"{path}.{key}", f"must not be negative, got {value}")
-    return value
+        raise UsageError(_at(where, key), f"must not be negative, got {value}")
+    raise UsageError(_at(where, key), f"{value:.3g} is out of range (below {MAX_COUNT:.0e})")
 
 
-def _required_count(obj: Mapping[str, Any], key: str, path: str) -> int:
+def _required_count(obj: Mapping[str, Any], key: str, *where: str) -> int:
     if obj.get(key) is None:
-        raise UsageError(f"{path}.{key}", "is required")
-    return _count(obj, key, path)
+        raise UsageError(_at(where, key), "is required")
+    return _count(obj, key, *where)
 
 
-def _section(obj: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+def _section(obj: Mapping[str, Any], key: str, *where: str) -> Mapping[str, Any]:
     value = obj.get(key)
+    if type(value) is dict or isinstance(value, Mapping):
+        return value
     if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise UsageError(f"{path}.{key}", f"must be an object, got {type(value).__name__}")
-    return value
+        return _EMPTY
+    raise UsageError(_at(where, key), f"must be an object, got {type(value).__name__}")
 
 
-def _not_above(part: int, part_field: str, whole: int, whole_field: str) -> None:
-    if part > whole:
-        raise UsageError(part_field, f"{part} exceeds {whole_field} ({whole})")
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _at(where: tuple[str, ...], key: str) -> str:
+    return ".".join((*where, key))
+
+
+def _above(part: int, part_field: str, whole: int, whole_field: str) -> UsageError:
+    return UsageError(part_field, f"{part} exceeds {whole_field} ({whole})")
 
 
 def _split_prompt(prompt: int, read: int, write: int, write_1h: int, path: str) -> int:
@@ -131,11 +145,14 @@ def _split_prompt(prompt: int, read: int, write: int, write_1h: int, path: str) 
 
 def _reported(usage: Mapping[str, Any], path: str) -> ReportedCost | None:
     cost_raw = usage.get("cost")
+    details = usage.get("cost_details")
+    if cost_raw is None and not details:
+        return None
     details = _section(usage, "cost_details", path)
     upstream_raw = details.get("upstream_inference_cost")
-    byok = usage.get("is_byok", False)
     if cost_raw is None and upstream_raw is None:
         return None
+    byok = usage.get("is_byok", False)
     if not isinstance(byok, bool):
         raise UsageError(f"{path}.is_byok", f"must be a boolean, got {byok!r}")
     return ReportedCost(
@@ -165,64 +182,55 @@ def _money(value: object, field: str) -> Decimal | None:
 
 def parse_openai(u: Mapping[str, Any], path: str = "usage") -> ParsedUsage:
     """OpenRouter / OpenAI Chat Completions ``usage``."""
-    prompt = _required_count(u, "prompt_tokens", path)
-    completion = _count(u, "completion_tokens", path)
-    return _from_openai_like(
-        u,
-        path,
-        prompt=prompt,
-        completion=completion,
-        names=("prompt_tokens", "completion_tokens"),
-        details=("prompt_tokens_details", "completion_tokens_details"),
-        fmt="openai",
-    )
+    return _from_openai_like(u, path, _CHAT_NAMES, "openai")
 
 
 def parse_openai_responses(u: Mapping[str, Any], path: str = "usage") -> ParsedUsage:
     """OpenAI / OpenRouter Responses API ``usage`` (``input_tokens`` include cached ones)."""
-    prompt = _required_count(u, "input_tokens", path)
-    completion = _count(u, "output_tokens", path)
-    return _from_openai_like(
-        u,
-        path,
-        prompt=prompt,
-        completion=completion,
-        names=("input_tokens", "output_tokens"),
-        details=("input_tokens_details", "output_tokens_details"),
-        fmt="openai_responses",
-    )
+    return _from_openai_like(u, path, _RESPONSES_NAMES, "openai_responses")
+
+
+# (input total, output total, input details, output details) in each API's spelling
+_CHAT_NAMES = (
+    "prompt_tokens",
+    "completion_tokens",
+    "prompt_tokens_details",
+    "completion_tokens_details",
+)
+_RESPONSES_NAMES = (
+    "input_tokens",
+    "output_tokens",
+    "input_tokens_details",
+    "output_tokens_details",
+)
 
 
 def _from_openai_like(
-    u: Mapping[str, Any],
-    path: str,
-    *,
-    prompt: int,
-    completion: int,
-    names: tuple[str, str],
-    details: tuple[str, str],
-    fmt: UsageFormat,
+    u: Mapping[str, Any], path: str, names: tuple[str, str, str, str], fmt: UsageFormat
 ) -> ParsedUsage:
-    in_path, out_path = f"{path}.{details[0]}", f"{path}.{details[1]}"
-    prompt_details = _section(u, details[0], path)
-    completion_details = _section(u, details[1], path)
-    read = _count(prompt_details, "cached_tokens", in_path)
-    write = _count(prompt_details, "cache_write_tokens", in_path)
-    reasoning = _count(completion_details, "reasoning_tokens", out_path)
+    prompt_key, completion_key, in_key, out_key = names
+    prompt = _required_count(u, prompt_key, path)
+    completion = _count(u, completion_key, path)
+    prompt_details = _section(u, in_key, path)
+    read = _count(prompt_details, "cached_tokens", path, in_key)
+    write = _count(prompt_details, "cache_write_tokens", path, in_key)
+    reasoning = _count(_section(u, out_key, path), "reasoning_tokens", path, out_key)
     tools = _section(u, "server_tool_use_details", path)
-    searches = _count(tools, "web_search_requests", f"{path}.server_tool_use_details")
+    searches = _count(tools, "web_search_requests", path, "server_tool_use_details")
 
-    prompt_field, completion_field = f"{path}.{names[0]}", f"{path}.{names[1]}"
-    _not_above(read, f"{in_path}.cached_tokens", prompt, prompt_field)
-    _not_above(write, f"{in_path}.cache_write_tokens", prompt, prompt_field)
-    _not_above(reasoning, f"{out_path}.reasoning_tokens", completion, completion_field)
+    if read > prompt:
+        raise _above(read, f"{path}.{in_key}.cached_tokens", prompt, f"{path}.{prompt_key}")
+    if write > prompt:
+        raise _above(write, f"{path}.{in_key}.cache_write_tokens", prompt, f"{path}.{prompt_key}")
+    if reasoning > completion:
+        field = f"{path}.{out_key}.reasoning_tokens"
+        raise _above(reasoning, field, completion, f"{path}.{completion_key}")
     total = u.get("total_tokens")
-    if total is not None:
-        if _count(u, "total_tokens", path) != prompt + completion:
-            raise UsageError(
-                f"{path}.total_tokens",
-                f"{total} is not {names[0]} + {names[1]} ({prompt} + {completion})",
-            )
+    if total is not None and _count(u, "total_tokens", path) != prompt + completion:
+        raise UsageError(
+            f"{path}.total_tokens",
+            f"{total} is not {prompt_key} + {completion_key} ({prompt} + {completion})",
+        )
     usage = Usage(
         prompt_tokens=prompt,
         uncached_input_tokens=_split_prompt(prompt, read, write, 0, path),
@@ -243,12 +251,11 @@ def parse_anthropic(u: Mapping[str, Any], path: str = "usage") -> ParsedUsage:
     created = _count(u, "cache_creation_input_tokens", path)
     split = _section(u, "cache_creation", path)
     if split:
-        split_path = f"{path}.cache_creation"
-        write_5m = _count(split, "ephemeral_5m_input_tokens", split_path)
-        write_1h = _count(split, "ephemeral_1h_input_tokens", split_path)
+        write_5m = _count(split, "ephemeral_5m_input_tokens", path, "cache_creation")
+        write_1h = _count(split, "ephemeral_1h_input_tokens", path, "cache_creation")
         if "cache_creation_input_tokens" in u and write_5m + write_1h != created:
             raise UsageError(
-                split_path,
+                f"{path}.cache_creation",
                 f"5m ({write_5m}) + 1h ({write_1h}) writes differ from "
                 f"cache_creation_input_tokens ({created})",
             )
@@ -263,19 +270,25 @@ def parse_anthropic(u: Mapping[str, Any], path: str = "usage") -> ParsedUsage:
         cache_write_tokens=write_5m,
         cache_write_1h_tokens=write_1h,
         completion_tokens=completion,
-        web_search_requests=_count(tools, "web_search_requests", f"{path}.server_tool_use"),
+        web_search_requests=_count(tools, "web_search_requests", path, "server_tool_use"),
     )
     return ParsedUsage(usage, "anthropic", _reported(u, path))
 
 
 def parse_gemini(u: Mapping[str, Any], path: str = "usageMetadata") -> ParsedUsage:
-    """Gemini / Vertex ``usageMetadata``: thoughts are *not* inside ``candidatesTokenCount``."""
-    prompt = _count(u, "promptTokenCount", path)
+    """Gemini / Vertex ``usageMetadata``: thoughts are *not* inside ``candidatesTokenCount``.
+
+    ``promptTokenCount`` is required: a streaming response's early chunks carry a
+    ``usageMetadata`` without counts, and pricing one of those would bill the request at $0.
+    """
+    prompt = _required_count(u, "promptTokenCount", path)
     tool_prompt = _count(u, "toolUsePromptTokenCount", path)
     cached = _count(u, "cachedContentTokenCount", path)
     candidates = _count(u, "candidatesTokenCount", path)
     thoughts = _count(u, "thoughtsTokenCount", path)
-    _not_above(cached, f"{path}.cachedContentTokenCount", prompt, f"{path}.promptTokenCount")
+    if cached > prompt:
+        field = f"{path}.cachedContentTokenCount"
+        raise _above(cached, field, prompt, f"{path}.promptTokenCount")
     total = u.get("totalTokenCount")
     expected = prompt + tool_prompt + candidates + thoughts
     if total is not None and _count(u, "totalTokenCount", path) != expected:
@@ -295,11 +308,12 @@ def parse_gemini(u: Mapping[str, Any], path: str = "usageMetadata") -> ParsedUsa
 
 def parse_normalised(u: Mapping[str, Any], path: str = "usage") -> ParsedUsage:
     """This project's own :class:`Usage` shape (as carried by billing events)."""
-    unknown = set(u) - set(Usage.__dataclass_fields__)
+    unknown = sorted(str(key) for key in u if key not in Usage._fields)
     if unknown:
-        raise UsageError(f"{path}.{sorted(unknown)[0]}", "is not a field of the normalised usage")
-    counts = {name: _count(u, name, path) for name in Usage.__dataclass_fields__}
-    counts["requests"] = _count(u, "requests", path, default=1)
+        raise UsageError(f"{path}.{unknown[0]}", "is not a field of the normalised usage")
+    counts = {name: _count(u, name, path) for name in Usage._fields}
+    if u.get("requests") is None:
+        counts["requests"] = 1
     usage = Usage(**counts)
     check_usage(usage, path)
     return ParsedUsage(usage, "normalised", None)
@@ -307,12 +321,13 @@ def parse_normalised(u: Mapping[str, Any], path: str = "usage") -> ParsedUsage:
 
 def check_usage(usage: Usage, path: str = "usage") -> None:
     """Raise ``UsageError`` unless the normalised parts add up to their totals."""
-    _not_above(
-        usage.reasoning_tokens,
-        f"{path}.reasoning_tokens",
-        usage.completion_tokens,
-        f"{path}.completion_tokens",
-    )
+    if usage.reasoning_tokens > usage.completion_tokens:
+        raise _above(
+            usage.reasoning_tokens,
+            f"{path}.reasoning_tokens",
+            usage.completion_tokens,
+            f"{path}.completion_tokens",
+        )
     uncached = _split_prompt(
         usage.prompt_tokens,
         usage.cache_read_tokens,
@@ -346,11 +361,11 @@ def detect_format(u: Mapping[str, Any]) -> UsageFormat:
     if "promptTokenCount" in u or "candidatesTokenCount" in u or "totalTokenCount" in u:
         return "gemini"
     if "input_tokens" in u:
-        anthropic = ("cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation")
-        if any(k in u for k in anthropic):
-            return "anthropic"
-        # Without cache fields both readings agree; Responses usage also carries totals.
-        return "openai_responses"
+        # The Responses API always reports totals and details; Anthropic never does. Bare
+        # input/output counts read the same either way, and Anthropic's reading keeps its
+        # ``server_tool_use`` web searches.
+        responses = ("total_tokens", "input_tokens_details", "output_tokens_details")
+        return "openai_responses" if any(k in u for k in responses) else "anthropic"
     raise UsageError("usage", "unrecognised usage shape: no prompt/input token count found")
 
 
@@ -362,13 +377,18 @@ def parse_usage(obj: object, fmt: str | None = None) -> ParsedUsage:
     """
     if not isinstance(obj, Mapping):
         raise UsageError("usage", f"must be an object, got {type(obj).__name__}")
+    body: Mapping[str, Any] = obj
     path = "usage"
-    if isinstance(obj.get("usageMetadata"), Mapping):
-        body, path, fmt = obj["usageMetadata"], "usage.usageMetadata", fmt or "gemini"
-    elif isinstance(obj.get("usage"), Mapping):
-        body, path = obj["usage"], "usage.usage"
-    else:
-        body = obj
+    nested = obj.get("usage")
+    if nested is None and "usageMetadata" in obj:
+        nested, fmt = obj["usageMetadata"], fmt or "gemini"
+        path = "usage.usageMetadata"
+    elif nested is not None:
+        path = "usage.usage"
+    if nested is not None:
+        if not isinstance(nested, Mapping):
+            raise UsageError(path, f"must be an object, got {type(nested).__name__}")
+        body = nested
     if fmt is None:
         fmt = detect_format(body)
     parser = _PARSERS.get(fmt)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+import orjson
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from services.core.errors import BillingError, PriceNotFound
@@ -17,6 +19,15 @@ from services.gateway.auth import require_admin
 from services.runtime.pricebook_file import FilePriceBook
 from services.runtime.pricing_cache import OpenRouterCatalogue, PricingCache
 from services.runtime.settings import Settings
+
+log = logging.getLogger("billing.gateway")
+
+
+class ORJSONResponse(JSONResponse):
+    """JSON rendered by orjson (every body here is str/int/bool/None: money is already text)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 def build_pricing_cache(settings: Settings) -> PricingCache:
@@ -44,14 +55,31 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
         app.state.prices.poke()  # first catalogue refresh starts in the background
         yield
 
-    app = FastAPI(title="LLM billing gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="LLM billing gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
     token = settings.admin_token
     app.state.admin_token = token.get_secret_value() if token else None
 
+    # Every error answers {"error": ...}, like the quote errors and the CLI.
     @app.exception_handler(BillingError)
-    async def billing_error(_: Request, exc: BillingError) -> JSONResponse:
+    async def billing_error(_: Request, exc: BillingError) -> ORJSONResponse:
         status = 404 if isinstance(exc, PriceNotFound) else 422
-        return JSONResponse(error_json(exc), status_code=status)
+        return ORJSONResponse(error_json(exc), status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> ORJSONResponse:
+        return ORJSONResponse(
+            {"error": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, _: Exception) -> ORJSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return ORJSONResponse({"error": "internal error"}, status_code=500)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -62,12 +90,12 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
         return {"status": "ok", "prices": request.app.state.prices.status()}
 
     @app.post("/internal/billing/quote", dependencies=[Depends(require_admin)])
-    async def quote_route(request: Request) -> JSONResponse:
+    async def quote_route(request: Request) -> ORJSONResponse:
         """Price a model, and optionally one request's usage (see README for the shape)."""
         try:
             body = json.loads(await request.body(), parse_float=Decimal)
-        except ValueError as exc:
-            return JSONResponse({"error": f"body is not valid JSON: {exc}"}, status_code=400)
-        return JSONResponse(quote(body, request.app.state.prices))
+        except (ValueError, RecursionError) as exc:
+            return ORJSONResponse({"error": f"body is not valid JSON: {exc}"}, status_code=400)
+        return ORJSONResponse(quote(body, request.app.state.prices))
 
     return app

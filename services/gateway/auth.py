@@ -14,7 +14,9 @@ def require_admin(request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, supplied = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip(), expected):
+    # Compare bytes: compare_digest refuses non-ASCII str, and a header is the client's to send.
+    matches = hmac.compare_digest(supplied.strip().encode(), expected.encode())
+    if scheme.lower() != "bearer" or not matches:
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="a valid admin token is required (Authorization: Bearer ...)",

@@ -148,7 +148,9 @@ class FilePriceBook(InMemoryPriceBook):
         recorded_at: datetime | None = None,
     ) -> PriceVersion | None:
         with self._locked() as handle:
-            version = super().record(
+            # Persist first, then apply: a failed write must not leave a version in memory
+            # that no other process will ever see.
+            version = self._prepare(
                 model,
                 pricing,
                 effective_from=effective_from,
@@ -159,16 +161,19 @@ class FilePriceBook(InMemoryPriceBook):
             )
             if version is not None:
                 self._append(handle, _version_line(version))
+                self._apply(version)
             return version
 
     def add_alias(self, alias: str, model: str) -> None:
         with self._locked() as handle:
             if alias == model or self.aliases().get(alias) == model:
                 return
-            super().add_alias(alias, model)
             self._append(handle, {"type": "alias", "alias": alias, "model": model})
+            super().add_alias(alias, model)
 
     def reload(self) -> None:
-        """Apply lines other processes appended since the last read."""
+        """Apply lines other processes appended since the last read (cheap when none were)."""
+        if self.path.stat().st_size == self._offset:
+            return
         with self._locked():
             pass

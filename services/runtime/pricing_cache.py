@@ -59,14 +59,14 @@ class OpenRouterCatalogue:
         try:
             async with httpx.AsyncClient(timeout=self.timeout, transport=self.transport) as client:
                 response = await client.get(self.url, headers=self.headers)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise CatalogueUnavailable(f"GET {self.url}: {exc!r}") from exc
         return _decode(response, self.url)
 
     def fetch_sync(self) -> object:
         try:
             response = httpx.get(self.url, headers=self.headers, timeout=self.timeout)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise CatalogueUnavailable(f"GET {self.url}: {exc!r}") from exc
         return _decode(response, self.url)
 
@@ -76,7 +76,7 @@ def _decode(response: httpx.Response, url: str) -> object:
         raise CatalogueUnavailable(f"GET {url}: HTTP {response.status_code}")
     try:
         return json.loads(response.content, parse_float=Decimal)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CatalogueUnavailable(f"GET {url}: body is not JSON ({exc})") from exc
 
 
@@ -101,15 +101,19 @@ class PricingCache:
         *,
         ttl: float = 900.0,
         retry_after: float = 60.0,
+        reload_every: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.book = book
         self.source = source
         self.ttl = ttl
         self.retry_after = retry_after
+        self.reload_every = reload_every
         self._clock = clock
         self._next_refresh = clock()  # due at once: the first lookup starts a refresh
+        self._next_reload = clock() + reload_every
         self._task: asyncio.Task[SyncReport | None] | None = None
+        self._reload_task: asyncio.Task[None] | None = None
         self.last_success: datetime | None = None
         self.last_error: str | None = None
         self.last_report: SyncReport | None = None
@@ -120,15 +124,29 @@ class PricingCache:
         return self.book.lookup(model, at)
 
     def poke(self) -> None:
-        if self.source is None or self._clock() < self._next_refresh:
-            return
-        if self._task is not None and not self._task.done():
+        """Start whatever background work is due: a catalogue refresh, a book reload."""
+        now = self._clock()
+        refresh_due = self.source is not None and now >= self._next_refresh
+        if not refresh_due and now < self._next_reload:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no event loop (CLI): refresh only when asked to
-        self._task = loop.create_task(self.refresh())
+        if refresh_due and (self._task is None or self._task.done()):
+            self._task = loop.create_task(self.refresh())
+        if now >= self._next_reload and (self._reload_task is None or self._reload_task.done()):
+            # Overrides and corrections recorded by another process (the CLI) show up here
+            # within ``reload_every`` seconds.
+            self._next_reload = now + self.reload_every
+            self._reload_task = loop.create_task(self._reload())
+
+    async def _reload(self) -> None:
+        try:
+            await asyncio.to_thread(self.book.reload)
+        except Exception as exc:  # a background task must log, not vanish
+            self.last_error = f"price book reload failed: {exc!r}"
+            log.exception("price book reload failed; serving prices held in memory")
 
     async def refresh(self) -> SyncReport | None:
         """Fetch and apply the catalogue once; on failure keep the last good prices."""
@@ -140,13 +158,14 @@ class PricingCache:
             report = await asyncio.to_thread(
                 sync_catalogue, self.book, document, source=self.source.name
             )
-        except (CatalogueUnavailable, OSError, RuntimeFault) as exc:
-            self.last_error = str(exc)
+        except Exception as exc:  # any failure: keep serving, say so, retry after a pause
+            self.last_error = str(exc) if isinstance(exc, CatalogueUnavailable) else repr(exc)
             self._next_refresh = self._clock() + self.retry_after
             log.warning(
                 "price refresh failed, serving the last good prices (retry in %.0fs): %s",
                 self.retry_after,
-                exc,
+                self.last_error,
+                exc_info=not isinstance(exc, CatalogueUnavailable | RuntimeFault),
             )
             return None
         self.last_success = datetime.now(UTC)

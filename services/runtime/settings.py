@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.runtime.errors import ConfigError
+from services.runtime.paths import DEFAULT_DATA_DIR, price_book_path
 
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "admin", "token", "xxx"})
 
@@ -19,7 +20,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BILLING_", frozen=True, extra="ignore")
 
     env: Literal["development", "production"] = "development"
-    data_dir: Path = Path(".billing")
+    data_dir: Path = DEFAULT_DATA_DIR
     admin_token: SecretStr | None = None
     """When set, ``/internal/*`` requires ``Authorization: Bearer <token>``."""
     openrouter_base_url: str = Field(
@@ -50,4 +51,4 @@ class Settings(BaseSettings):
 
     @property
     def price_book_path(self) -> Path:
-        return self.data_dir / "prices.jsonl"
+        return price_book_path(self.data_dir)

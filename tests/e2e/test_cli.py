@@ -110,6 +110,10 @@ def test_batch_answers_every_line_in_order_and_survives_bad_ones() -> None:
             "pricing": {"prompt": "0.1", "completion": "1"},
         },
         {"provider_model_id": gpt5, "usage": {"prompt_tokens": 1000}, "at": "2020-01-01T00:00:00Z"},
+        "",
+        "[" * 100_000,
+        {"provider_model_id": gpt5, "usage": {"prompt_tokens": 1, "cost": "1E+999999"}},
+        {"provider_model_id": gpt5, "usage": {"prompt_tokens": 2000}},
     ]
     stdin = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
     result = billing("quote", "--batch", stdin=stdin)
@@ -122,7 +126,11 @@ def test_batch_answers_every_line_in_order_and_survives_bad_ones() -> None:
     assert out[3]["model"] == "who/knows" and "suggestions" in out[3]
     assert out[4]["breakdown"]["total_cost"] == "2"
     assert "in effect at 2020" in out[5]["error"]
-    assert "4 line(s) had errors" in result.stderr
+    assert out[6] == {"error": "line is empty", "line": 7}
+    assert out[7]["line"] == 8 and "not valid JSON" in out[7]["error"]
+    assert out[8]["field"] == "usage.cost"
+    assert out[9]["breakdown"]["total_cost"] == "0.0025"
+    assert "7 line(s) had errors" in result.stderr
 
 
 def test_prices_sync_from_files_of_both_shapes_list_and_show() -> None:

@@ -124,10 +124,29 @@ def test_bad_input_is_422_naming_the_field(
     assert response.json()["field"] == field
 
 
-def test_body_that_is_not_json_is_400(client: TestClient) -> None:
-    response = client.post("/internal/billing/quote", content=b"{nope")
+@pytest.mark.parametrize("body", [b"{nope", b"[" * 100_000])
+def test_body_that_is_not_json_is_400(client: TestClient, body: bytes) -> None:
+    response = client.post("/internal/billing/quote", content=body)
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("pricing", "usage"),
+    [
+        ({"prompt": "1E+999999", "completion": "0"}, {"prompt_tokens": 10}),
+        ({"prompt": "1E-99999999", "completion": "0"}, {"prompt_tokens": 10}),
+        ({"prompt": "0.1", "completion": "0"}, {"prompt_tokens": 10, "cost": "1E+1000000"}),
+        ({"prompt": "-1", "completion": "-1"}, {"prompt_tokens": 10}),
+    ],
+)
+def test_out_of_range_money_is_422_not_500(
+    client: TestClient, pricing: dict[str, str], usage: dict[str, object]
+) -> None:
+    payload = {"provider_model_id": "x/y", "pricing": pricing, "usage": usage}
+    response = client.post("/internal/billing/quote", json=payload)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"].startswith(("pricing.prompt", "usage.cost"))
 
 
 def test_body_that_is_not_an_object_is_422(client: TestClient) -> None:
@@ -138,7 +157,13 @@ def test_body_that_is_not_an_object_is_422(client: TestClient) -> None:
 
 def test_admin_token_is_enforced_when_set(secured: TestClient) -> None:
     payload = {"provider_model_id": "openai/gpt-5"}
-    assert secured.post("/internal/billing/quote", json=payload).status_code == 401
+    missing = secured.post("/internal/billing/quote", json=payload)
+    assert missing.status_code == 401
+    assert "admin token" in missing.json()["error"]
+    non_ascii = {"Authorization": "Bearer \u00e9t\u00e9".encode()}
+    assert (
+        secured.post("/internal/billing/quote", json=payload, headers=non_ascii).status_code == 401
+    )
     wrong = {"Authorization": "Bearer nope"}
     assert secured.post("/internal/billing/quote", json=payload, headers=wrong).status_code == 401
     right = {"Authorization": "Bearer s3cret-t0ken"}

@@ -10,6 +10,7 @@ from services.core.pricing import parse_pricing
 from services.core.usage import Usage, parse_usage
 
 D = Decimal
+AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 # Claude Sonnet 4.5 as published: $3 / $15 per M, cache read $0.30, 5m write $3.75, 1h write $6,
 # and 2x above 200k prompt tokens.
@@ -51,7 +52,7 @@ def test_original_design_example() -> None:
             }
         }
     ).usage
-    b = compute_cost(usage, SONNET)
+    b = compute_cost(usage, SONNET, at=AT)
     assert b.prompt_cost == D("0.0036")
     assert b.cache_read_cost == D("0.00018")
     assert b.completion_cost == D("0.0048")
@@ -63,9 +64,10 @@ def test_original_design_example() -> None:
 def test_reasoning_is_not_double_counted() -> None:
     with_reasoning = Usage(prompt_tokens=0, completion_tokens=1000, reasoning_tokens=900)
     without = Usage(prompt_tokens=0, completion_tokens=1000, reasoning_tokens=0)
-    assert compute_cost(with_reasoning, SONNET).total_cost == D("0.015")
+    assert compute_cost(with_reasoning, SONNET, at=AT).total_cost == D("0.015")
     assert (
-        compute_cost(with_reasoning, SONNET).total_cost == compute_cost(without, SONNET).total_cost
+        compute_cost(with_reasoning, SONNET, at=AT).total_cost
+        == compute_cost(without, SONNET, at=AT).total_cost
     )
 
 
@@ -74,7 +76,7 @@ def test_distinct_internal_reasoning_price_books_only_the_difference() -> None:
     pricing = parse_pricing(
         {"prompt": "0.000002", "completion": "0.000008", "internal_reasoning": "0.000003"}
     )
-    b = compute_cost(Usage(completion_tokens=1000, reasoning_tokens=400), pricing)
+    b = compute_cost(Usage(completion_tokens=1000, reasoning_tokens=400), pricing, at=AT)
     assert b.completion_cost == D("0.008")
     assert b.internal_reasoning_cost == D("-0.002")  # 400 × (3 − 8)/M
     assert b.total_cost == D("0.006")  # 600 × $8/M + 400 × $3/M
@@ -84,7 +86,7 @@ def test_zero_internal_reasoning_in_2025_catalogue_means_no_separate_price() -> 
     pricing = parse_pricing(
         {"prompt": "0.000001", "completion": "0.000004", "internal_reasoning": "0"}
     )
-    b = compute_cost(Usage(completion_tokens=100, reasoning_tokens=100), pricing)
+    b = compute_cost(Usage(completion_tokens=100, reasoning_tokens=100), pricing, at=AT)
     assert b.internal_reasoning_cost == 0
     assert b.total_cost == D("0.0004")
 
@@ -97,7 +99,7 @@ def test_cache_writes_use_their_own_prices_by_ttl() -> None:
         cache_write_tokens=400,
         cache_write_1h_tokens=600,
     )
-    b = compute_cost(usage, SONNET)
+    b = compute_cost(usage, SONNET, at=AT)
     assert b.prompt_cost == D("0.003")  # 1,000 × $3/M
     assert b.cache_read_cost == D("0.0006")  # 2,000 × $0.30/M
     assert b.cache_write_cost == D("0.0015") + D("0.0036")  # 400 × $3.75/M + 600 × $6/M
@@ -115,7 +117,7 @@ def test_anthropic_native_cache_write_5m_matches_the_documented_formula() -> Non
             "output_tokens": 33,
         }
     ).usage
-    assert compute_cost(usage, SONNET).total_cost == D("0.0024048")
+    assert compute_cost(usage, SONNET, at=AT).total_cost == D("0.0024048")
 
 
 def test_missing_cache_prices_fall_back_to_the_prompt_rate() -> None:
@@ -127,7 +129,7 @@ def test_missing_cache_prices_fall_back_to_the_prompt_rate() -> None:
         cache_write_tokens=5,
         cache_write_1h_tokens=5,
     )
-    assert compute_cost(usage, pricing).total_cost == D("0.00003")
+    assert compute_cost(usage, pricing, at=AT).total_cost == D("0.00003")
 
 
 def test_one_hour_write_falls_back_to_the_five_minute_rate() -> None:
@@ -135,7 +137,7 @@ def test_one_hour_write_falls_back_to_the_five_minute_rate() -> None:
         {"prompt": "0.000001", "completion": "0.000002", "input_cache_write": "0.00000125"}
     )
     usage = Usage(prompt_tokens=1000, cache_write_1h_tokens=1000)
-    assert compute_cost(usage, pricing).cache_write_cost == D("0.00125")
+    assert compute_cost(usage, pricing, at=AT).cache_write_cost == D("0.00125")
 
 
 def test_gemini_explicit_cache_overlap_bills_reads_and_writes() -> None:
@@ -155,7 +157,7 @@ def test_gemini_explicit_cache_overlap_bills_reads_and_writes() -> None:
             "prompt_tokens_details": {"cached_tokens": 4900, "cache_write_tokens": 4900},
         }
     ).usage
-    b = compute_cost(usage, pricing)
+    b = compute_cost(usage, pricing, at=AT)
     assert b.prompt_cost == D("0.00003")  # 100 × $0.30/M
     assert b.cache_read_cost == D("0.000147")  # 4,900 × $0.03/M
     assert b.cache_write_cost == D("4900") * D("0.0000000833333333333333")
@@ -171,7 +173,7 @@ def test_request_web_search_and_image_charges() -> None:
             "image": "0.0048",
         }
     )
-    b = compute_cost(Usage(web_search_requests=3, images=2, requests=1), pricing)
+    b = compute_cost(Usage(web_search_requests=3, images=2, requests=1), pricing, at=AT)
     assert (b.request_cost, b.web_search_cost, b.image_cost) == (D("0.005"), D("0.03"), D("0.0096"))
     assert b.total_cost == D("0.0446")
 
@@ -181,8 +183,8 @@ def test_long_context_tier_applies_strictly_above_the_threshold() -> None:
         prompt_tokens=200_000, uncached_input_tokens=200_000, completion_tokens=1000
     )
     above = Usage(prompt_tokens=200_001, uncached_input_tokens=200_001, completion_tokens=1000)
-    base = compute_cost(at_threshold, SONNET)
-    tiered = compute_cost(above, SONNET)
+    base = compute_cost(at_threshold, SONNET, at=AT)
+    tiered = compute_cost(above, SONNET, at=AT)
     assert base.tier is None
     assert base.total_cost == D("0.6") + D("0.015")
     assert tiered.tier is not None and tiered.tier.min_prompt_tokens == 200_000
@@ -197,7 +199,7 @@ def test_tier_counts_cached_tokens_toward_the_threshold() -> None:
         cache_read_tokens=200_000,
         completion_tokens=0,
     )
-    b = compute_cost(usage, SONNET)
+    b = compute_cost(usage, SONNET, at=AT)
     assert b.cache_read_cost == D("0.12")  # 200,000 × $0.60/M (tier read price)
     assert b.prompt_cost == D("0.3")  # 50,000 × $6/M
 
@@ -219,7 +221,16 @@ def test_time_of_day_window_wrapping_midnight() -> None:
     assert at(12) == D("0.0005")  # inside 10:00–01:00
     assert at(0, 30) == D("0.0005")
     assert at(5) == D("0.001")  # outside
-    assert compute_cost(usage, pricing).total_cost == D("0.001")  # no time given: base price
+    # The window is in UTC whatever offset the time is written with: 10:30+02:00 is 08:30Z.
+    from datetime import timedelta, timezone
+
+    plus_two = timezone(timedelta(hours=2))
+    assert compute_cost(
+        usage, pricing, at=datetime(2026, 1, 1, 10, 30, tzinfo=plus_two)
+    ).total_cost == D("0.001")
+    assert compute_cost(
+        usage, pricing, at=datetime(2026, 1, 1, 14, 0, tzinfo=plus_two)
+    ).total_cost == D("0.0005")
 
 
 def test_components_sum_to_total_and_serialise_as_plain_decimals() -> None:
@@ -232,7 +243,7 @@ def test_components_sum_to_total_and_serialise_as_plain_decimals() -> None:
         reasoning_tokens=7,
         web_search_requests=1,
     )
-    b = compute_cost(usage, SONNET, price_version=42)
+    b = compute_cost(usage, SONNET, price_version=42, at=AT)
     assert sum(getattr(b, c) for c in COMPONENTS) == b.total_cost
     doc = b.to_json()
     assert doc["price_version"] == 42

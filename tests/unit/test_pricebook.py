@@ -16,7 +16,7 @@ from services.core.pricebook import InMemoryPriceBook, PriceBook, spelling_key
 from services.core.pricing import parse_pricing
 from services.runtime.errors import PriceBookCorrupt
 from services.runtime.pricebook_file import FilePriceBook
-from tests.conftest import OWN_FIXTURES, load_json
+from tests.conftest import OWN_FIXTURES, load_json, shared_fixture
 
 JAN = datetime(2026, 1, 1, tzinfo=UTC)
 FEB = datetime(2026, 2, 1, tzinfo=UTC)
@@ -76,12 +76,39 @@ def test_aliases_and_spelling_variants_resolve(book: PriceBook) -> None:
     for name in (
         "anthropic/claude-sonnet-4.5",
         "anthropic/claude-sonnet-4-5",
-        "anthropic/claude-sonnet-4-5-20250929",
         "Anthropic/Claude-Sonnet-4.5",
         "anthropic/claude-4.5-sonnet-20250929",
-        "anthropic/claude-4.5-sonnet",
+        "anthropic/claude-4-5-sonnet-20250929",
     ):
         assert book.lookup(name, FEB).model == "anthropic/claude-sonnet-4.5", name
+
+
+def test_dated_ids_and_variants_never_resolve_loosely(book: PriceBook) -> None:
+    # A dated snapshot or a :batch/:free variant may carry another price: only an explicit
+    # alias may map it.
+    book.record("openai/gpt-4o", CHEAP, effective_from=JAN)
+    for name in ("openai/gpt-4o-2024-05-13", "openai/gpt-4o:free", "openai/gpt-4o:batch"):
+        with pytest.raises(PriceNotFound) as caught:
+            book.lookup(name, FEB)
+        assert "openai/gpt-4o" in caught.value.suggestions
+
+
+def test_an_ambiguous_spelling_resolves_to_nothing(book: PriceBook) -> None:
+    book.record("acme/m-1.5", CHEAP, effective_from=JAN)
+    book.record("acme/M-1-5", DEAR, effective_from=JAN)
+    assert book.lookup("acme/m-1.5", FEB).pricing == CHEAP  # exact ids still work
+    assert book.resolve("ACME/m-1-5") is None
+
+
+def test_a_slug_shared_with_variants_aliases_the_base_model(book: PriceBook) -> None:
+    slug = "acme/x-20260101"
+    rows = [
+        {"id": m, "canonical_slug": slug, "pricing": {"prompt": p, "completion": p}}
+        for m, p in (("acme/x", "2"), ("acme/x:batch", "1"), ("acme/x:free", "0"))
+    ]
+    apply_catalogue(book, parse_catalogue({"data": rows}), observed_at=JAN, source="t")
+    assert book.lookup("acme/x-20260101", FEB).model == "acme/x"
+    assert book.lookup("ACME/X", FEB).model == "acme/x"
 
 
 def test_unknown_model_suggests_near_names(book: PriceBook) -> None:
@@ -121,8 +148,20 @@ def test_catalogue_sync_records_only_changes(book: PriceBook) -> None:
 
 
 def test_spelling_key() -> None:
-    assert spelling_key("openai/gpt-4o-2024-08-06") == "openai/gpt-4o"
-    assert spelling_key("anthropic/claude-sonnet-4-5-20250929") == "anthropic/claude-sonnet-4.5"
+    assert spelling_key(" Anthropic/claude-sonnet-4-5") == "anthropic/claude-sonnet-4.5"
+    assert spelling_key("openai/gpt-4o:batch") == "openai/gpt-4o:batch"
+
+
+def test_every_real_slug_resolves_to_a_base_model() -> None:
+    doc = load_json(shared_fixture("openrouter/models-2026-08-19.json"))
+    book = InMemoryPriceBook()
+    apply_catalogue(book, parse_catalogue(doc), observed_at=JAN, source="t")
+    slugs = {row["canonical_slug"] for row in doc["data"]}
+    resolved = {slug: book.resolve(slug) for slug in slugs}
+    assert all(":" not in model for model in resolved.values() if model), resolved
+    assert resolved["anthropic/claude-4.5-sonnet-20250929"] == "anthropic/claude-sonnet-4.5"
+    assert resolved["openai/gpt-5-2025-08-07"] == "openai/gpt-5"
+    assert book.resolve("OpenAI/GPT-4o") == "openai/gpt-4o"
 
 
 # -- file adapter specifics ---------------------------------------------------------------------

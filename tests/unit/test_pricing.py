@@ -64,6 +64,9 @@ def test_to_json_round_trips() -> None:
         ({"prompt": "-0.5", "completion": "1"}, "prompt"),
         ({"prompt": 0.000001, "completion": "1"}, "prompt"),  # binary float refused
         ({"prompt": "NaN", "completion": "1"}, "prompt"),
+        ({"prompt": "1E+999999", "completion": "1"}, "prompt"),
+        ({"prompt": "1E-99999999", "completion": "1"}, "prompt"),
+        ({"prompt": "0.0000000000000000000000000000001", "completion": "1"}, "prompt"),
         ({"prompt": "1", "completion": "1", "overrides": {}}, "overrides"),
         ({"prompt": "1", "completion": "1", "overrides": [1]}, "overrides[0]"),
         (
@@ -113,14 +116,13 @@ def test_real_catalogues_parse(name: str) -> None:
 
 
 def test_real_snapshot_agrees_with_the_bundled_one_on_shared_models() -> None:
-    real = {
-        e.model: e.pricing
-        for e in parse_catalogue(
-            load_json(shared_fixture("openrouter/models-2026-08-19.json"))
-        ).entries
-    }
+    doc = load_json(shared_fixture("openrouter/models-2026-08-19.json"))
+    real = {e.model: e.pricing for e in parse_catalogue(doc).entries}
+    billed = ("prompt", "completion", "request", "image", "web_search", "input_cache_read")
+    billed += ("input_cache_write", "input_cache_write_1h", "tiers")
     for entry in default_catalogue().entries:
-        if entry.model in real:
-            ours, theirs = entry.pricing, real[entry.model]
-            assert (ours.prompt, ours.completion) == (theirs.prompt, theirs.completion), entry.model
-            assert ours.input_cache_read == theirs.input_cache_read, entry.model
+        theirs = real[entry.model]
+        for key in billed:
+            assert getattr(entry.pricing, key) == getattr(theirs, key), (entry.model, key)
+        # A reasoning price equal to the completion price changes nothing.
+        assert theirs.internal_reasoning in (None, theirs.completion), entry.model

@@ -12,6 +12,7 @@ import pytest
 
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.pricebook import InMemoryPriceBook
+from services.core.pricing import parse_pricing
 from services.runtime.errors import CatalogueUnavailable
 from services.runtime.pricebook_file import FilePriceBook
 from services.runtime.pricing_cache import OpenRouterCatalogue, PricingCache, sync_catalogue
@@ -165,3 +166,37 @@ def test_sync_into_a_file_book_is_one_batch(tmp_path: Path) -> None:
     )
     with pytest.raises(CatalogueUnavailable):
         sync_catalogue(book, {"data": "nope"}, source="t")
+
+
+async def test_prices_recorded_by_another_process_are_picked_up(tmp_path: Path) -> None:
+    path = tmp_path / "prices.jsonl"
+    clock = FakeClock()
+    cache = PricingCache(FilePriceBook.open(path), None, reload_every=5, clock=clock)
+    before = cache.lookup("openai/gpt-5").pricing.prompt
+    other = FilePriceBook(path)  # e.g. `billing prices override` in another process
+    deal = parse_pricing({"prompt": "0.000001", "completion": "0.000008"})
+    other.record("openai/gpt-5", deal, effective_from=datetime(2026, 1, 1, tzinfo=UTC),
+                 layer="override", reason="negotiated")  # fmt: skip
+    assert cache.lookup("openai/gpt-5").pricing.prompt == before  # not yet due
+    clock.now += 6
+    cache.lookup("openai/gpt-5")
+    assert cache._reload_task is not None
+    await cache._reload_task
+    assert cache.lookup("openai/gpt-5").pricing == deal
+
+
+class BrokenSource(FakeSource):
+    async def fetch(self) -> object:
+        self.calls += 1
+        raise httpx.InvalidURL("bad base url")
+
+
+async def test_an_unexpected_refresh_error_is_reported_and_paced() -> None:
+    clock, source = FakeClock(), BrokenSource()
+    cache = make_cache(source, clock)
+    for _ in range(5):
+        with pytest.raises(Exception, match="no price"):
+            cache.lookup("acme/gamma-3")
+        await settle(cache)
+    assert source.calls == 1
+    assert "InvalidURL" in (cache.status()["last_error"] or "")

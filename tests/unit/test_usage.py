@@ -119,9 +119,11 @@ def test_gemini_thoughts_are_added_to_candidates() -> None:
     assert (u.completion_tokens, u.reasoning_tokens) == (68 + 821, 821)
 
 
-def test_vertex_first_chunk_without_counts_is_zero_usage() -> None:
-    u = parse_usage({"trafficType": "ON_DEMAND", "totalTokenCount": 0}, "gemini").usage
-    assert u == Usage()
+def test_usage_metadata_without_counts_is_refused_not_billed_at_zero() -> None:
+    # A streaming response's first chunk: {"trafficType": "ON_DEMAND"} and no counts.
+    with pytest.raises(UsageError) as caught:
+        parse_usage({"usageMetadata": {"trafficType": "ON_DEMAND"}})
+    assert caught.value.field == "usage.usageMetadata.promptTokenCount"
 
 
 def test_gemini_explicit_cache_reports_writes_as_reads_too() -> None:
@@ -180,6 +182,9 @@ def test_normalised_shape_round_trips() -> None:
             "usage.prompt_tokens",
         ),
         ({"prompt_tokens": 10, "prompt_tokens_details": []}, None, "usage.prompt_tokens_details"),
+        ({"prompt_tokens": 10**40}, None, "usage.prompt_tokens"),
+        ({"prompt_tokens": 1, "cost": "1E+1000000"}, None, "usage.cost"),
+        ({"usage": 5}, None, "usage.usage"),
         ({"prompt_tokens": 1, "cost": 0.25}, None, "usage.cost"),
         ({"prompt_tokens": 1, "cost": "-1"}, None, "usage.cost"),
         ({"prompt_tokens": 1, "cost": "abc"}, None, "usage.cost"),
@@ -222,6 +227,18 @@ def test_bad_usage_raises_a_typed_error_naming_the_field(
     assert caught.value.field == field
 
 
+def test_anthropic_web_searches_count_without_cache_fields() -> None:
+    u = parse_usage(
+        {"input_tokens": 100, "output_tokens": 50, "server_tool_use": {"web_search_requests": 2}}
+    ).usage
+    assert u.web_search_requests == 2
+
+
+def test_non_string_keys_give_a_typed_error() -> None:
+    with pytest.raises(UsageError):
+        parse_usage({"prompt_tokens": 1, "uncached_input_tokens": 1, 1: 2, "zz": 3}, "normalised")
+
+
 def test_non_object_usage_is_rejected() -> None:
     with pytest.raises(UsageError, match="must be an object"):
         parse_usage([1, 2, 3])
@@ -239,6 +256,8 @@ def test_check_usage_rejects_reasoning_above_completion() -> None:
         ({"prompt_tokens": 1}, "openai"),
         ({"input_tokens": 1, "total_tokens": 1}, "openai_responses"),
         ({"input_tokens": 1, "cache_read_input_tokens": 0}, "anthropic"),
+        ({"input_tokens": 1, "output_tokens": 1, "server_tool_use": {}}, "anthropic"),
+        ({"input_tokens": 1, "output_tokens": 1}, "anthropic"),
         ({"promptTokenCount": 1}, "gemini"),
         ({"prompt_tokens": 1, "uncached_input_tokens": 1}, "normalised"),
     ],
