@@ -71,7 +71,7 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     (
-        "OpenRouter with a web search and a reported cost",
+        "OpenRouter, a web search, and a reported cost that drifts",
         {
             "provider_model_id": "openai/gpt-4.1",
             "usage": {
@@ -79,7 +79,7 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
                 "completion_tokens": 410,
                 "total_tokens": 5530,
                 "server_tool_use_details": {"web_search_requests": 1},
-                "cost": "0.02352",
+                "cost": "0.0236",
             },
         },
     ),
