@@ -295,6 +295,46 @@ def _cli_time(value: str | None) -> datetime:
 # -- services -----------------------------------------------------------------------------------
 
 
+@main.command("schemas")
+@click.option("--check", is_flag=True, help="Exit 1 if the committed schemas are stale.")
+def schemas_cmd(check: bool) -> None:
+    """Regenerate the events' JSON Schemas in schemas/ from the models."""
+    from services.runtime import schemas
+
+    if check:
+        stale = [n for n, t in schemas.generate().items() if _read(schemas.SCHEMA_DIR / n) != t]
+        if stale:
+            raise click.ClickException(f"stale: {', '.join(stale)} (run `billing schemas`)")
+        click.echo("schemas are up to date")
+        return
+    changed = schemas.write()
+    click.echo(f"wrote {', '.join(changed)}" if changed else "schemas are up to date")
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
+
+
+@main.command("migrate")
+@click.pass_obj
+def migrate_cmd(obj: Context) -> None:
+    """Apply pending migrations to $BILLING_DATABASE_URL (or the embedded database)."""
+    import asyncio
+
+    from services.runtime.database import DatabaseError, EmbeddedPostgres, migrate
+
+    url = obj.settings.database_url
+    embedded = None
+    if url is None:
+        embedded = EmbeddedPostgres(obj.data_dir)
+        url = embedded.start()
+    try:
+        applied = asyncio.run(migrate(url))
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"applied {', '.join(applied)}" if applied else "database is up to date")
+
+
 @main.command("gateway")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("OPENROUTER_API_KEY", "BILLING_OPENROUTER_API_KEY"),
     )
+    database_url: str | None = None
+    """PostgreSQL to use (``BILLING_DATABASE_URL``); unset: an embedded server in data_dir."""
+    kafka_bootstrap: str | None = None
+    """Kafka-protocol broker (``BILLING_KAFKA_BOOTSTRAP``); unset: an embedded Tansu broker."""
     catalogue_sync: bool = True
     """Refresh prices from the live catalogue in the background (off: snapshot and book only)."""
     price_ttl_seconds: float = Field(default=900.0, gt=0)

@@ -1,0 +1,271 @@
+"""Apply a batch of ``UsagePriced`` events to PostgreSQL in one transaction.
+
+Per batch: the rows of the requests it touches are locked; an unseen request is inserted, a
+newer revision replaces the row and books a ``billing_adjustments`` row, an equal or older
+revision is a duplicate and changes nothing; ``tenant_billing_summary`` moves by exactly the
+applied differences; the consumed offsets are stored in the same transaction. Replaying any
+prefix of the log therefore changes nothing, and a crash at any point leaves either the whole
+batch or none of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from services.core.events import UsagePriced
+
+COUNT_COLUMNS = (
+    "prompt_tokens",
+    "uncached_input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "web_search_requests",
+    "images",
+    "requests",
+)
+COST_COLUMNS = (
+    "prompt_cost",
+    "cache_read_cost",
+    "cache_write_cost",
+    "completion_cost",
+    "internal_reasoning_cost",
+    "request_cost",
+    "web_search_cost",
+    "image_cost",
+    "total_cost",
+)
+TRANSACTION_COLUMNS = (
+    "request_id",
+    "tenant_id",
+    "api_key_id",
+    "provider",
+    "provider_model_id",
+    "model",
+    "occurred_at",
+    "usage_source",
+    *COUNT_COLUMNS,
+    *COST_COLUMNS,
+    "currency",
+    "reported_cost",
+    "reported_is_byok",
+    "price_version",
+    "revision",
+    "priced_at",
+    "metadata",
+)
+SUMMARY_KEY = ("tenant_id", "day", "model", "api_key_id")
+SUMMARY_VALUES = (*COUNT_COLUMNS, *COST_COLUMNS)
+ADJUSTMENT_COLUMNS = (
+    "request_id",
+    "tenant_id",
+    "old_revision",
+    "new_revision",
+    "old_total_cost",
+    "new_total_cost",
+    "delta_cost",
+    "price_version",
+    "reason",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where an event sits in the log (for offsets and dead letters)."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class BatchResult:
+    inserted: int = 0
+    revised: int = 0
+    duplicates: int = 0
+    adjustments: list[tuple[str, int, int, Decimal]] = field(default_factory=list)
+
+
+def _row(event: UsagePriced) -> tuple[Any, ...]:
+    usage, b = event.usage, event.breakdown
+    reported = event.reported
+    charge = None
+    if reported is not None:
+        charge = (
+            reported.upstream_inference_cost
+            if reported.is_byok and reported.upstream_inference_cost is not None
+            else reported.cost
+        )
+    return (
+        event.request_id,
+        event.tenant_id,
+        event.api_key_id,
+        event.provider,
+        event.provider_model_id,
+        event.model,
+        event.occurred_at,
+        event.usage_source,
+        *(getattr(usage, c) for c in COUNT_COLUMNS),
+        *(getattr(b, c) for c in COST_COLUMNS),
+        event.currency,
+        charge,
+        reported.is_byok if reported else False,
+        event.price_version,
+        event.revision,
+        event.priced_at,
+        event.metadata,
+    )
+
+
+def _summary_key(row: Sequence[Any]) -> tuple[str, date, str, str]:
+    # row is a TRANSACTION_COLUMNS tuple or record: tenant, day (UTC), model, api key
+    return (row[1], row[6].date() if hasattr(row[6], "date") else row[6], row[5], row[2] or "")
+
+
+def _add(
+    deltas: dict[tuple[Any, ...], list[Any]], key: tuple[Any, ...], values: Iterable[Any], sign: int
+) -> None:
+    current = deltas.setdefault(key, [0] * len(COUNT_COLUMNS) + [Decimal(0)] * len(COST_COLUMNS))
+    for index, value in enumerate(values):
+        current[index] += sign * value
+
+
+def newest_per_request(events: Iterable[UsagePriced]) -> list[UsagePriced]:
+    """Collapse a batch to the highest revision of each request (duplicates drop out)."""
+    best: dict[str, UsagePriced] = {}
+    for event in events:
+        held = best.get(event.request_id)
+        if held is None or event.revision > held.revision:
+            best[event.request_id] = event
+    return list(best.values())
+
+
+async def apply_batch(
+    connection: asyncpg.Connection,
+    consumer: str,
+    events: Sequence[UsagePriced],
+    offsets: dict[tuple[str, int], int],
+) -> BatchResult:
+    """Apply ``events`` and store ``offsets`` (topic, partition → next offset) atomically."""
+    result = BatchResult(duplicates=len(events))
+    latest = newest_per_request(events)
+    async with connection.transaction():
+        existing = {
+            r["request_id"]: r
+            for r in await connection.fetch(
+                f"SELECT {', '.join(TRANSACTION_COLUMNS)} FROM billing_transactions"  # noqa: S608
+                " WHERE request_id = ANY($1::text[]) FOR UPDATE",
+                [e.request_id for e in latest],
+            )
+        }
+        rows: list[tuple[Any, ...]] = []
+        deltas: dict[tuple[Any, ...], list[Any]] = {}
+        adjustments: list[tuple[Any, ...]] = []
+        value_slice = slice(8, 8 + len(SUMMARY_VALUES))
+        for event in latest:
+            row = _row(event)
+            old = existing.get(event.request_id)
+            if old is not None and old["revision"] >= event.revision:
+                continue  # a duplicate or a stale revision: already reflected
+            rows.append(row)
+            _add(deltas, _summary_key(row), row[value_slice], +1)
+            if old is None:
+                result.inserted += 1
+                continue
+            old_row = tuple(old.values())
+            _add(deltas, _summary_key(old_row), old_row[value_slice], -1)
+            delta = event.total_cost - old["total_cost"]
+            adjustments.append(
+                (
+                    event.request_id,
+                    event.tenant_id,
+                    old["revision"],
+                    event.revision,
+                    old["total_cost"],
+                    event.total_cost,
+                    delta,
+                    event.price_version,
+                    event.reason,
+                )
+            )
+            result.revised += 1
+            result.adjustments.append((event.request_id, old["revision"], event.revision, delta))
+        result.duplicates -= len(rows)
+        if rows:
+            await _upsert_transactions(connection, rows)
+        if deltas:
+            await _apply_summary(connection, deltas)
+        if adjustments:
+            await connection.copy_records_to_table(
+                "billing_adjustments", records=adjustments, columns=ADJUSTMENT_COLUMNS
+            )
+        if offsets:
+            await connection.executemany(
+                "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, topic, partition)"
+                " DO UPDATE SET next_offset = GREATEST(consumer_offsets.next_offset,"
+                " EXCLUDED.next_offset), updated_at = now()",
+                [(consumer, t, p, o) for (t, p), o in offsets.items()],
+            )
+    return result
+
+
+async def _upsert_transactions(connection: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+    await connection.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS incoming_transactions"
+        " (LIKE billing_transactions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    await connection.copy_records_to_table(
+        "incoming_transactions", records=rows, columns=TRANSACTION_COLUMNS
+    )
+    assignments = ", ".join(f"{c} = EXCLUDED.{c}" for c in TRANSACTION_COLUMNS[1:])
+    await connection.execute(
+        f"INSERT INTO billing_transactions ({', '.join(TRANSACTION_COLUMNS)})"  # noqa: S608
+        f" SELECT {', '.join(TRANSACTION_COLUMNS)} FROM incoming_transactions"
+        f" ON CONFLICT (request_id) DO UPDATE SET {assignments}, projected_at = now()"
+        " WHERE billing_transactions.revision < EXCLUDED.revision"
+    )
+
+
+async def _apply_summary(
+    connection: asyncpg.Connection, deltas: dict[tuple[Any, ...], list[Any]]
+) -> None:
+    await connection.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS incoming_summary"
+        " (LIKE tenant_billing_summary INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    await connection.copy_records_to_table(
+        "incoming_summary",
+        records=[(*key, *values) for key, values in deltas.items()],
+        columns=(*SUMMARY_KEY, *SUMMARY_VALUES),
+    )
+    columns = (*SUMMARY_KEY, *SUMMARY_VALUES)
+    increments = ", ".join(
+        f"{c} = tenant_billing_summary.{c} + EXCLUDED.{c}" for c in SUMMARY_VALUES
+    )
+    await connection.execute(
+        f"INSERT INTO tenant_billing_summary ({', '.join(columns)})"  # noqa: S608
+        f" SELECT {', '.join(columns)} FROM incoming_summary"
+        f" ON CONFLICT (tenant_id, day, model, api_key_id) DO UPDATE SET {increments},"
+        " updated_at = now()"
+    )
+
+
+async def stored_offsets(
+    connection: asyncpg.Connection, consumer: str, topic: str
+) -> dict[int, int]:
+    """partition → next offset to read, as last committed with the read models."""
+    rows = await connection.fetch(
+        "SELECT partition, next_offset FROM consumer_offsets WHERE consumer = $1 AND topic = $2",
+        consumer,
+        topic,
+    )
+    return {r["partition"]: r["next_offset"] for r in rows}

@@ -1,0 +1,151 @@
+"""PostgreSQL: where it is (configured or embedded), and the numbered migrations.
+
+``BILLING_DATABASE_URL`` wins; without it an embedded server (the ``pgserver`` wheel,
+PostgreSQL 16) is started under the data directory and reached over its unix socket.
+Migrations are the plain SQL files in ``migrations/``, applied in order, each in its own
+transaction, under an advisory lock so that several services starting at once apply each
+file exactly once; ``schema_migrations`` records what was applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from services.runtime.errors import RuntimeFault
+
+log = logging.getLogger("billing.database")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+_MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_LOCK_ID = 0x62696C6C  # "bill": one advisory lock for every migrator
+
+
+class DatabaseError(RuntimeFault):
+    """The database cannot be reached, started or migrated."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The migration files, in order; a malformed name or a gap in numbering is an error."""
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _MIGRATION_FILE.match(path.name)
+        if match is None:
+            raise DatabaseError(f"{path.name}: migration files are named NNN_lowercase_name.sql")
+        found.append(Migration(int(match.group(1)), path.stem, path.read_text()))
+    for expected, migration in enumerate(found, start=1):
+        if migration.version != expected:
+            raise DatabaseError(f"migration {expected:03d} is missing before {migration.name}")
+    return found
+
+
+async def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply pending migrations; return the names applied now."""
+    connection = await connect(url)
+    applied_now: list[str] = []
+    try:
+        await connection.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+        await connection.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {
+            row["version"]
+            for row in await connection.fetch("SELECT version FROM schema_migrations")
+        }
+        for migration in migrations(directory):
+            if migration.version in done:
+                continue
+            async with connection.transaction():
+                await connection.execute(migration.sql)
+                await connection.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            applied_now.append(migration.name)
+            log.info("applied migration %s", migration.name)
+    finally:
+        await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+        await connection.close()
+    return applied_now
+
+
+async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(url, **kwargs)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server of the ``pgserver`` wheel, kept in ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.pgdata = data_dir.resolve() / "postgres"
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start (or attach to) the server; return its connection URL."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR as root
+            import pgserver
+
+            self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._server = pgserver.get_server(self.pgdata, cleanup_mode=None)
+            except Exception as exc:  # pgserver raises plain exceptions with pg_ctl's output
+                raise DatabaseError(f"embedded PostgreSQL did not start: {exc}") from exc
+        return str(self._server.get_uri())
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup_mode = "stop"
+            self._server.cleanup()
+            self._server = None
+
+
+async def init_connection(connection: asyncpg.Connection) -> None:
+    """Per-connection codecs: jsonb as Python objects (used for ``metadata`` and prices)."""
+    # Binary format (a version byte, then the text), so COPY can write jsonb columns too.
+    await connection.set_type_codec(
+        "jsonb",
+        encoder=_jsonb_encode,
+        decoder=_jsonb_decode,
+        schema="pg_catalog",
+        format="binary",
+    )
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    return b"\x01" + json.dumps(value, separators=(",", ":")).encode()
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return json.loads(data[1:])
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            url, min_size=min_size, max_size=max_size, init=init_connection
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
+    assert pool is not None  # noqa: S101 - create_pool returns None only when not awaited
+    return pool
