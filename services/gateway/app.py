@@ -15,7 +15,9 @@ from fastapi.responses import JSONResponse
 
 from services.core.errors import BillingError, PriceNotFound
 from services.core.quote import error_json, quote
+from services.gateway import queries
 from services.gateway.auth import require_admin
+from services.runtime.database import create_pool
 from services.runtime.pricebook_file import FilePriceBook
 from services.runtime.pricing_cache import OpenRouterCatalogue, PricingCache
 from services.runtime.settings import Settings
@@ -53,7 +55,14 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.prices = cache or build_pricing_cache(settings)
         app.state.prices.poke()  # first catalogue refresh starts in the background
-        yield
+        app.state.pool = None
+        if settings.database_url:
+            app.state.pool = await create_pool(settings.database_url)
+        try:
+            yield
+        finally:
+            if app.state.pool is not None:
+                await app.state.pool.close()
 
     app = FastAPI(
         title="LLM billing gateway",
@@ -98,4 +107,5 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
             return ORJSONResponse({"error": f"body is not valid JSON: {exc}"}, status_code=400)
         return ORJSONResponse(quote(body, request.app.state.prices))
 
+    app.include_router(queries.router)
     return app

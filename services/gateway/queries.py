@@ -1,0 +1,163 @@
+"""The billing query API: transactions (keyset pages, newest first) and summaries."""
+
+from __future__ import annotations
+
+import base64
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+
+from services.core.money import fmt
+from services.gateway.auth import require_admin
+from services.projector.apply import COST_COLUMNS, COUNT_COLUMNS
+
+router = APIRouter(prefix="/internal/billing", dependencies=[Depends(require_admin)])
+
+MAX_PAGE = 1000
+TRANSACTION_FIELDS = ", ".join(
+    (
+        "request_id, tenant_id, api_key_id, provider, provider_model_id, model, occurred_at",
+        "usage_source",
+        *COUNT_COLUMNS,
+        *COST_COLUMNS,
+        "currency, reported_cost, price_version, revision, priced_at, metadata",
+    )
+)
+
+
+def _pool(request: Request) -> asyncpg.Pool:
+    pool = getattr(request.app.state, "pool", None)
+    if pool is None:
+        raise HTTPException(503, "no database is configured (set BILLING_DATABASE_URL)")
+    return pool
+
+
+def _json_row(record: asyncpg.Record) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, Decimal):
+            out[key] = fmt(value)
+        elif isinstance(value, datetime | date):
+            out[key] = value.isoformat()
+        else:
+            out[key] = value
+    return out
+
+
+def _encode_cursor(occurred_at: datetime, request_id: str) -> str:
+    raw = f"{occurred_at.isoformat()}|{request_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, request_id = raw.split("|", 1)
+        return datetime.fromisoformat(stamp), request_id
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(422, "cursor is not one this API returned") from None
+
+
+def _aware(value: datetime | None, name: str) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise HTTPException(422, f"{name} must carry a timezone (RFC 3339)")
+    return value
+
+
+@router.get("/transactions")
+async def transactions(
+    request: Request,
+    tenant_id: str,
+    api_key_id: str | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """One page of a tenant's transactions, newest first; pass ``next_cursor`` for the next."""
+    conditions: list[str] = ["tenant_id = $1"]
+    args: list[Any] = [tenant_id]
+
+    def where(sql: str, value: Any) -> None:
+        args.append(value)
+        conditions.append(sql.replace("?", f"${len(args)}"))
+
+    if api_key_id is not None:
+        where("api_key_id = ?", api_key_id)
+    if model is not None:
+        where("(model = ? OR provider_model_id = ?)", model)
+    if (start := _aware(since, "since")) is not None:
+        where("occurred_at >= ?", start)
+    if (end := _aware(until, "until")) is not None:
+        where("occurred_at < ?", end)
+    if cursor is not None:
+        stamp, last_id = _decode_cursor(cursor)
+        args.extend([stamp, last_id])
+        conditions.append(f"(occurred_at, request_id) < (${len(args) - 1}, ${len(args)})")
+    args.append(limit + 1)
+    # Identifiers are constants; every value is a bound parameter.
+    sql = (
+        f"SELECT {TRANSACTION_FIELDS} FROM billing_transactions"  # noqa: S608
+        f" WHERE {' AND '.join(conditions)}"
+        f" ORDER BY occurred_at DESC, request_id DESC LIMIT ${len(args)}"
+    )
+    rows = await _pool(request).fetch(sql, *args)
+    page = rows[:limit]
+    next_cursor = None
+    if len(rows) > limit:
+        last = page[-1]
+        next_cursor = _encode_cursor(last["occurred_at"], last["request_id"])
+    return {"transactions": [_json_row(r) for r in page], "next_cursor": next_cursor}
+
+
+GROUPS = {"model": "model", "day": "day", "api_key": "api_key_id"}
+
+
+@router.get("/summary")
+async def summary(
+    request: Request,
+    tenant_id: str,
+    since: date | None = None,
+    until: date | None = None,
+    group_by: Literal["model", "day", "api_key"] = "model",
+) -> dict[str, Any]:
+    """Totals by model, UTC day or API key over [since, until) (whole UTC days)."""
+    conditions: list[str] = ["tenant_id = $1"]
+    args: list[Any] = [tenant_id]
+    if since is not None:
+        args.append(since)
+        conditions.append(f"day >= ${len(args)}")
+    if until is not None:
+        args.append(until)
+        conditions.append(f"day < ${len(args)}")
+    column = GROUPS[group_by]
+    sums = ", ".join(
+        [f"sum({c})::bigint AS {c}" for c in COUNT_COLUMNS]  # sum(bigint) is numeric
+        + [f"sum({c}) AS {c}" for c in COST_COLUMNS]
+    )
+    rows = await _pool(request).fetch(
+        f"SELECT {column} AS {group_by}, {sums} FROM tenant_billing_summary"  # noqa: S608
+        f" WHERE {' AND '.join(conditions)} GROUP BY {column} ORDER BY {column}",
+        *args,
+    )
+    groups = [_json_row(r) for r in rows]
+    if group_by == "api_key":
+        for group in groups:
+            group["api_key"] = group["api_key"] or None  # stored as '' when there was none
+    totals: dict[str, Any] = {}
+    for c in (*COUNT_COLUMNS, *COST_COLUMNS):
+        total = sum((r[c] for r in rows), Decimal(0) if c in COST_COLUMNS else 0)
+        totals[c] = fmt(total) if isinstance(total, Decimal) else total
+    return {
+        "tenant_id": tenant_id,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+        "group_by": group_by,
+        "currency": "USD",
+        "rows": groups,
+        "totals": totals,
+    }
