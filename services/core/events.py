@@ -12,7 +12,9 @@ Old versions are brought forward by :func:`upcast` before validation.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal
@@ -185,6 +187,31 @@ class UsagePriced(_Fact):
     delta_cost: Money
     reason: str = "priced"
     """Why this revision exists: "priced" for the first, else the correction's reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a message sits in the log (offsets, dead letters)."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+def decode_recorded(value: bytes) -> UsageRecorded:
+    """Decode a ``billing.usage.v1`` message of any schema version; raises ``ValueError``."""
+    document = json.loads(value, parse_float=Decimal)
+    if not isinstance(document, dict):
+        raise ValueError("an event must be a JSON object")
+    return UsageRecorded.model_validate(upcast(document))
+
+
+def decode_priced(value: bytes) -> UsagePriced:
+    """Decode a ``billing.costs.v1`` message of any schema version; raises ``ValueError``."""
+    document = json.loads(value, parse_float=Decimal)
+    if not isinstance(document, dict):
+        raise ValueError("an event must be a JSON object")
+    return UsagePriced.model_validate(upcast(document))
 
 
 EVENT_TYPES: Final[dict[str, type[BaseModel]]] = {

@@ -77,15 +77,6 @@ ADJUSTMENT_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
-    """Where an event sits in the log (for offsets and dead letters)."""
-
-    topic: str
-    partition: int
-    offset: int
-
-
 @dataclass(slots=True)
 class BatchResult:
     inserted: int = 0

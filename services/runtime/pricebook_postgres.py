@@ -1,0 +1,142 @@
+"""The price book in PostgreSQL (the adapter every service shares in production).
+
+Tables ``price_versions`` and ``price_aliases`` (migration 001) hold the facts; lookups are
+served from memory (the in-memory adapter this class extends) and ``reload()`` pulls in
+versions other processes added. The port is synchronous — lookups sit on the hot path and
+writes are rare (a catalogue sync, a correction) — so the asyncpg connection lives on a
+private event-loop thread and the synchronous methods wait on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from datetime import datetime
+from typing import Any, TypeVar
+
+import asyncpg
+
+from services.core.pricebook import InMemoryPriceBook, Layer, PriceVersion
+from services.core.pricing import ModelPricing, parse_pricing
+from services.runtime.database import connect, init_connection
+
+T = TypeVar("T")
+_WRITE_LOCK = 0x70726963  # "pric": serialises version numbering across processes
+
+
+class PostgresPriceBook(InMemoryPriceBook):
+    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        super().__init__()
+        self._timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._lock = threading.Lock()  # one statement at a time on the one connection
+        self._connection: asyncpg.Connection = self._run(self._open(url))
+        self.reload()
+
+    @staticmethod
+    async def _open(url: str) -> asyncpg.Connection:
+        connection = await connect(url)
+        await init_connection(connection)
+        return connection
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(self._timeout)
+
+    def close(self) -> None:
+        self._run(self._connection.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        with self._lock:
+            self._run(self._catch_up(self._connection))
+
+    async def _catch_up(self, connection: asyncpg.Connection) -> None:
+        rows = await connection.fetch(
+            "SELECT version, model, layer, source, reason, effective_from, recorded_at, pricing"
+            " FROM price_versions WHERE version > $1 ORDER BY version",
+            self.last_version,
+        )
+        for row in rows:
+            self._apply(
+                PriceVersion(
+                    model=row["model"],
+                    version=row["version"],
+                    pricing=parse_pricing(row["pricing"], row["model"]),
+                    effective_from=row["effective_from"],
+                    recorded_at=row["recorded_at"],
+                    layer=row["layer"],
+                    source=row["source"],
+                    reason=row["reason"],
+                )
+            )
+        known = self.aliases()
+        for row in await connection.fetch("SELECT alias, model FROM price_aliases"):
+            if known.get(row["alias"]) != row["model"]:
+                super().add_alias(row["alias"], row["model"])
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def record(
+        self,
+        model: str,
+        pricing: ModelPricing,
+        *,
+        effective_from: datetime,
+        layer: Layer = "catalogue",
+        source: str = "catalogue",
+        reason: str = "",
+        recorded_at: datetime | None = None,
+    ) -> PriceVersion | None:
+        async def write() -> PriceVersion | None:
+            async with self._connection.transaction():
+                await self._connection.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
+                await self._catch_up(self._connection)
+                version = self._prepare(
+                    model,
+                    pricing,
+                    effective_from=effective_from,
+                    layer=layer,
+                    source=source,
+                    reason=reason,
+                    recorded_at=recorded_at,
+                )
+                if version is None:
+                    return None
+                await self._connection.execute(
+                    "INSERT INTO price_versions (version, model, layer, source, reason,"
+                    " effective_from, recorded_at, pricing) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+                    version.version,
+                    version.model,
+                    version.layer,
+                    version.source,
+                    version.reason,
+                    version.effective_from,
+                    version.recorded_at,
+                    dict(version.pricing_json),
+                )
+            self._apply(version)  # only once committed
+            return version
+
+        with self._lock:
+            return self._run(write())
+
+    def add_alias(self, alias: str, model: str) -> None:
+        if alias == model or self.aliases().get(alias) == model:
+            return
+        with self._lock:
+            self._run(
+                self._connection.execute(
+                    "INSERT INTO price_aliases (alias, model) VALUES ($1, $2)"
+                    " ON CONFLICT (alias) DO UPDATE SET model = EXCLUDED.model",
+                    alias,
+                    model,
+                )
+            )
+        super().add_alias(alias, model)

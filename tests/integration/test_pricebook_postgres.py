@@ -1,0 +1,55 @@
+"""The price-book contract (tests/unit/test_pricebook.py) against the PostgreSQL adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+
+from services.core.pricing import parse_pricing
+from services.runtime.pricebook_postgres import PostgresPriceBook
+from tests.unit.test_pricebook import (  # noqa: F401 - collected here against this adapter
+    test_a_backdated_correction_is_a_newer_version_nothing_is_overwritten,
+    test_a_slug_shared_with_variants_aliases_the_base_model,
+    test_aliases_and_spelling_variants_resolve,
+    test_an_ambiguous_spelling_resolves_to_nothing,
+    test_an_unchanged_price_is_not_a_new_version,
+    test_catalogue_sync_records_only_changes,
+    test_dated_ids_and_variants_never_resolve_loosely,
+    test_lookup_takes_the_version_in_effect_at_a_time,
+    test_naive_times_are_refused,
+    test_overrides_win_over_the_catalogue,
+    test_unknown_model_suggests_near_names,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def book(database_url: str) -> Iterator[PostgresPriceBook]:
+    adapter = PostgresPriceBook(database_url)
+    yield adapter
+    adapter.close()
+
+
+def test_two_books_on_one_database_share_versions(database_url: str) -> None:
+    first, second = PostgresPriceBook(database_url), PostgresPriceBook(database_url)
+    try:
+        jan = datetime(2026, 1, 1, tzinfo=UTC)
+        cheap = parse_pricing({"prompt": "0.000001", "completion": "0.000002"})
+        dear = parse_pricing({"prompt": "0.000003", "completion": "0.000004"})
+        a = first.record("acme/a", cheap, effective_from=jan)
+        b = second.record("acme/b", dear, effective_from=jan)  # numbered after first's write
+        assert a is not None and b is not None and b.version == a.version + 1
+        first.add_alias("acme/b-old", "acme/b")
+        second.reload()
+        assert second.lookup("acme/a").pricing == cheap
+        first.reload()
+        assert first.lookup("acme/b-old").pricing == dear
+        third = PostgresPriceBook(database_url)
+        assert third.lookup("acme/b-old").version == b.version
+        third.close()
+    finally:
+        first.close()
+        second.close()
