@@ -128,3 +128,25 @@ async def database_url(empty_database_url: str) -> str:
     """A fresh database with every migration applied."""
     await migrate(empty_database_url)
     return empty_database_url
+
+
+# -- Kafka: one broker per session (tests that stop or kill a broker start their own) -----------
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``BILLING_TEST_KAFKA_BOOTSTRAP`` when set, else an embedded Tansu broker."""
+    configured = os.environ.get("BILLING_TEST_KAFKA_BOOTSTRAP")
+    if configured:
+        yield configured
+        return
+    from services.runtime.broker import EmbeddedBroker
+
+    with EmbeddedBroker(log_path=tmp_path_factory.mktemp("kafka") / "tansu.log") as broker:
+        yield broker.bootstrap
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A prefix that keeps one test's topics apart from every other's."""
+    return f"t{uuid.uuid4().hex[:10]}."

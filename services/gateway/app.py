@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -10,17 +11,21 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+from aiokafka.errors import KafkaError
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.core.errors import BillingError, PriceNotFound
 from services.core.quote import error_json, quote
-from services.gateway import queries
+from services.gateway import ingest, queries
 from services.gateway.auth import require_admin
 from services.runtime.database import create_pool
+from services.runtime.kafka import make_producer
 from services.runtime.pricebook_file import FilePriceBook
 from services.runtime.pricing_cache import OpenRouterCatalogue, PricingCache
 from services.runtime.settings import Settings
+from services.runtime.topics import Topics
 
 log = logging.getLogger("billing.gateway")
 
@@ -58,9 +63,19 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
         app.state.pool = None
         if settings.database_url:
             app.state.pool = await create_pool(settings.database_url)
+        app.state.producer = None
+        app.state.publish_timeout = settings.publish_timeout_seconds
+        app.state.topics = Topics.named(settings.topic_prefix)
+        connecting = None
+        if settings.kafka_bootstrap:
+            connecting = asyncio.create_task(_connect_producer(app, settings.kafka_bootstrap))
         try:
             yield
         finally:
+            if connecting is not None:
+                connecting.cancel()
+            if app.state.producer is not None:
+                await app.state.producer.stop()
             if app.state.pool is not None:
                 await app.state.pool.close()
 
@@ -95,8 +110,21 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz(request: Request) -> dict[str, Any]:
-        return {"status": "ok", "prices": request.app.state.prices.status()}
+    async def readyz(request: Request) -> ORJSONResponse:
+        state = request.app.state
+        checks = {
+            "broker": "ok" if state.producer is not None else "unavailable",
+            "database": "ok" if state.pool is not None else "not configured",
+        }
+        if not settings.kafka_bootstrap:
+            checks["broker"] = "not configured"
+        ready = checks["broker"] != "unavailable"
+        body = {"status": "ok" if ready else "starting", **checks, "prices": state.prices.status()}
+        return ORJSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/internal/billing/quote", dependencies=[Depends(require_admin)])
     async def quote_route(request: Request) -> ORJSONResponse:
@@ -108,4 +136,23 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
         return ORJSONResponse(quote(body, request.app.state.prices))
 
     app.include_router(queries.router)
+    app.include_router(ingest.router)
     return app
+
+
+async def _connect_producer(app: FastAPI, bootstrap: str) -> None:
+    """Start the Kafka producer, retrying: the gateway serves quotes while the broker is away."""
+    delay = 0.5
+    while True:
+        producer = make_producer(bootstrap)
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            log.warning("broker %s unavailable (%r); retrying in %.1fs", bootstrap, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            continue
+        app.state.producer = producer
+        log.info("connected to broker %s", bootstrap)
+        return

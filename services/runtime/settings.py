@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     """PostgreSQL to use (``BILLING_DATABASE_URL``); unset: an embedded server in data_dir."""
     kafka_bootstrap: str | None = None
     """Kafka-protocol broker (``BILLING_KAFKA_BOOTSTRAP``); unset: an embedded Tansu broker."""
+    topic_prefix: str = ""
+    """Prepended to every topic name (keeps pipelines apart on one broker)."""
+    partitions: int = Field(default=6, ge=1, le=1000)
+    publish_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long ingest waits for the broker's acknowledgement before answering 503."""
     catalogue_sync: bool = True
     """Refresh prices from the live catalogue in the background (off: snapshot and book only)."""
     price_ttl_seconds: float = Field(default=900.0, gt=0)

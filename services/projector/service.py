@@ -1,0 +1,163 @@
+"""The projector process: consume ``billing.costs.v1`` in batches, apply each exactly once.
+
+Exactly-once comes from PostgreSQL, not from Kafka: a batch's rows and its offsets commit in
+one transaction, and on (re)assignment each partition is positioned at the offset stored
+there. A database outage stalls the loop (the batch is retried with backoff) rather than
+losing or skipping anything; undecodable messages go to the dead-letter topic first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from pydantic import ValidationError
+
+from services.core.events import UsagePriced, decode_priced
+from services.projector.apply import apply_batch, stored_offsets
+from services.runtime import metrics
+from services.runtime.database import create_pool
+from services.runtime.kafka import make_consumer, make_producer
+from services.runtime.topics import Topics, dead_letter_headers
+
+log = logging.getLogger("billing.projector")
+
+DEFAULT_TOPICS = Topics()
+GROUP = "billing-projector"
+CONSUMER = "projector"  # the name its offsets are stored under in consumer_offsets
+RETRYABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+
+
+class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Position newly assigned partitions where PostgreSQL says we stopped."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, pool: asyncpg.Pool) -> None:
+        self.consumer = consumer
+        self.pool = pool
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:  # noqa: ARG002
+        return None
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        by_topic: dict[str, dict[int, int]] = {}
+        async with self.pool.acquire() as connection:
+            for tp in assigned:
+                if tp.topic not in by_topic:
+                    by_topic[tp.topic] = await stored_offsets(connection, CONSUMER, tp.topic)
+        for tp in assigned:
+            stored = by_topic[tp.topic].get(tp.partition)
+            if stored is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, stored)
+        log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+class Projector:
+    def __init__(
+        self,
+        bootstrap: str,
+        database_url: str,
+        *,
+        topics: Topics = DEFAULT_TOPICS,
+        group: str = GROUP,
+        batch_max: int = 5000,
+        retry_max_seconds: float = 5.0,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.database_url = database_url
+        self.topics = topics
+        self.group = group
+        self.batch_max = batch_max
+        self.retry_max_seconds = retry_max_seconds
+
+    async def run(self, stop: asyncio.Event) -> None:
+        pool = await _wait_for_pool(self.database_url, stop)
+        if pool is None:
+            return
+        consumer = make_consumer(self.bootstrap, group_id=GROUP, max_poll_records=self.batch_max)
+        consumer.subscribe([self.topics.costs], listener=_SeekToStored(consumer, pool))
+        producer = make_producer(self.bootstrap)
+        await consumer.start()
+        await producer.start()
+        log.info("projecting %s into PostgreSQL", self.topics.costs)
+        try:
+            while not stop.is_set():
+                fetched = await consumer.getmany(timeout_ms=500, max_records=self.batch_max)
+                records = [r for batch in fetched.values() for r in batch]
+                if records:
+                    await self._handle(records, pool, producer, stop)
+        finally:
+            await consumer.stop()
+            await producer.stop()
+            await pool.close()
+
+    async def _handle(
+        self,
+        records: list[ConsumerRecord],
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        stop: asyncio.Event,
+    ) -> None:
+        events: list[UsagePriced] = []
+        offsets: dict[tuple[str, int], int] = {}
+        for record in records:
+            offsets[(record.topic, record.partition)] = record.offset + 1
+            try:
+                events.append(decode_priced(record.value))
+            except (ValueError, ValidationError, RecursionError) as exc:
+                reason = f"undecodable UsagePriced: {exc}"[:1000]
+                await _dead_letter(producer, self.topics.dlq, record, reason)
+        metrics.BATCH_SIZE.labels("projector").observe(len(records))
+        delay = 0.2
+        while True:
+            started = time.perf_counter()
+            try:
+                async with pool.acquire() as connection:
+                    result = await apply_batch(connection, CONSUMER, events, offsets)
+                break
+            except RETRYABLE as exc:
+                metrics.DB_RETRIES.inc()
+                log.warning("database unavailable (%r); retrying the batch in %.1fs", exc, delay)
+                if stop.is_set():
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_seconds)
+        metrics.DB_WRITE_SECONDS.observe(time.perf_counter() - started)
+        metrics.PROJECTED.inc(result.inserted + result.revised)
+        metrics.DUPLICATES.inc(result.duplicates)
+        if events:
+            newest = max(e.recorded_at for e in events)
+            metrics.PIPELINE_LAG.labels("projector").set(
+                (datetime.now(UTC) - newest).total_seconds()
+            )
+
+
+async def _dead_letter(
+    producer: AIOKafkaProducer, dlq: str, record: ConsumerRecord, reason: str
+) -> None:
+    log.warning(
+        "dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
+    )
+    headers = dead_letter_headers(record.topic, record.partition, record.offset, reason)
+    await producer.send_and_wait(dlq, record.value, key=record.key, headers=headers)
+    metrics.DEAD_LETTERED.labels(record.topic).inc()
+
+
+async def _wait_for_pool(url: str, stop: asyncio.Event) -> asyncpg.Pool | None:
+    """Connect, retrying while the database is still starting (or briefly away)."""
+    delay = 0.2
+    while not stop.is_set():
+        try:
+            return await create_pool(url)
+        except Exception as exc:  # DatabaseError wraps every connection failure
+            log.warning("waiting for PostgreSQL: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    return None
