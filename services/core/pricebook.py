@@ -93,6 +93,11 @@ class PriceBook(PriceLookup, Protocol):
         """Pick up versions another process stored (a no-op for books held in memory)."""
         ...
 
+    @property
+    def last_version(self) -> int:
+        """The highest version number the book holds (0 when empty)."""
+        ...
+
 
 _DIGIT_DASH_DIGIT = re.compile(r"(?<=\d)-(?=\d)")
 

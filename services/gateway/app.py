@@ -22,10 +22,10 @@ from services.gateway import ingest, queries
 from services.gateway.auth import require_admin
 from services.runtime.database import create_pool
 from services.runtime.kafka import make_producer
-from services.runtime.pricebook_file import FilePriceBook
-from services.runtime.pricing_cache import OpenRouterCatalogue, PricingCache
+from services.runtime.pricing_cache import PricingCache
 from services.runtime.settings import Settings
 from services.runtime.topics import Topics
+from services.runtime.wiring import pricing_cache
 
 log = logging.getLogger("billing.gateway")
 
@@ -37,28 +37,12 @@ class ORJSONResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def build_pricing_cache(settings: Settings) -> PricingCache:
-    """The price book on disk, refreshed from OpenRouter when ``catalogue_sync`` is on."""
-    book = FilePriceBook.open(settings.price_book_path)
-    source = None
-    if settings.catalogue_sync:
-        key = settings.openrouter_api_key
-        source = OpenRouterCatalogue(
-            settings.openrouter_base_url,
-            key.get_secret_value() if key else None,
-            timeout=settings.catalogue_timeout_seconds,
-        )
-    return PricingCache(
-        book, source, ttl=settings.price_ttl_seconds, retry_after=settings.catalogue_retry_seconds
-    )
-
-
 def create_app(settings: Settings | None = None, cache: PricingCache | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.prices = cache or build_pricing_cache(settings)
+        app.state.prices = cache or pricing_cache(settings)
         app.state.prices.poke()  # first catalogue refresh starts in the background
         app.state.pool = None
         if settings.database_url:

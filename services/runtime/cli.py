@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -14,10 +15,15 @@ import orjson
 
 from services.core.errors import BillingError
 from services.core.money import fmt
-from services.core.pricebook import PriceLookup, PriceVersion
+from services.core.pricebook import PriceBook, PriceLookup, PriceVersion
 from services.core.pricing import parse_pricing
 from services.core.quote import error_json, parse_time, quote
-from services.runtime.errors import CatalogueUnavailable, ConfigError, PriceBookCorrupt
+from services.runtime.errors import (
+    CatalogueUnavailable,
+    ConfigError,
+    DatabaseError,
+    PriceBookCorrupt,
+)
 from services.runtime.paths import DEFAULT_DATA_DIR, price_book_path
 from services.runtime.pricebook_file import FilePriceBook
 
@@ -38,7 +44,7 @@ def _load_json(text: str, what: str) -> Any:
 class Context:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self._book: FilePriceBook | None = None
+        self._book: PriceBook | None = None
         self._settings: Settings | None = None
 
     @property
@@ -53,11 +59,17 @@ class Context:
         return self._settings
 
     @property
-    def book(self) -> FilePriceBook:
+    def book(self) -> PriceBook:
+        """The shared PostgreSQL price book when a database is configured, else the file."""
         if self._book is None:
             try:
-                self._book = FilePriceBook.open(price_book_path(self.data_dir))
-            except PriceBookCorrupt as exc:
+                if os.environ.get("BILLING_DATABASE_URL"):
+                    from services.runtime.wiring import open_price_book
+
+                    self._book = open_price_book(self.settings)
+                else:
+                    self._book = FilePriceBook.open(price_book_path(self.data_dir))
+            except (PriceBookCorrupt, DatabaseError) as exc:
                 raise click.ClickException(str(exc)) from exc
         return self._book
 
@@ -321,7 +333,7 @@ def migrate_cmd(obj: Context) -> None:
     """Apply pending migrations to $BILLING_DATABASE_URL (or the embedded database)."""
     import asyncio
 
-    from services.runtime.database import DatabaseError, EmbeddedPostgres, migrate
+    from services.runtime.database import EmbeddedPostgres, migrate
 
     url = obj.settings.database_url
     embedded = None
@@ -346,6 +358,70 @@ def gateway_cmd(obj: Context, host: str, port: int) -> None:
     from services.gateway.app import create_app
 
     uvicorn.run(create_app(obj.settings), host=host, port=port, log_level="info")
+
+
+@main.command("pricer")
+@click.option("--log-level", default="info", show_default=True)
+@click.pass_obj
+def pricer_cmd(obj: Context, log_level: str) -> None:
+    """Run the pricer (faust worker): billing.usage.v1 → billing.costs.v1."""
+    from services.pricer.app import build_app, run_worker
+    from services.pricer.unpriced import UnpricedStore
+    from services.runtime.topics import Topics
+    from services.runtime.wiring import pricing_cache
+
+    settings = obj.settings
+    bootstrap, database_url = _require_services(settings)
+    app = build_app(
+        bootstrap=bootstrap,
+        data_dir=settings.data_dir.resolve() / "pricer",
+        topics=Topics.named(settings.topic_prefix),
+        prices=pricing_cache(settings),
+        unpriced=UnpricedStore(database_url),
+        app_id=f"{settings.topic_prefix}billing-pricer",
+    )
+    (settings.data_dir / "pricer").mkdir(parents=True, exist_ok=True)
+    run_worker(app, loglevel=log_level)
+
+
+@main.command("projector")
+@click.pass_obj
+def projector_cmd(obj: Context) -> None:
+    """Run the projector: billing.costs.v1 → PostgreSQL read models, exactly once."""
+    import asyncio
+    import logging
+    import signal
+
+    from services.projector.service import Projector
+    from services.runtime.topics import Topics
+
+    settings = obj.settings
+    bootstrap, database_url = _require_services(settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    projector = Projector(
+        bootstrap,
+        database_url,
+        topics=Topics.named(settings.topic_prefix),
+        group=f"{settings.topic_prefix}billing-projector",
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await projector.run(stop)
+
+    asyncio.run(run())
+
+
+def _require_services(settings: Settings) -> tuple[str, str]:
+    if not settings.kafka_bootstrap or not settings.database_url:
+        raise click.ClickException(
+            "set BILLING_KAFKA_BOOTSTRAP and BILLING_DATABASE_URL (or run everything with "
+            "`billing up`, which starts what is missing)"
+        )
+    return settings.kafka_bootstrap, settings.database_url
 
 
 @main.command("demo")

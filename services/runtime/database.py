@@ -19,17 +19,13 @@ from typing import Any
 
 import asyncpg
 
-from services.runtime.errors import RuntimeFault
+from services.runtime.errors import DatabaseError
 
 log = logging.getLogger("billing.database")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 _MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _LOCK_ID = 0x62696C6C  # "bill": one advisory lock for every migrator
-
-
-class DatabaseError(RuntimeFault):
-    """The database cannot be reached, started or migrated."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,3 +23,7 @@ class CatalogueUnavailable(RuntimeFault):
 
 class PriceBookCorrupt(RuntimeFault):
     """A price-book file line that is neither valid nor a torn final write."""
+
+
+class DatabaseError(RuntimeFault):
+    """PostgreSQL cannot be reached, started or migrated."""

@@ -11,7 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.runtime.database import DatabaseError, migrate, migrations
+from services.runtime.database import migrate, migrations
+from services.runtime.errors import DatabaseError
 
 pytestmark = pytest.mark.integration
 
