@@ -424,6 +424,26 @@ def _require_services(settings: Settings) -> tuple[str, str]:
     return settings.kafka_bootstrap, settings.database_url
 
 
+@main.command("up")
+@click.option("--port", default=8080, show_default=True, type=int, help="Gateway port.")
+@click.option("--demo", "with_demo", is_flag=True, help="Send a burst of usage and print totals.")
+@click.pass_obj
+def up_cmd(obj: Context, port: int, with_demo: bool) -> None:
+    """Start broker and database if missing, then gateway, pricer and projector."""
+    from services.runtime.supervisor import Stack, run
+
+    settings = obj.settings
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    after = None
+    if with_demo:
+        from services.runtime.demo_pipeline import run_demo
+
+        def after(stack: Stack) -> None:
+            run_demo(stack.url, token)
+
+    run(Stack(settings, port, click.echo), after)
+
+
 @main.command("demo")
 @click.pass_obj
 def demo(obj: Context) -> None:
@@ -431,3 +451,7 @@ def demo(obj: Context) -> None:
     from services.runtime.demo import run_demo
 
     run_demo(obj.book)
+
+
+if __name__ == "__main__":
+    main()

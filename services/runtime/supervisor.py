@@ -1,0 +1,185 @@
+"""``billing up``: start what is missing, then run and supervise the three services.
+
+The broker (embedded Tansu unless ``BILLING_KAFKA_BOOTSTRAP``) and PostgreSQL (embedded
+``pgserver`` unless ``BILLING_DATABASE_URL``) are started first; migrations are applied and
+the topics created; then gateway, pricer and projector run as child processes, each logging
+to ``<data-dir>/logs/<name>.log`` and restarted (with backoff) if it dies. Ctrl-C or SIGTERM
+stops the children, then what was started for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import httpx
+
+from services.runtime.broker import EmbeddedBroker
+from services.runtime.database import EmbeddedPostgres, migrate
+from services.runtime.kafka import ensure_topics
+from services.runtime.settings import Settings
+from services.runtime.topics import Topics
+
+RESTART_BACKOFF_MAX = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    handle: object = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.log.open("ab")
+        self.handle = handle
+        self.process = subprocess.Popen(  # noqa: S603 - our own executable and arguments
+            [sys.executable, "-m", "services.runtime.cli", *self.args],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
+        )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Stack:
+    """The whole pipeline on one machine."""
+
+    def __init__(self, settings: Settings, port: int, echo: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.port = port
+        self.echo = echo
+        self.data_dir = settings.data_dir.resolve()
+        self.logs = self.data_dir / "logs"
+        self.broker: EmbeddedBroker | None = None
+        self.database: EmbeddedPostgres | None = None
+        self.children: list[Child] = []
+        self.env: dict[str, str] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        bootstrap = self.settings.kafka_bootstrap
+        if not bootstrap:
+            self.broker = EmbeddedBroker(log_path=self.logs / "tansu.log")
+            self.broker.start()
+            bootstrap = self.broker.bootstrap
+            self.echo(f"broker      embedded Tansu at {bootstrap} (memory storage)")
+        else:
+            self.echo(f"broker      {bootstrap}")
+        database_url = self.settings.database_url
+        if not database_url:
+            self.database = EmbeddedPostgres(self.data_dir)
+            database_url = self.database.start()
+            self.echo(f"database    embedded PostgreSQL in {self.database.pgdata}")
+        else:
+            self.echo("database    $BILLING_DATABASE_URL")
+        applied = asyncio.run(migrate(database_url))
+        self.echo(f"migrations  {', '.join(applied) if applied else 'up to date'}")
+        topics = Topics.named(self.settings.topic_prefix)
+        asyncio.run(ensure_topics(bootstrap, topics.partitions(self.settings.partitions)))
+        self.echo(f"topics      {', '.join(topics)} ({self.settings.partitions} partitions)")
+
+        self.env = {
+            **os.environ,
+            "BILLING_KAFKA_BOOTSTRAP": bootstrap,
+            "BILLING_DATABASE_URL": database_url,
+            "BILLING_DATA_DIR": str(self.data_dir),
+        }
+        self.children = [
+            Child("gateway", ["gateway", "--port", str(self.port)], self.logs / "gateway.log"),
+            Child("pricer", ["pricer", "--log-level", "warning"], self.logs / "pricer.log"),
+            Child("projector", ["projector"], self.logs / "projector.log"),
+        ]
+        for child in self.children:
+            child.start(self.env)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.supervise()
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise click.ClickException(f"the gateway did not become ready; see {self.logs}")
+
+    def supervise(self) -> None:
+        """Restart any child that died, with a growing pause."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.process is None or child.process.poll() is None:
+                continue
+            if child.next_start == 0.0:
+                delay = min(2.0**child.restarts * 0.5, RESTART_BACKOFF_MAX)
+                child.next_start = now + delay
+                self.echo(
+                    f"{child.name} exited with {child.process.returncode}; "
+                    f"restarting in {delay:.1f}s (log: {child.log})"
+                )
+            elif now >= child.next_start:
+                child.restarts += 1
+                child.next_start = 0.0
+                child.start(self.env)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        if self.database is not None:
+            self.database.stop()
+
+
+def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> None:
+    """Start the stack, run ``after_start``, then supervise until Ctrl-C or SIGTERM."""
+    stopping = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        stack.start()
+        stack.echo(f"\ngateway     {stack.url}  (quote, ingest, queries, /metrics)")
+        stack.echo(f"logs        {stack.logs}")
+        if after_start is not None:
+            after_start(stack)
+        stack.echo("\nrunning; Ctrl-C stops everything")
+        while not stopping:
+            stack.supervise()
+            time.sleep(0.2)
+    finally:
+        stack.echo("stopping…")
+        stack.stop()
+        stack.echo("stopped")

@@ -1,0 +1,129 @@
+"""A harness for pipeline tests: the pricer and projector as real child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from services.core.events import UsageRecorded
+from services.core.pricebook import InMemoryPriceBook
+from services.core.rating import rate
+from services.runtime.kafka import make_producer
+from services.runtime.topics import Topics
+from tests.integration.test_projector_apply import T0, recorded
+
+BILLING = shutil.which("billing", path=os.path.dirname(sys.executable)) or "billing"
+
+
+@dataclass
+class Pipeline:
+    bootstrap: str
+    database_url: str
+    prefix: str
+    workdir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics.named(self.prefix)
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "BILLING_KAFKA_BOOTSTRAP": self.bootstrap,
+            "BILLING_DATABASE_URL": self.database_url,
+            "BILLING_TOPIC_PREFIX": self.prefix,
+            "BILLING_DATA_DIR": str(self.workdir),
+            "BILLING_CATALOGUE_SYNC": "false",
+        }
+
+    def start(self, name: str) -> None:
+        log = (self.workdir / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            [BILLING, name], env=self.env(), stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def facts(count: int, seed: int = 1) -> list[UsageRecorded]:
+    rng = random.Random(seed)
+    return [recorded(n, rng) for n in range(count)]
+
+
+def expected_totals(items: list[UsageRecorded], book: InMemoryPriceBook) -> dict[str, Decimal]:
+    totals: dict[str, Decimal] = {}
+    for item in items:
+        cost = rate(item, book, priced_at=T0).total_cost
+        totals[item.tenant_id] = totals.get(item.tenant_id, Decimal(0)) + cost
+    return totals
+
+
+async def produce(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]]) -> None:
+    producer = make_producer(bootstrap)
+    await producer.start()
+    try:
+        pending = [await producer.send(topic, value, key=key) for key, value in values]
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+async def billed_totals(database_url: str) -> tuple[int, dict[str, Decimal], dict[str, Decimal]]:
+    """(transactions, per-tenant totals from the rows, per-tenant totals from the summary)."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        count = await connection.fetchval("SELECT count(*) FROM billing_transactions")
+        rows = await connection.fetch(
+            "SELECT tenant_id, sum(total_cost) AS t FROM billing_transactions GROUP BY 1"
+        )
+        summary = await connection.fetch(
+            "SELECT tenant_id, sum(total_cost) AS t FROM tenant_billing_summary GROUP BY 1"
+        )
+    finally:
+        await connection.close()
+    return int(count), {r[0]: r[1] for r in rows}, {r[0]: r[1] for r in summary}
+
+
+async def wait_for_count(pipeline: Pipeline, count: int, timeout: float = 90.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        done, _, _ = await billed_totals(pipeline.database_url)
+        if done >= count:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(
+                f"{done}/{count} projected in {timeout}s\n--- pricer\n{pipeline.log('pricer')}"
+                f"\n--- projector\n{pipeline.log('projector')}"
+            )
+        await asyncio.sleep(0.5)
