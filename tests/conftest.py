@@ -88,12 +88,32 @@ async def _answers(url: str) -> bool:
     return True
 
 
+CONTAINERS = os.environ.get("BILLING_TEST_BACKEND") == "containers"
+"""Run the integration suite against Apache Kafka and PostgreSQL containers (needs a Docker
+engine and ``pip install -e '.[containers]'``); the default backend is embedded."""
+
+
+def _containers() -> Any:
+    try:
+        import testcontainers  # noqa: F401
+    except ImportError:
+        pytest.fail("BILLING_TEST_BACKEND=containers needs: pip install -e '.[containers]'")
+    return __import__("testcontainers")
+
+
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a server on which tests may create databases."""
     configured = os.environ.get("BILLING_TEST_DATABASE_URL")
     if configured:
         yield configured
+        return
+    if CONTAINERS:
+        _containers()
+        from testcontainers.community.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16", driver=None) as container:
+            yield container.get_connection_url()
         return
     if asyncio.run(_answers(LOCAL_SERVER)):
         yield LOCAL_SERVER
@@ -139,6 +159,13 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     configured = os.environ.get("BILLING_TEST_KAFKA_BOOTSTRAP")
     if configured:
         yield configured
+        return
+    if CONTAINERS:
+        _containers()
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer("confluentinc/cp-kafka:7.6.1").with_kraft() as container:
+            yield container.get_bootstrap_server()
         return
     from services.runtime.broker import EmbeddedBroker
 

@@ -347,6 +347,23 @@ def migrate_cmd(obj: Context) -> None:
     click.echo(f"applied {', '.join(applied)}" if applied else "database is up to date")
 
 
+@main.command("topics")
+@click.pass_obj
+def topics_cmd(obj: Context) -> None:
+    """Create the pipeline's topics (explicitly, with $BILLING_PARTITIONS partitions)."""
+    import asyncio
+
+    from services.runtime.kafka import ensure_topics
+    from services.runtime.topics import Topics
+
+    settings = obj.settings
+    if not settings.kafka_bootstrap:
+        raise click.ClickException("set BILLING_KAFKA_BOOTSTRAP")
+    topics = Topics.named(settings.topic_prefix)
+    asyncio.run(ensure_topics(settings.kafka_bootstrap, topics.partitions(settings.partitions)))
+    click.echo(f"topics ready: {', '.join(topics)} ({settings.partitions} partitions)")
+
+
 @main.command("gateway")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
