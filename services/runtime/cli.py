@@ -398,6 +398,7 @@ def pricer_cmd(obj: Context, log_level: str) -> None:
         app_id=f"{settings.topic_prefix}billing-pricer",
     )
     (settings.data_dir / "pricer").mkdir(parents=True, exist_ok=True)
+    _serve_metrics(settings)
     run_worker(app, loglevel=log_level)
 
 
@@ -422,6 +423,8 @@ def projector_cmd(obj: Context) -> None:
         group=f"{settings.topic_prefix}billing-projector",
     )
 
+    _serve_metrics(settings)
+
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -430,6 +433,13 @@ def projector_cmd(obj: Context) -> None:
         await projector.run(stop)
 
     asyncio.run(run())
+
+
+def _serve_metrics(settings: Settings) -> None:
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
 
 
 def _require_services(settings: Settings) -> tuple[str, str]:

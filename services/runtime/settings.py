@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     """PostgreSQL to use (``BILLING_DATABASE_URL``); unset: an embedded server in data_dir."""
     kafka_bootstrap: str | None = None
     """Kafka-protocol broker (``BILLING_KAFKA_BOOTSTRAP``); unset: an embedded Tansu broker."""
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Pricer and projector serve Prometheus metrics on this port when set (the gateway
+    serves them on its own port at /metrics)."""
     topic_prefix: str = ""
     """Prepended to every topic name (keeps pipelines apart on one broker)."""
     partitions: int = Field(default=6, ge=1, le=1000)

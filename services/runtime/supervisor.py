@@ -37,12 +37,14 @@ class Child:
     args: list[str]
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
     restarts: int = 0
     next_start: float = 0.0
     handle: object = field(default=None, repr=False)
 
     def start(self, env: dict[str, str]) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**env, **self.env}
         handle = self.log.open("ab")
         self.handle = handle
         self.process = subprocess.Popen(  # noqa: S603 - our own executable and arguments
@@ -113,8 +115,18 @@ class Stack:
         }
         self.children = [
             Child("gateway", ["gateway", "--port", str(self.port)], self.logs / "gateway.log"),
-            Child("pricer", ["pricer", "--log-level", "warning"], self.logs / "pricer.log"),
-            Child("projector", ["projector"], self.logs / "projector.log"),
+            Child(
+                "pricer",
+                ["pricer", "--log-level", "warning"],
+                self.logs / "pricer.log",
+                env={"BILLING_METRICS_PORT": str(self.port + 1)},
+            ),
+            Child(
+                "projector",
+                ["projector"],
+                self.logs / "projector.log",
+                env={"BILLING_METRICS_PORT": str(self.port + 2)},
+            ),
         ]
         for child in self.children:
             child.start(self.env)
@@ -172,6 +184,10 @@ def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> Non
     try:
         stack.start()
         stack.echo(f"\ngateway     {stack.url}  (quote, ingest, queries, /metrics)")
+        stack.echo(
+            f"metrics     pricer http://127.0.0.1:{stack.port + 1}/metrics, "
+            f"projector http://127.0.0.1:{stack.port + 2}/metrics"
+        )
         stack.echo(f"logs        {stack.logs}")
         if after_start is not None:
             after_start(stack)

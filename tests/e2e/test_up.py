@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.e2e.test_cli import BILLING, _free_port
@@ -20,6 +21,13 @@ def _processes_under(path: Path) -> list[str]:
     return [line for line in out.splitlines() if str(path) in line and "ps -eo" not in line]
 
 
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url, timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in {url}")
+
+
 def test_up_demo_bills_every_request_once_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "stack"
     env = {
@@ -28,8 +36,9 @@ def test_up_demo_bills_every_request_once_and_stops_cleanly(tmp_path: Path) -> N
         if k not in ("BILLING_DATABASE_URL", "BILLING_KAFKA_BOOTSTRAP")
     }
     env["BILLING_DATA_DIR"] = str(data_dir)
+    port = _free_port()
     process = subprocess.Popen(
-        [BILLING, "up", "--demo", "--port", str(_free_port())],
+        [BILLING, "up", "--demo", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -47,6 +56,11 @@ def test_up_demo_bills_every_request_once_and_stops_cleanly(tmp_path: Path) -> N
         assert "billed == expected for every tenant" in output, output
         for tenant in ("acme", "globex", "initech"):
             assert tenant in output
+        assert metric(f"http://127.0.0.1:{port}/metrics", "billing_ingested_events_total") == 330
+        priced = metric(f"http://127.0.0.1:{port + 1}/metrics", "billing_priced_events_total")
+        assert priced >= 300  # at-least-once: a redelivered batch may be priced twice
+        projected = metric(f"http://127.0.0.1:{port + 2}/metrics", "billing_projected_events_total")
+        assert projected == 300
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=60)
     finally:
