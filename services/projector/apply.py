@@ -11,38 +11,19 @@ batch or none of it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import date
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
+from services.core.cost import COMPONENTS
 from services.core.events import UsagePriced
+from services.core.usage import Usage
 
-COUNT_COLUMNS = (
-    "prompt_tokens",
-    "uncached_input_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "cache_write_1h_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-    "web_search_requests",
-    "images",
-    "requests",
-)
-COST_COLUMNS = (
-    "prompt_cost",
-    "cache_read_cost",
-    "cache_write_cost",
-    "completion_cost",
-    "internal_reasoning_cost",
-    "request_cost",
-    "web_search_cost",
-    "image_cost",
-    "total_cost",
-)
+COUNT_COLUMNS = Usage._fields  # one column per normalised count
+COST_COLUMNS = (*COMPONENTS, "total_cost")  # one column per breakdown component
 TRANSACTION_COLUMNS = (
     "request_id",
     "tenant_id",
@@ -82,7 +63,6 @@ class BatchResult:
     inserted: int = 0
     revised: int = 0
     duplicates: int = 0
-    adjustments: list[tuple[str, int, int, Decimal]] = field(default_factory=list)
 
 
 def _row(event: UsagePriced) -> tuple[Any, ...]:
@@ -117,8 +97,9 @@ def _row(event: UsagePriced) -> tuple[Any, ...]:
 
 
 def _summary_key(row: Sequence[Any]) -> tuple[str, date, str, str]:
-    # row is a TRANSACTION_COLUMNS tuple or record: tenant, day (UTC), model, api key
-    return (row[1], row[6].date() if hasattr(row[6], "date") else row[6], row[5], row[2] or "")
+    """(tenant, UTC day, model, api key) of a TRANSACTION_COLUMNS row."""
+    occurred_at: datetime = row[6]
+    return (row[1], occurred_at.astimezone(UTC).date(), row[5], row[2] or "")
 
 
 def _add(
@@ -188,7 +169,6 @@ async def apply_batch(
                 )
             )
             result.revised += 1
-            result.adjustments.append((event.request_id, old["revision"], event.revision, delta))
         result.duplicates -= len(rows)
         if rows:
             await _upsert_transactions(connection, rows)
