@@ -33,6 +33,7 @@ class PostgresPriceBook(InMemoryPriceBook):
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._lock = threading.Lock()  # one statement at a time on the one connection
+        self._url = url
         self._connection: asyncpg.Connection = self._run(self._open(url))
         self.reload()
 
@@ -45,6 +46,12 @@ class PostgresPriceBook(InMemoryPriceBook):
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(self._timeout)
 
+    async def _connected(self) -> asyncpg.Connection:
+        """The connection, reopened if the database dropped it (a restart, an outage)."""
+        if self._connection.is_closed():
+            self._connection = await self._open(self._url)
+        return self._connection
+
     def close(self) -> None:
         self._run(self._connection.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -54,8 +61,11 @@ class PostgresPriceBook(InMemoryPriceBook):
     # -- reading ------------------------------------------------------------------------------
 
     def reload(self) -> None:
+        async def catch_up() -> None:
+            await self._catch_up(await self._connected())
+
         with self._lock:
-            self._run(self._catch_up(self._connection))
+            self._run(catch_up())
 
     async def _catch_up(self, connection: asyncpg.Connection) -> None:
         rows = await connection.fetch(
@@ -95,9 +105,10 @@ class PostgresPriceBook(InMemoryPriceBook):
         recorded_at: datetime | None = None,
     ) -> PriceVersion | None:
         async def write() -> PriceVersion | None:
-            async with self._connection.transaction():
-                await self._connection.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
-                await self._catch_up(self._connection)
+            connection = await self._connected()
+            async with connection.transaction():
+                await connection.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
+                await self._catch_up(connection)
                 version = self._prepare(
                     model,
                     pricing,
@@ -109,7 +120,7 @@ class PostgresPriceBook(InMemoryPriceBook):
                 )
                 if version is None:
                     return None
-                await self._connection.execute(
+                await connection.execute(
                     "INSERT INTO price_versions (version, model, layer, source, reason,"
                     " effective_from, recorded_at, pricing) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
                     version.version,
@@ -130,13 +141,15 @@ class PostgresPriceBook(InMemoryPriceBook):
     def add_alias(self, alias: str, model: str) -> None:
         if alias == model or self.aliases().get(alias) == model:
             return
-        with self._lock:
-            self._run(
-                self._connection.execute(
-                    "INSERT INTO price_aliases (alias, model) VALUES ($1, $2)"
-                    " ON CONFLICT (alias) DO UPDATE SET model = EXCLUDED.model",
-                    alias,
-                    model,
-                )
+
+        async def write() -> None:
+            await (await self._connected()).execute(
+                "INSERT INTO price_aliases (alias, model) VALUES ($1, $2)"
+                " ON CONFLICT (alias) DO UPDATE SET model = EXCLUDED.model",
+                alias,
+                model,
             )
+
+        with self._lock:
+            self._run(write())
         super().add_alias(alias, model)

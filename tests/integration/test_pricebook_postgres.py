@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -53,3 +54,25 @@ def test_two_books_on_one_database_share_versions(database_url: str) -> None:
     finally:
         first.close()
         second.close()
+
+
+async def test_the_book_reconnects_after_the_database_dropped_it(database_url: str) -> None:
+    import asyncpg
+
+    book = PostgresPriceBook(database_url)
+    try:
+        admin = await asyncpg.connect(database_url)
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        await admin.close()
+        with contextlib.suppress(Exception):  # the first use notices the dropped connection
+            book.reload()
+        jan = datetime(2026, 1, 1, tzinfo=UTC)
+        cheap = parse_pricing({"prompt": "0.000001", "completion": "0.000002"})
+        assert book.record("acme/after-outage", cheap, effective_from=jan) is not None
+        book.reload()
+        assert book.lookup("acme/after-outage").pricing == cheap
+    finally:
+        book.close()
