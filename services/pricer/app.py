@@ -88,30 +88,31 @@ def build_app(
     app_id: str = "billing-pricer",
 ) -> faust.App:
     app = faust.App(app_id, **faust_settings(bootstrap, data_dir))
-    raw = {"key_serializer": "raw", "value_serializer": "raw"}
-    usage_topic = app.topic(topics.usage, **raw)
-    costs_topic = app.topic(topics.costs, **raw)
-    unpriced_topic = app.topic(topics.unpriced, **raw)
-    dlq_topic = app.topic(topics.dlq, **raw)
+    usage_topic = app.topic(topics.usage, key_serializer="raw", value_serializer="raw")
 
     async def send(outcome: Outcome) -> None:
+        # app.producer.send, not Topic.send: the latter yields to the loop three times per
+        # message (measured 8x slower); faust still flushes the producer before committing.
+        produce = app.producer.send
         pending = [
-            await costs_topic.send(key=e.tenant_id.encode(), value=e.model_dump_json().encode())
+            await produce(
+                topics.costs, e.tenant_id.encode(), e.model_dump_json().encode(), None, None, None
+            )
             for e in outcome.priced
         ]
         for recorded, reason in outcome.unpriced:
+            value = recorded.model_dump_json().encode()
+            headers = [("reason", reason.encode())]
             pending.append(
-                await unpriced_topic.send(
-                    key=recorded.tenant_id.encode(),
-                    value=recorded.model_dump_json().encode(),
-                    headers={"reason": reason.encode()},
+                await produce(
+                    topics.unpriced, recorded.tenant_id.encode(), value, None, None, headers
                 )
             )
         for message, reason in outcome.dead:
             p = message.position
-            headers = dict(dead_letter_headers(p.topic, p.partition, p.offset, reason))
+            headers = dead_letter_headers(p.topic, p.partition, p.offset, reason)
             pending.append(
-                await dlq_topic.send(key=message.key, value=message.value, headers=headers)
+                await produce(topics.dlq, message.key, message.value, None, None, headers)
             )
         await asyncio.gather(*pending)  # acknowledged by the broker (acks=all)
 
@@ -181,4 +182,5 @@ def run_worker(app: faust.App, loglevel: str = "info") -> None:
     loop = asyncio.new_event_loop()  # faust/mode expect a current loop; 3.10+ has none
     asyncio.set_event_loop(loop)
     worker = faust.Worker(app, loglevel=loglevel, loop=loop, redirect_stdouts=False, quiet=True)
+    worker.spinner = None  # with a spinner, faust forces the root logger to DEBUG
     worker.execute_from_commandline()
