@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationError,
     WithJsonSchema,
     model_validator,
 )
@@ -198,21 +199,34 @@ class Position:
     offset: int
 
 
+def _decode(model: type[_E], value: bytes) -> _E:
+    """Decode an event of any schema version; raises ``ValueError`` (or ``ValidationError``).
+
+    The current version is parsed straight from bytes by pydantic-core (money stays text
+    until it becomes a ``Decimal``); an older one goes through the upcasters first.
+    """
+    try:
+        return model.model_validate_json(value)
+    except ValidationError:
+        document = json.loads(value, parse_float=Decimal)
+        if not isinstance(document, dict):
+            raise ValueError("an event must be a JSON object") from None
+        if document.get("schema_version") == model.model_fields["schema_version"].default:
+            raise  # current version and still invalid: report pydantic's own error
+        return model.model_validate(upcast(document))
+
+
 def decode_recorded(value: bytes) -> UsageRecorded:
-    """Decode a ``billing.usage.v1`` message of any schema version; raises ``ValueError``."""
-    document = json.loads(value, parse_float=Decimal)
-    if not isinstance(document, dict):
-        raise ValueError("an event must be a JSON object")
-    return UsageRecorded.model_validate(upcast(document))
+    """Decode a ``billing.usage.v1`` message."""
+    return _decode(UsageRecorded, value)
 
 
 def decode_priced(value: bytes) -> UsagePriced:
-    """Decode a ``billing.costs.v1`` message of any schema version; raises ``ValueError``."""
-    document = json.loads(value, parse_float=Decimal)
-    if not isinstance(document, dict):
-        raise ValueError("an event must be a JSON object")
-    return UsagePriced.model_validate(upcast(document))
+    """Decode a ``billing.costs.v1`` message."""
+    return _decode(UsagePriced, value)
 
+
+_E = TypeVar("_E", UsageRecorded, UsagePriced)
 
 EVENT_TYPES: Final[dict[str, type[BaseModel]]] = {
     "UsageRecorded": UsageRecorded,

@@ -55,6 +55,9 @@ def faust_settings(bootstrap: str, data_dir: Path) -> dict[str, Any]:
         # from deduplication downstream instead.
         "processing_guarantee": "at_least_once",
         "producer_acks": -1,
+        # faust's defaults (no linger, 16 KiB batches) sent almost one request per message.
+        "producer_linger": 0.005,
+        "producer_max_batch_size": 262_144,
         "consumer_auto_offset_reset": "earliest",
         "key_serializer": "raw",
         "value_serializer": "raw",

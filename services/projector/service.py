@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from services.core.events import UsagePriced, decode_priced
@@ -81,7 +82,9 @@ class Projector:
         pool = await _wait_for_pool(self.database_url, stop)
         if pool is None:
             return
-        consumer = make_consumer(self.bootstrap, group_id=GROUP, max_poll_records=self.batch_max)
+        consumer = make_consumer(
+            self.bootstrap, group_id=self.group, max_poll_records=self.batch_max
+        )
         consumer.subscribe([self.topics.costs], listener=_SeekToStored(consumer, pool))
         producer = make_producer(self.bootstrap)
         await consumer.start()
@@ -92,7 +95,8 @@ class Projector:
                 fetched = await consumer.getmany(timeout_ms=500, max_records=self.batch_max)
                 records = [r for batch in fetched.values() for r in batch]
                 if records:
-                    await self._handle(records, pool, producer, stop)
+                    offsets = await self._handle(records, pool, producer, stop)
+                    await _mirror_offsets(consumer, offsets)
         finally:
             await consumer.stop()
             await producer.stop()
@@ -104,7 +108,8 @@ class Projector:
         pool: asyncpg.Pool,
         producer: AIOKafkaProducer,
         stop: asyncio.Event,
-    ) -> None:
+    ) -> dict[tuple[str, int], int]:
+        """Apply one batch (retrying through database outages); return the offsets stored."""
         events: list[UsagePriced] = []
         offsets: dict[tuple[str, int], int] = {}
         for record in records:
@@ -137,6 +142,22 @@ class Projector:
             metrics.PIPELINE_LAG.labels("projector").set(
                 (datetime.now(UTC) - newest).total_seconds()
             )
+        return offsets
+
+
+async def _mirror_offsets(consumer: AIOKafkaConsumer, offsets: dict[tuple[str, int], int]) -> None:
+    """Also commit to Kafka what PostgreSQL now holds (best effort).
+
+    PostgreSQL's offsets are the truth. But aiokafka starts fetching a newly assigned
+    partition from the group's committed offset before the rebalance listener has seeked
+    it to the stored one, so without this mirror every (re)assignment re-reads the log from
+    the start; the duplicates are skipped, the work is wasted. It also makes lag visible
+    to ordinary Kafka tooling.
+    """
+    try:
+        await consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+    except KafkaError as exc:  # e.g. a rebalance in progress: the next batch commits again
+        log.info("offset mirror to Kafka skipped: %r", exc)
 
 
 async def _dead_letter(
