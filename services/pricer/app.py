@@ -31,6 +31,7 @@ from services.core.events import Position
 from services.pricer.logic import Incoming, Outcome, price_batch
 from services.pricer.unpriced import UnpricedStore
 from services.runtime import metrics
+from services.runtime.kafka import FETCH_MAX_WAIT_MS
 from services.runtime.pricing_cache import PricingCache
 from services.runtime.topics import Topics, dead_letter_headers
 
@@ -180,8 +181,28 @@ def _count(outcome: Outcome, size: int) -> None:
         metrics.PIPELINE_LAG.labels("pricer").set((datetime.now(UTC) - newest).total_seconds())
 
 
+def _short_fetch_wait() -> None:
+    """faust-streaming 0.15.3 hard-codes ``fetch_max_wait_ms=1500`` for its worker consumer;
+    on Tansu that is up to 1.5 s of latency per hop (see ``kafka.FETCH_MAX_WAIT_MS``). Set
+    ours on the consumer faust creates, before it starts (aiokafka reads it in ``start()``)."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    create = AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(create, "_billing_patched", False):
+        return
+
+    def create_with_short_wait(self: Any, transport: Any) -> Any:
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        return consumer
+
+    create_with_short_wait._billing_patched = True  # type: ignore[attr-defined]
+    AIOKafkaConsumerThread._create_worker_consumer = create_with_short_wait
+
+
 def run_worker(app: faust.App, loglevel: str = "info") -> None:
     """Run the faust worker in this process until SIGTERM/SIGINT (graceful: commits acks)."""
+    _short_fetch_wait()
     loop = asyncio.new_event_loop()  # faust/mode expect a current loop; 3.10+ has none
     asyncio.set_event_loop(loop)
     worker = faust.Worker(app, loglevel=loglevel, loop=loop, redirect_stdouts=False, quiet=True)

@@ -19,6 +19,8 @@ that the embedded Tansu 0.6.0 broker works too. Measured against it on this mach
 - A metadata request naming a missing topic creates it with 4 partitions, so topics are
   created explicitly first and checked through the all-topics metadata request.
 - CreatePartitions is not supported, so a topic with the wrong partition count is an error.
+- A fetch that finds no data waits the full ``fetch_max_wait_ms`` even when records arrive
+  meanwhile (no long-poll wake-up): see ``FETCH_MAX_WAIT_MS``.
 - With the broker SIGKILLed, ``send_and_wait`` fails after ``request_timeout_ms`` (5 s here)
   with ``NodeNotReadyError`` (or ``UnknownTopicOrPartitionError`` for a topic it never sent to).
 
@@ -51,6 +53,11 @@ from services.runtime.errors import RuntimeFault
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITIONS = 6
+FETCH_MAX_WAIT_MS = 100
+"""Tansu answers a fetch with no data only when this wait is over, even if records arrive
+meanwhile (measured produce→consume latency p50: 370 ms at 1,500 ms, 137 ms at 500 ms,
+21 ms at 100 ms): a short wait is what keeps the pipeline's latency low. Kafka returns as
+soon as data arrives, so the short wait costs it only idle fetch requests."""
 _RETRY_INTERVAL = 0.2
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -123,6 +130,7 @@ def make_consumer(
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
         **GROUP_TIMINGS,
     }
     settings.update(overrides)
