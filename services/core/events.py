@@ -56,9 +56,22 @@ Money = Annotated[
     WithJsonSchema({"type": "string", "pattern": r"^-?\d+(\.\d+)?$", "description": "USD"}),
 ]
 """A USD amount: ``Decimal`` in Python, a plain decimal string on the wire."""
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")  # PostgreSQL cannot store them
+    return value
+
+
 Timestamp = Annotated[datetime, AfterValidator(_utc)]
 Count = Annotated[int, Field(ge=0, lt=10**12, strict=True)]
-Identifier = Annotated[str, Field(min_length=1, max_length=256)]
+Identifier = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_no_nul)]
+MetadataKey = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_no_nul)]
+MetadataValue = Annotated[str, Field(max_length=2048), AfterValidator(_no_nul)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=64)]
+"""Free-form string → string, bounded (64 keys, 128/2,048 characters) so an event stays far
+below the broker's message size limit."""
 
 
 class _Fact(BaseModel):
@@ -154,9 +167,9 @@ class UsageRecorded(_Fact):
     recorded_at: Timestamp
     usage: UsageCounts
     usage_source: Literal["upstream", "estimated"] = "upstream"
-    usage_format: str = "normalised"
+    usage_format: str = Field(default="normalised", max_length=32)
     reported: ReportedCharge | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class UsagePriced(_Fact):
@@ -176,7 +189,7 @@ class UsagePriced(_Fact):
     usage: UsageCounts
     usage_source: Literal["upstream", "estimated"]
     reported: ReportedCharge | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     breakdown: Breakdown
     total_cost: Money
     currency: Literal["USD"] = "USD"
@@ -186,7 +199,7 @@ class UsagePriced(_Fact):
     priced_at: Timestamp
     previous_total_cost: Money
     delta_cost: Money
-    reason: str = "priced"
+    reason: Annotated[str, Field(max_length=1000), AfterValidator(_no_nul)] = "priced"
     """Why this revision exists: "priced" for the first, else the correction's reason."""
 
 
@@ -205,14 +218,19 @@ def _decode(model: type[_E], value: bytes) -> _E:
     The current version is parsed straight from bytes by pydantic-core (money stays text
     until it becomes a ``Decimal``); an older one goes through the upcasters first.
     """
+    if not isinstance(value, bytes | bytearray | str):
+        raise ValueError("the message has no value (a tombstone?)")
     try:
         return model.model_validate_json(value)
     except ValidationError:
         document = json.loads(value, parse_float=Decimal)
         if not isinstance(document, dict):
             raise ValueError("an event must be a JSON object") from None
-        if document.get("schema_version") == model.model_fields["schema_version"].default:
-            raise  # current version and still invalid: report pydantic's own error
+        version = document.get("schema_version")
+        if not isinstance(version, int) or not isinstance(document.get("event_type"), str):
+            raise  # no usable version to upcast from: report pydantic's own error
+        if version == model.model_fields["schema_version"].default:
+            raise  # current version and still invalid
         return model.model_validate(upcast(document))
 
 

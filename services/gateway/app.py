@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
         if settings.database_url:
             app.state.pool = await create_pool(settings.database_url)
         app.state.producer = None
+        app.state.broker_configured = bool(settings.kafka_bootstrap)
         app.state.publish_timeout = settings.publish_timeout_seconds
         app.state.topics = Topics.named(settings.topic_prefix)
         connecting = None

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -35,6 +35,9 @@ log = logging.getLogger("billing.ingest")
 router = APIRouter(dependencies=[Depends(require_admin)])
 
 MAX_BATCH = 1000
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+FUTURE_SLACK = timedelta(hours=1)
+"""Clocks drift; a usage record from further in the future is a mistake, not a request."""
 RETRY_AFTER_SECONDS = 5
 ITEM_FIELDS = {
     "request_id",
@@ -62,7 +65,10 @@ def to_event(item: object, now: datetime) -> UsageRecorded:
     unknown = sorted(str(k) for k in item if k not in ITEM_FIELDS)
     if unknown:
         raise ItemError(unknown[0], "is not a field of a usage record")
-    parsed = parse_usage(item.get("usage"), item.get("format"))
+    fmt = item.get("format")
+    if fmt is not None and not isinstance(fmt, str):
+        raise ItemError("format", "must be a string")
+    parsed = parse_usage(item.get("usage"), fmt)
     reported = parsed.reported
     if item.get("reported_cost") is not None:
         try:
@@ -71,6 +77,9 @@ def to_event(item: object, now: datetime) -> UsageRecorded:
             raise ItemError("reported_cost", str(exc)) from None
         reported = ReportedCost(cost=cost)
     occurred = item.get("occurred_at")
+    occurred_at = parse_time(occurred, "occurred_at") if occurred is not None else now
+    if not EARLIEST <= occurred_at <= now + FUTURE_SLACK:
+        raise ItemError("occurred_at", f"{occurred} is outside 2000-01-01 .. now + 1 hour")
     try:
         return UsageRecorded(
             request_id=item.get("request_id"),
@@ -78,7 +87,7 @@ def to_event(item: object, now: datetime) -> UsageRecorded:
             api_key_id=item.get("api_key_id"),
             provider=item.get("provider"),
             provider_model_id=item.get("provider_model_id"),
-            occurred_at=parse_time(occurred, "occurred_at") if occurred is not None else now,
+            occurred_at=occurred_at,
             recorded_at=now,
             usage=UsageCounts.of(parsed.usage),
             usage_source=item.get("usage_source", "upstream"),
@@ -107,7 +116,13 @@ async def ingest(request: Request) -> Any:
     """Record one usage item or a batch (a JSON array of at most 1,000)."""
     producer: AIOKafkaProducer | None = getattr(request.app.state, "producer", None)
     if producer is None:
-        raise HTTPException(503, "no broker is configured (set BILLING_KAFKA_BOOTSTRAP)")
+        if not request.app.state.broker_configured:
+            raise HTTPException(503, "no broker is configured (set BILLING_KAFKA_BOOTSTRAP)")
+        raise HTTPException(
+            503,
+            "the broker is unreachable; retry later",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     try:
         body = json.loads(await request.body(), parse_float=Decimal)
     except (ValueError, RecursionError) as exc:

@@ -35,7 +35,7 @@ def price_batch(batch: Sequence[Incoming], book: PriceLookup, *, now: datetime) 
     for message in batch:
         try:
             recorded = decode_recorded(message.value)
-        except (ValueError, ValidationError, RecursionError) as exc:
+        except Exception as exc:  # decoding is pure: whatever it raises, the message is bad
             outcome.dead.append((message, _reason(exc)))
             continue
         try:

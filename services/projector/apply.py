@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 
 import asyncpg
 
 from services.core.cost import COMPONENTS
-from services.core.events import UsagePriced
+from services.core.events import Position, UsagePriced
+from services.core.money import EXACT
 from services.core.usage import Usage
 
 COUNT_COLUMNS = Usage._fields  # one column per normalised count
@@ -106,8 +107,9 @@ def _add(
     deltas: dict[tuple[Any, ...], list[Any]], key: tuple[Any, ...], values: Iterable[Any], sign: int
 ) -> None:
     current = deltas.setdefault(key, [0] * len(COUNT_COLUMNS) + [Decimal(0)] * len(COST_COLUMNS))
-    for index, value in enumerate(values):
-        current[index] += sign * value
+    with localcontext(EXACT):  # sums of 30-place amounts need more than the default 28 digits
+        for index, value in enumerate(values):
+            current[index] += sign * value
 
 
 def newest_per_request(events: Iterable[UsagePriced]) -> list[UsagePriced]:
@@ -125,11 +127,25 @@ async def apply_batch(
     consumer: str,
     events: Sequence[UsagePriced],
     offsets: dict[tuple[str, int], int],
+    positions: Sequence[Position] | None = None,
 ) -> BatchResult:
-    """Apply ``events`` and store ``offsets`` (topic, partition → next offset) atomically."""
+    """Apply ``events`` and store ``offsets`` (topic, partition → next offset) atomically.
+
+    With ``positions`` (one per event), the batch is fenced: the partitions' stored offsets
+    are locked first and events below them are skipped, so two projectors that briefly
+    both hold a partition (a rebalance mid-batch) cannot both apply the same events.
+    """
     result = BatchResult(duplicates=len(events))
-    latest = newest_per_request(events)
     async with connection.transaction():
+        if offsets:
+            stored = await _lock_offsets(connection, consumer, offsets)
+            if positions is not None:
+                events = [
+                    e
+                    for e, p in zip(events, positions, strict=True)
+                    if p.offset >= stored.get((p.topic, p.partition), 0)
+                ]
+        latest = newest_per_request(events)
         existing = {
             r["request_id"]: r
             for r in await connection.fetch(
@@ -187,6 +203,31 @@ async def apply_batch(
                 [(consumer, t, p, o) for (t, p), o in offsets.items()],
             )
     return result
+
+
+async def _lock_offsets(
+    connection: asyncpg.Connection, consumer: str, offsets: dict[tuple[str, int], int]
+) -> dict[tuple[str, int], int]:
+    """Lock (creating) the stored offsets of the batch's partitions; return them."""
+    topics = [t for t, _ in sorted(offsets)]
+    partitions = [p for _, p in sorted(offsets)]
+    await connection.execute(
+        "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset)"
+        " SELECT $1, t, p, 0 FROM unnest($2::text[], $3::int[]) AS x(t, p)"
+        " ON CONFLICT DO NOTHING",
+        consumer,
+        topics,
+        partitions,
+    )
+    rows = await connection.fetch(
+        "SELECT topic, partition, next_offset FROM consumer_offsets WHERE consumer = $1"
+        " AND (topic, partition) IN (SELECT * FROM unnest($2::text[], $3::int[]))"
+        " ORDER BY topic, partition FOR UPDATE",
+        consumer,
+        topics,
+        partitions,
+    )
+    return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
 
 
 async def _upsert_transactions(connection: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:

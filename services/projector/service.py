@@ -18,9 +18,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 
-from services.core.events import UsagePriced, decode_priced
+from services.core.events import Position, UsagePriced, decode_priced
 from services.projector.apply import apply_batch, stored_offsets
 from services.runtime import metrics
 from services.runtime.database import create_pool
@@ -111,12 +110,14 @@ class Projector:
     ) -> dict[tuple[str, int], int]:
         """Apply one batch (retrying through database outages); return the offsets stored."""
         events: list[UsagePriced] = []
+        positions: list[Position] = []
         offsets: dict[tuple[str, int], int] = {}
         for record in records:
             offsets[(record.topic, record.partition)] = record.offset + 1
             try:
                 events.append(decode_priced(record.value))
-            except (ValueError, ValidationError, RecursionError) as exc:
+                positions.append(Position(record.topic, record.partition, record.offset))
+            except Exception as exc:  # decoding is pure: whatever it raises, the message is bad
                 reason = f"undecodable UsagePriced: {exc}"[:1000]
                 await _dead_letter(producer, self.topics.dlq, record, reason)
         metrics.BATCH_SIZE.labels("projector").observe(len(records))
@@ -125,7 +126,7 @@ class Projector:
             started = time.perf_counter()
             try:
                 async with pool.acquire() as connection:
-                    result = await apply_batch(connection, CONSUMER, events, offsets)
+                    result = await apply_batch(connection, CONSUMER, events, offsets, positions)
                 break
             except RETRYABLE as exc:
                 metrics.DB_RETRIES.inc()

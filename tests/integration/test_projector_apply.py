@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -9,8 +10,9 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from services.core.events import UsageCounts, UsagePriced, UsageRecorded
+from services.core.events import Position, UsageCounts, UsagePriced, UsageRecorded
 from services.core.pricebook import InMemoryPriceBook
+from services.core.pricing import parse_pricing
 from services.core.rating import rate
 from services.core.usage import parse_usage
 from services.projector.apply import apply_batch, stored_offsets
@@ -131,3 +133,46 @@ async def test_a_newer_revision_moves_the_summary_by_its_delta(
 def test_events_round_trip_through_json(snapshot_book: InMemoryPriceBook) -> None:
     event = rate(recorded(1, random.Random(1)), snapshot_book, priced_at=T0)
     assert UsagePriced.model_validate_json(event.model_dump_json()) == event
+
+
+async def test_two_projectors_applying_one_batch_at_once_count_it_once(
+    database_url: str, snapshot_book: InMemoryPriceBook
+) -> None:
+    """A rebalance can leave an old and a new owner applying the same records: fenced."""
+    rng = random.Random(21)
+    events = [rate(recorded(n, rng), snapshot_book, priced_at=T0) for n in range(100)]
+    positions = [Position("billing.costs.v1", 0, n) for n in range(100)]
+    offsets = {("billing.costs.v1", 0): 100}
+    first, second = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    for connection in (first, second):
+        await init_connection(connection)
+    try:
+        results = await asyncio.gather(
+            apply_batch(first, "projector", events, offsets, positions),
+            apply_batch(second, "projector", events, offsets, positions),
+        )
+        assert sorted(r.inserted for r in results) == [0, 100]
+        expected = sum((e.total_cost for e in events), Decimal(0))
+        assert (
+            await first.fetchval("SELECT sum(total_cost) FROM tenant_billing_summary") == expected
+        )
+        assert await first.fetchval("SELECT sum(requests) FROM tenant_billing_summary") == 100
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_summary_sums_are_exact_with_thirty_place_prices(database_url: str) -> None:
+    book = InMemoryPriceBook()
+    price = parse_pricing({"prompt": "0.000000000000000000000000000007", "completion": "0.1"})
+    for model in MODELS:
+        book.record(model, price, effective_from=T0 - timedelta(days=1))
+    rng = random.Random(8)
+    events = [rate(recorded(n, rng), book, priced_at=T0) for n in range(60)]
+    connection = await asyncpg.connect(database_url)
+    await init_connection(connection)
+    try:
+        await apply_batch(connection, "projector", events, {})
+        await fold(connection)  # transactions and summary agree to the last digit
+    finally:
+        await connection.close()
