@@ -149,7 +149,7 @@ def build_app(
         try:
             # Corrections and overrides arrive from other processes: look before scanning.
             await asyncio.to_thread(prices.book.reload)
-            held = await unpriced.candidates(prices, book_version=prices.book.last_version)
+            held = await unpriced.candidates(prices, prices.book)
             if not held:
                 return
             outcome = price_batch(

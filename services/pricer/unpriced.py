@@ -8,10 +8,11 @@ import asyncpg
 
 from services.core.errors import PriceNotFound
 from services.core.events import UsageRecorded
-from services.core.pricebook import PriceLookup
+from services.core.pricebook import PriceBook, PriceLookup
 from services.runtime.database import create_pool
 
 SCAN_LIMIT = 5000
+_HELD_MODELS = "SELECT DISTINCT provider_model_id FROM unpriced_usage"
 
 
 class UnpricedStore:
@@ -20,7 +21,6 @@ class UnpricedStore:
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
         self._pool: asyncpg.Pool | None = None
-        self._scanned_at_version = -1
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -42,14 +42,24 @@ class UnpricedStore:
             ],
         )
 
-    async def candidates(
-        self, prices: PriceLookup, *, book_version: int | None = None
-    ) -> list[UsageRecorded]:
-        """Held usage that the price book can now price (scans only after the book changed)."""
-        if book_version is not None and book_version == self._scanned_at_version:
+    async def candidates(self, prices: PriceLookup, book: PriceBook) -> list[UsageRecorded]:
+        """Held usage that the price book can price now.
+
+        Only models the book knows are read back (one query per tick, whatever is held for
+        models that still have no price), so priceable usage is never starved behind a
+        backlog of unknown models; a row whose model has a price, but not yet at its
+        ``occurred_at``, stays held.
+        """
+        pool = await self.pool()
+        models = [r["provider_model_id"] for r in await pool.fetch(_HELD_MODELS)]
+        known = [m for m in models if book.resolve(m) is not None]
+        if not known:
             return []
-        rows = await (await self.pool()).fetch(
-            "SELECT event FROM unpriced_usage ORDER BY first_seen LIMIT $1", SCAN_LIMIT
+        rows = await pool.fetch(
+            "SELECT event FROM unpriced_usage WHERE provider_model_id = ANY($1::text[])"
+            " ORDER BY first_seen LIMIT $2",
+            known,
+            SCAN_LIMIT,
         )
         ready = []
         for row in rows:
@@ -59,8 +69,6 @@ class UnpricedStore:
             except PriceNotFound:
                 continue
             ready.append(recorded)
-        if book_version is not None and len(rows) < SCAN_LIMIT:
-            self._scanned_at_version = book_version
         return ready
 
     async def release(self, request_ids: Sequence[str]) -> None:
