@@ -466,7 +466,7 @@ def up_cmd(obj: Context, port: int, with_demo: bool) -> None:
         from services.runtime.demo_pipeline import run_demo
 
         def after(stack: Stack) -> None:
-            run_demo(stack.url, token)
+            run_demo(stack.url, token, should_stop=lambda: stack.stopping)
 
     run(Stack(settings, port, click.echo), after)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -75,7 +76,7 @@ def burst(count: int = 300, seed: int = 2026) -> list[dict[str, Any]]:
         model, fmt = MODELS[n % len(MODELS)]
         items.append(
             {
-                "request_id": f"demo-{seed}-{n:05d}",
+                "request_id": f"demo-{seed:x}-{n:05d}",
                 "tenant_id": TENANTS[rng.randrange(len(TENANTS))],
                 "api_key_id": f"key-{rng.randrange(4)}",
                 "provider": "openrouter",
@@ -88,19 +89,27 @@ def burst(count: int = 300, seed: int = 2026) -> list[dict[str, Any]]:
     return items
 
 
-def run_demo(url: str, admin_token: str | None, echo: Any = click.echo) -> None:
-    items = burst()
+def run_demo(
+    url: str,
+    admin_token: str | None,
+    echo: Any = click.echo,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Send the burst and print what it added to each tenant's bill (earlier runs on the
+    same data directory are left out: totals are read before and after)."""
+    items = burst(seed=time.time_ns() // 1000)  # request ids unique to this run
     duplicates = items[::10]
     headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
     sent = items + duplicates
     with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+        before = _totals(client)
         for start in range(0, len(sent), 100):
             response = client.post("/v1/usage", json=sent[start : start + 100])
             response.raise_for_status()
         echo(f"\ndemo        sent {len(sent)} usage records ({len(duplicates)} of them twice)")
         expected = _expected(items)
-        summaries = _wait_for_totals(client, len(items))
-    _print_table(summaries, expected, echo)
+        after = _wait_for_totals(client, before, len(items), should_stop)
+    _print_table(before, after, expected, echo)
 
 
 def _expected(items: list[dict[str, Any]]) -> dict[str, Decimal]:
@@ -114,35 +123,56 @@ def _expected(items: list[dict[str, Any]]) -> dict[str, Decimal]:
     return totals
 
 
-def _wait_for_totals(client: httpx.Client, requests: int) -> dict[str, Any]:
+def _totals(client: httpx.Client) -> dict[str, dict[str, Any]]:
+    out = {}
+    for tenant in TENANTS:
+        response = client.get("/internal/billing/summary", params={"tenant_id": tenant})
+        response.raise_for_status()
+        out[tenant] = response.json()["totals"]
+    return out
+
+
+def _added(before: dict[str, Any], after: dict[str, Any], key: str) -> Any:
+    if key.endswith("_cost"):
+        return Decimal(after[key]) - Decimal(before[key])
+    return int(after[key]) - int(before[key])
+
+
+def _wait_for_totals(
+    client: httpx.Client,
+    before: dict[str, dict[str, Any]],
+    requests: int,
+    should_stop: Callable[[], bool],
+) -> dict[str, dict[str, Any]]:
     deadline = time.monotonic() + 120
-    with click.progressbar(length=requests, label="projected  ", file=None) as bar:
+    with click.progressbar(length=requests, label="projected  ") as bar:
         done = 0
         while True:
-            summaries = {
-                t: client.get("/internal/billing/summary", params={"tenant_id": t}).json()
-                for t in TENANTS
-            }
-            now_done = sum(s["totals"]["requests"] for s in summaries.values())
+            after = _totals(client)
+            now_done = sum(_added(before[t], after[t], "requests") for t in TENANTS)
             bar.update(now_done - done)
             done = now_done
-            if done >= requests or time.monotonic() > deadline:
-                return summaries
+            if done >= requests or time.monotonic() > deadline or should_stop():
+                return after
             time.sleep(0.3)
 
 
-def _print_table(summaries: dict[str, Any], expected: dict[str, Decimal], echo: Any) -> None:
+def _print_table(
+    before: dict[str, Any], after: dict[str, Any], expected: dict[str, Decimal], echo: Any
+) -> None:
     echo("")
     echo(
         f"{'tenant':<10} {'requests':>8} {'prompt':>10} {'cached':>10} {'output':>9} "
         f"{'reasoning':>9} {'billed USD':>12} {'expected USD':>13}"
     )
-    for tenant, summary in summaries.items():
-        t = summary["totals"]
+    exact = True
+    for tenant in TENANTS:
+        b, a = before[tenant], after[tenant]
+        billed = _added(b, a, "total_cost")
+        exact = exact and billed == expected[tenant]
         echo(
-            f"{tenant:<10} {t['requests']:>8} {t['prompt_tokens']:>10} "
-            f"{t['cache_read_tokens']:>10} {t['completion_tokens']:>9} {t['reasoning_tokens']:>9} "
-            f"{t['total_cost']:>12} {str(expected[tenant]):>13}"
+            f"{tenant:<10} {_added(b, a, 'requests'):>8} {_added(b, a, 'prompt_tokens'):>10} "
+            f"{_added(b, a, 'cache_read_tokens'):>10} {_added(b, a, 'completion_tokens'):>9} "
+            f"{_added(b, a, 'reasoning_tokens'):>9} {billed:>12} {expected[tenant]:>13}"
         )
-    exact = all(Decimal(s["totals"]["total_cost"]) == expected[t] for t, s in summaries.items())
     echo("\nbilled == expected for every tenant" if exact else "\nMISMATCH: see above")

@@ -10,6 +10,8 @@ stops the children, then what was started for them.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import fcntl
 import os
 import signal
 import subprocess
@@ -23,12 +25,13 @@ import click
 import httpx
 
 from services.runtime.broker import EmbeddedBroker
-from services.runtime.database import EmbeddedPostgres, migrate
+from services.runtime.database import EmbeddedPostgres, connect, migrate
 from services.runtime.kafka import ensure_topics
 from services.runtime.settings import Settings
 from services.runtime.topics import Topics
 
 RESTART_BACKOFF_MAX = 10.0
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Child:
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks involved
         )
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -79,6 +83,7 @@ class Stack:
         self.database: EmbeddedPostgres | None = None
         self.children: list[Child] = []
         self.env: dict[str, str] = {}
+        self.stopping = False
 
     @property
     def url(self) -> str:
@@ -86,6 +91,7 @@ class Stack:
 
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
         bootstrap = self.settings.kafka_bootstrap
         if not bootstrap:
             self.broker = EmbeddedBroker(log_path=self.logs / "tansu.log")
@@ -103,6 +109,14 @@ class Stack:
             self.echo("database    $BILLING_DATABASE_URL")
         applied = asyncio.run(migrate(database_url))
         self.echo(f"migrations  {', '.join(applied) if applied else 'up to date'}")
+        if self.broker is not None:
+            # The embedded broker keeps its log in memory: this log starts empty, so offsets
+            # stored against the previous one would skip its first records.
+            cleared = asyncio.run(_forget_offsets(database_url))
+            if cleared:
+                self.echo(
+                    f"offsets     {cleared} stored offsets of the previous (lost) log cleared"
+                )
         topics = Topics.named(self.settings.topic_prefix)
         asyncio.run(ensure_topics(bootstrap, topics.partitions(self.settings.partitions)))
         self.echo(f"topics      {', '.join(topics)} ({self.settings.partitions} partitions)")
@@ -132,9 +146,21 @@ class Stack:
             child.start(self.env)
         self._wait_ready()
 
+    def _lock_data_dir(self) -> None:
+        """One stack per data directory: a second would fight over ports and files."""
+        self._lock_file = (self.data_dir / "up.lock").open("w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise click.ClickException(
+                f"another `billing up` is running on {self.data_dir}"
+            ) from None
+
     def _wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.stopping:
+                raise click.Abort
             self.supervise()
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
@@ -171,18 +197,36 @@ class Stack:
             self.database.stop()
 
 
+def _die_with_parent() -> None:
+    """In the child: be sent SIGTERM if the supervisor dies (even by SIGKILL). Linux only."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: orphans are possible if the supervisor is killed
+
+
+async def _forget_offsets(database_url: str) -> int:
+    connection = await connect(database_url)
+    try:
+        result = await connection.execute("DELETE FROM consumer_offsets")
+    finally:
+        await connection.close()
+    return int(result.split()[-1])
+
+
 def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> None:
     """Start the stack, run ``after_start``, then supervise until Ctrl-C or SIGTERM."""
-    stopping = False
 
     def request_stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stack.stopping = True
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
         stack.start()
+        if stack.stopping:
+            return
         stack.echo(f"\ngateway     {stack.url}  (quote, ingest, queries, /metrics)")
         stack.echo(
             f"metrics     pricer http://127.0.0.1:{stack.port + 1}/metrics, "
@@ -192,7 +236,7 @@ def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> Non
         if after_start is not None:
             after_start(stack)
         stack.echo("\nrunning; Ctrl-C stops everything")
-        while not stopping:
+        while not stack.stopping:
             stack.supervise()
             time.sleep(0.2)
     finally:

@@ -30,6 +30,14 @@ def metric(url: str, name: str) -> float:
 
 def test_up_demo_bills_every_request_once_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "stack"
+    run_up_demo(data_dir)
+    # Again on the same data directory: the database (and its stored offsets) survive, the
+    # embedded broker's log does not; the new burst must still be billed, exactly.
+    second = run_up_demo(data_dir)
+    assert "stored offsets of the previous (lost) log cleared" in second
+
+
+def run_up_demo(data_dir: Path) -> str:
     env = {
         k: v
         for k, v in os.environ.items()
@@ -74,3 +82,4 @@ def test_up_demo_bills_every_request_once_and_stops_cleanly(tmp_path: Path) -> N
     broker = output.split("embedded Tansu at ", 1)[1].split()[0]
     assert _processes_under(data_dir) == []  # postgres runs with -D under the data dir
     assert _processes_under(Path(f"tcp://{broker}")) == []
+    return output
