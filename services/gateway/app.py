@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiokafka.errors import KafkaError
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -78,6 +79,12 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
     async def billing_error(_: Request, exc: BillingError) -> ORJSONResponse:
         status = 404 if isinstance(exc, PriceNotFound) else 422
         return ORJSONResponse(error_json(exc), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in first["loc"] if p not in ("query", "body", "path"))
+        return ORJSONResponse({"error": first["msg"], "field": field}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> ORJSONResponse:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -56,15 +56,29 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, request_id = raw.split("|", 1)
-        return datetime.fromisoformat(stamp), request_id
-    except (ValueError, UnicodeDecodeError):
+        parsed = datetime.fromisoformat(stamp).astimezone(UTC)
+        _text(cursor=request_id)
+        return parsed, request_id
+    except (ValueError, UnicodeDecodeError, OverflowError):
         raise HTTPException(422, "cursor is not one this API returned") from None
 
 
 def _aware(value: datetime | None, name: str) -> datetime | None:
-    if value is not None and value.tzinfo is None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
         raise HTTPException(422, f"{name} must carry a timezone (RFC 3339)")
-    return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise HTTPException(422, f"{name} is out of range") from None
+
+
+def _text(**values: str | None) -> None:
+    """PostgreSQL text cannot hold NUL: say so rather than fail inside the query."""
+    for name, value in values.items():
+        if value is not None and "\x00" in value:
+            raise HTTPException(422, f"{name} must not contain NUL characters")
 
 
 @router.get("/transactions")
@@ -79,6 +93,7 @@ async def transactions(
     cursor: str | None = None,
 ) -> dict[str, Any]:
     """One page of a tenant's transactions, newest first; pass ``next_cursor`` for the next."""
+    _text(tenant_id=tenant_id, api_key_id=api_key_id, model=model, cursor=cursor)
     conditions: list[str] = ["tenant_id = $1"]
     args: list[Any] = [tenant_id]
 
@@ -126,6 +141,7 @@ async def summary(
     group_by: Literal["model", "day", "api_key"] = "model",
 ) -> dict[str, Any]:
     """Totals by model, UTC day or API key over [since, until) (whole UTC days)."""
+    _text(tenant_id=tenant_id)
     conditions: list[str] = ["tenant_id = $1"]
     args: list[Any] = [tenant_id]
     if since is not None:

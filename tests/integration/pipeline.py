@@ -89,7 +89,7 @@ def expected_totals(items: list[UsageRecorded], book: InMemoryPriceBook) -> dict
     return totals
 
 
-async def produce(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]]) -> None:
+async def produce(bootstrap: str, topic: str, values: list[tuple[bytes, bytes | None]]) -> None:
     producer = make_producer(bootstrap)
     await producer.start()
     try:

@@ -83,14 +83,26 @@ def test_a_batch_is_acknowledged_with_per_item_results(
         ITEM,
         {**ITEM, "request_id": "r-2", "usage": {"prompt_tokens": -1}},
         {**ITEM, "request_id": "r-3"},
+        {**ITEM, "request_id": "nul-\u0000"},
+        {**ITEM, "request_id": "r-5", "format": []},
+        {**ITEM, "request_id": "r-6", "occurred_at": "2999-01-01T00:00:00Z"},
+        {**ITEM, "request_id": "r-7", "metadata": {f"k{i}": "v" for i in range(65)}},
     ]
     with gateway(tmp_path, kafka_bootstrap, topic_prefix) as client:
         wait_ready(client)
         response = client.post("/v1/usage", content=json.dumps(items))
     assert response.status_code == 202, response.text
     body = response.json()
-    assert (body["accepted"], body["rejected"]) == (2, 1)
-    assert body["results"][1]["field"] == "usage.prompt_tokens"
+    assert (body["accepted"], body["rejected"]) == (2, 5)
+    fields = [r.get("field") for r in body["results"]]
+    assert fields[1:] == [
+        "usage.prompt_tokens",
+        None,
+        "request_id",
+        "format",
+        "occurred_at",
+        "metadata",
+    ]
     values = asyncio.run(read_all(kafka_bootstrap, topics.usage, 2))
     events = sorted((decode_recorded(v) for v in values), key=lambda e: e.request_id)
     assert [e.request_id for e in events] == ["r-1", "r-3"]

@@ -157,7 +157,12 @@ async def test_malformed_messages_on_every_topic_go_to_the_dlq(
     pipeline: Pipeline, snapshot_book: InMemoryPriceBook
 ) -> None:
     items = facts(200, seed=6)
-    garbage = [(b"acme", b"\xff\xfe not json"), (b"acme", b'{"event_type": "UsageRecorded"}')]
+    garbage = [
+        (b"acme", b"\xff\xfe not json"),
+        (b"acme", b'{"event_type": "UsageRecorded"}'),
+        (b"acme", None),  # a tombstone
+        (b"acme", b'{"event_type": [], "schema_version": []}'),
+    ]
     await produce(pipeline.bootstrap, pipeline.topics.usage, garbage + encoded(items))
     await produce(pipeline.bootstrap, pipeline.topics.costs, [(b"acme", b"[1, 2")])
     pipeline.start("pricer")
@@ -178,7 +183,7 @@ async def test_malformed_messages_on_every_topic_go_to_the_dlq(
                     headers = dict(record.headers)
                     assert headers["reason"]
                     sources.add((headers["source-topic"], headers["source-offset"]))
-            if len(sources) >= 3:
+            if len(sources) >= 5:
                 break
     finally:
         await consumer.stop()
@@ -186,4 +191,4 @@ async def test_malformed_messages_on_every_topic_go_to_the_dlq(
         pipeline.topics.usage.encode(),
         pipeline.topics.costs.encode(),
     }
-    assert len(sources) == 3
+    assert len(sources) == 5

@@ -135,3 +135,24 @@ def test_queries_without_a_database_are_503(tmp_path: Path) -> None:
         response = client.get("/internal/billing/summary", params={"tenant_id": "t"})
     assert response.status_code == 503
     assert "BILLING_DATABASE_URL" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/internal/billing/transactions", {"tenant_id": "a\x00b"}),
+        ("/internal/billing/transactions", {"tenant_id": "t", "model": "m\x00"}),
+        (
+            "/internal/billing/transactions",
+            {"tenant_id": "t", "since": "0001-01-01T00:00:00+01:00"},
+        ),
+        ("/internal/billing/summary", {"tenant_id": "\x00"}),
+        ("/internal/billing/transactions", {"tenant_id": "t", "limit": "0"}),
+    ],
+)
+def test_hostile_parameters_are_422_with_an_error_body(
+    client: TestClient, path: str, params: dict[str, str]
+) -> None:
+    response = client.get(path, params=params)
+    assert response.status_code == 422, response.text
+    assert "error" in response.json()
