@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     """PostgreSQL to use (``BILLING_DATABASE_URL``); unset: an embedded server in data_dir."""
     kafka_bootstrap: str | None = None
     """Kafka-protocol broker (``BILLING_KAFKA_BOOTSTRAP``); unset: an embedded Tansu broker."""
+    metrics_host: str = "127.0.0.1"
+    """Address the pricer's and projector's metrics listen on (0.0.0.0 in containers)."""
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     """Pricer and projector serve Prometheus metrics on this port when set (the gateway
     serves them on its own port at /metrics)."""
