@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     """How long ingest waits for the broker's acknowledgement before answering 503."""
     catalogue_sync: bool = True
     """Refresh prices from the live catalogue in the background (off: snapshot and book only)."""
-    price_ttl_seconds: float = Field(default=900.0, gt=0)
+    catalogue_ttl_seconds: float = Field(default=900.0, gt=0)
     catalogue_timeout_seconds: float = Field(default=10.0, gt=0)
     catalogue_retry_seconds: float = Field(default=60.0, gt=0)
     """After a failed refresh, wait this long before trying again (not on every request)."""

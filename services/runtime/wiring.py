@@ -36,6 +36,6 @@ def pricing_cache(settings: Settings, book: PriceBook | None = None) -> PricingC
     return PricingCache(
         book or open_price_book(settings),
         source,
-        ttl=settings.price_ttl_seconds,
+        ttl=settings.catalogue_ttl_seconds,
         retry_after=settings.catalogue_retry_seconds,
     )

@@ -12,7 +12,7 @@ def test_defaults_work_locally(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENROUTER_BASE_URL")
     settings = Settings()
     assert settings.env == "development"
-    assert settings.price_ttl_seconds == 900
+    assert settings.catalogue_ttl_seconds == 900
     assert settings.openrouter_base_url.endswith("/api/v1")
     assert settings.admin_token is None
 
