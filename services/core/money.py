@@ -7,6 +7,7 @@ float it may already be wrong, and nothing on a money path may round through bin
 
 from __future__ import annotations
 
+import re
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 
 ZERO = Decimal(0)
@@ -25,8 +26,14 @@ EXACT = Context(prec=80, traps=[Inexact, Overflow, InvalidOperation])
 ``Inexact`` would be raised rather than a cent silently lost."""
 
 
+_PLAIN = re.compile(r"-?\d{1,9}(\.\d{0,30})?")
+"""A decimal string that is surely in range: at most 9 integer digits and 30 places."""
+
+
 def to_decimal(value: object) -> Decimal:
     """Convert a wire value to a finite Decimal; raise ``ValueError`` with a short reason."""
+    if type(value) is str and _PLAIN.fullmatch(value):
+        return Decimal(value)  # the common case on the wire, checked by its spelling alone
     if isinstance(value, Decimal):
         result = value
     elif isinstance(value, bool):

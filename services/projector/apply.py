@@ -106,10 +106,11 @@ def _summary_key(row: Sequence[Any]) -> tuple[str, date, str, str]:
 def _add(
     deltas: dict[tuple[Any, ...], list[Any]], key: tuple[Any, ...], values: Iterable[Any], sign: int
 ) -> None:
+    """Add (or subtract) one row's values to a summary key's deltas; callers run this in
+    the exact context (sums of 30-place amounts need more than the default 28 digits)."""
     current = deltas.setdefault(key, [0] * len(COUNT_COLUMNS) + [Decimal(0)] * len(COST_COLUMNS))
-    with localcontext(EXACT):  # sums of 30-place amounts need more than the default 28 digits
-        for index, value in enumerate(values):
-            current[index] += sign * value
+    for index, value in enumerate(values):
+        current[index] += sign * value
 
 
 def newest_per_request(events: Iterable[UsagePriced]) -> list[UsagePriced]:
@@ -158,33 +159,34 @@ async def apply_batch(
         deltas: dict[tuple[Any, ...], list[Any]] = {}
         adjustments: list[tuple[Any, ...]] = []
         value_slice = slice(8, 8 + len(SUMMARY_VALUES))
-        for event in latest:
-            row = _row(event)
-            old = existing.get(event.request_id)
-            if old is not None and old["revision"] >= event.revision:
-                continue  # a duplicate or a stale revision: already reflected
-            rows.append(row)
-            _add(deltas, _summary_key(row), row[value_slice], +1)
-            if old is None:
-                result.inserted += 1
-                continue
-            old_row = tuple(old.values())
-            _add(deltas, _summary_key(old_row), old_row[value_slice], -1)
-            delta = event.total_cost - old["total_cost"]
-            adjustments.append(
-                (
-                    event.request_id,
-                    event.tenant_id,
-                    old["revision"],
-                    event.revision,
-                    old["total_cost"],
-                    event.total_cost,
-                    delta,
-                    event.price_version,
-                    event.reason,
+        with localcontext(EXACT):  # exact sums (see _add)
+            for event in latest:
+                row = _row(event)
+                old = existing.get(event.request_id)
+                if old is not None and old["revision"] >= event.revision:
+                    continue  # a duplicate or a stale revision: already reflected
+                rows.append(row)
+                _add(deltas, _summary_key(row), row[value_slice], +1)
+                if old is None:
+                    result.inserted += 1
+                    continue
+                old_row = tuple(old.values())
+                _add(deltas, _summary_key(old_row), old_row[value_slice], -1)
+                delta = event.total_cost - old["total_cost"]
+                adjustments.append(
+                    (
+                        event.request_id,
+                        event.tenant_id,
+                        old["revision"],
+                        event.revision,
+                        old["total_cost"],
+                        event.total_cost,
+                        delta,
+                        event.price_version,
+                        event.reason,
+                    )
                 )
-            )
-            result.revised += 1
+                result.revised += 1
         result.duplicates -= len(rows)
         if rows:
             await _upsert_transactions(connection, rows)
