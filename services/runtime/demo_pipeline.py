@@ -17,6 +17,7 @@ import click
 import httpx
 
 from services.core.catalogue import apply_catalogue, default_catalogue
+from services.core.money import fmt
 from services.core.pricebook import InMemoryPriceBook
 from services.core.quote import quote
 
@@ -173,6 +174,6 @@ def _print_table(
         echo(
             f"{tenant:<10} {_added(b, a, 'requests'):>8} {_added(b, a, 'prompt_tokens'):>10} "
             f"{_added(b, a, 'cache_read_tokens'):>10} {_added(b, a, 'completion_tokens'):>9} "
-            f"{_added(b, a, 'reasoning_tokens'):>9} {billed:>12} {expected[tenant]:>13}"
+            f"{_added(b, a, 'reasoning_tokens'):>9} {fmt(billed):>12} {fmt(expected[tenant]):>13}"
         )
     echo("\nbilled == expected for every tenant" if exact else "\nMISMATCH: see above")
