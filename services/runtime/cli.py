@@ -471,6 +471,21 @@ def up_cmd(obj: Context, port: int, with_demo: bool) -> None:
     run(Stack(settings, port, click.echo), after)
 
 
+@main.command("fake-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8090, show_default=True, type=int)
+@click.option("--latency-ms", default=0, show_default=True, type=int)
+@click.option("--completion-tokens", default=24, show_default=True, type=int)
+def fake_upstream_cmd(host: str, port: int, latency_ms: int, completion_tokens: int) -> None:
+    """Serve a fake OpenRouter / Gemini upstream (tests and benchmarks; loopback)."""
+    import uvicorn
+
+    from services.runtime.fake_upstream import FakeConfig, create_fake_upstream
+
+    config = FakeConfig(latency_ms=latency_ms, completion_tokens=completion_tokens)
+    uvicorn.run(create_fake_upstream(config), host=host, port=port, log_level="warning")
+
+
 @main.command("demo")
 @click.pass_obj
 def demo(obj: Context) -> None:

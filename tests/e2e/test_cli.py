@@ -297,3 +297,27 @@ def test_prices_override_wins_over_the_catalogue_from_its_time(tmp_path: Path) -
         "--effective-from", "2026-02-01T00:00:00Z", "--reason", "typo",
     )  # fmt: skip
     assert refused.returncode == 1 and "pricing.completion" in refused.stdout
+
+
+def test_fake_upstream_serves_on_loopback(tmp_path: Path) -> None:
+    port = _free_port()
+    log = (tmp_path / "fake.log").open("w")
+    process = subprocess.Popen(
+        [BILLING, "fake-upstream", "--port", str(port), "--completion-tokens", "7"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/api/v1/chat/completions"
+        body = {"model": "openai/gpt-5", "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(100):
+            try:
+                response = httpx.post(url, json=body, timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert response.json()["usage"]["completion_tokens"] == 7
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()

@@ -1,0 +1,248 @@
+"""A fake LLM upstream for tests and benchmarks: a real HTTP server on loopback.
+
+It speaks OpenRouter's chat completions (JSON and SSE, with ``usage`` including ``cost``,
+``cost_details`` and ``is_byok``, as OpenRouter always sends it) and Gemini's
+``generateContent`` / ``streamGenerateContent?alt=sse`` (with ``usageMetadata``, thoughts
+outside candidates). Token counts are derived from the request, deterministically; the
+reported cost is computed with the project's own price list, so a correct biller finds
+zero drift.
+
+Knobs, per request as headers (or for every request through ``FakeConfig``):
+``x-fake-latency-ms`` (delay before the first byte), ``x-fake-status`` (answer this HTTP
+error instead), ``x-fake-cut-after`` (end a stream after this many content chunks, without
+usage: a cut connection), ``x-fake-completion-tokens`` (length of the answer),
+``x-fake-reasoning-tokens``, ``x-fake-cached-tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from services.core.catalogue import apply_catalogue, default_catalogue
+from services.core.errors import PriceNotFound
+from services.core.pricebook import InMemoryPriceBook
+from services.core.quote import quote
+
+
+class RawNumber(str):
+    """A decimal string to be written into JSON as a bare number (see ``dumps``)."""
+
+
+def dumps(document: Any) -> str:
+    """JSON with every ``RawNumber`` written as a number, never through a binary float."""
+    raw: list[str] = []
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, RawNumber):
+            raw.append(str(value))
+            return f"\x00raw{len(raw) - 1}\x00"
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        return value
+
+    text = json.dumps(mark(document))
+    for index, number in enumerate(raw):
+        text = text.replace(f'"\\u0000raw{index}\\u0000"', number)
+    return text
+
+
+def _json(document: Any, status_code: int = 200) -> Response:
+    return Response(dumps(document), status_code=status_code, media_type="application/json")
+
+
+WORDS = ("billing", "tokens", "stream", "cache", "price", "event", "ledger", "usage")
+
+
+@dataclass(frozen=True, slots=True)
+class FakeConfig:
+    latency_ms: int = 0
+    completion_tokens: int = 24
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one fake response will contain."""
+
+    prompt: int
+    completion: int
+    reasoning: int
+    cached: int
+    latency_ms: int
+    status: int | None
+    cut_after: int | None
+
+
+def _int(headers: Any, name: str, default: int) -> int:
+    value = headers.get(name)
+    return int(value) if value is not None and value.isdigit() else default
+
+
+def _plan(request: Request, body: dict[str, Any], prompt_text: str, config: FakeConfig) -> Plan:
+    h = request.headers
+    prompt = max(1, len(prompt_text) // 4 + 4 * len(body.get("messages", [])))
+    completion = max(1, _int(h, "x-fake-completion-tokens", config.completion_tokens))
+    reasoning = min(_int(h, "x-fake-reasoning-tokens", config.reasoning_tokens), completion - 1)
+    status = _int(h, "x-fake-status", 0) or None
+    cut = h.get("x-fake-cut-after")
+    return Plan(
+        prompt=prompt,
+        completion=completion,
+        reasoning=max(0, reasoning),
+        cached=min(_int(h, "x-fake-cached-tokens", config.cached_tokens), prompt),
+        latency_ms=_int(h, "x-fake-latency-ms", config.latency_ms),
+        status=status,
+        cut_after=int(cut) if cut is not None and cut.isdigit() else None,
+    )
+
+
+def _text(tokens: int) -> list[str]:
+    """One word per token (the fake's tokenizer is simple and deterministic)."""
+    return [WORDS[i % len(WORDS)] + " " for i in range(tokens)]
+
+
+def create_fake_upstream(config: FakeConfig | None = None) -> FastAPI:
+    config = config or FakeConfig()
+    book = InMemoryPriceBook()
+    apply_catalogue(book, default_catalogue(), observed_at=datetime.now(UTC), source="snapshot")
+    app = FastAPI(title="fake LLM upstream")
+
+    def openrouter_usage(model: str, plan: Plan) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": plan.prompt,
+            "completion_tokens": plan.completion,
+            "total_tokens": plan.prompt + plan.completion,
+            "prompt_tokens_details": {"cached_tokens": plan.cached, "cache_write_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": plan.reasoning},
+            "is_byok": False,
+        }
+        try:
+            priced = quote({"provider_model_id": model, "usage": usage}, book)
+        except PriceNotFound:
+            return usage  # a model the price list does not know: usage without a cost
+        # OpenRouter sends the cost as a JSON number: written as one, digit for digit.
+        usage["cost"] = RawNumber(priced["breakdown"]["total_cost"])
+        usage["cost_details"] = {"upstream_inference_cost": None}
+        return usage
+
+    @app.post("/api/v1/chat/completions")
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        model = str(body.get("model", "openai/gpt-4o-mini"))
+        prompt_text = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+        plan = _plan(request, body, prompt_text, config)
+        await asyncio.sleep(plan.latency_ms / 1000)
+        if plan.status:
+            return JSONResponse(
+                {"error": {"code": plan.status, "message": "fake upstream error"}},
+                status_code=plan.status,
+            )
+        created = int(time.time())
+        ident = f"gen-fake-{time.time_ns()}"
+        words = _text(plan.completion)
+        if not body.get("stream"):
+            return _json(
+                {
+                    "id": ident,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "provider": "Fake",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(words)},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": openrouter_usage(model, plan),
+                }
+            )
+
+        async def events() -> AsyncIterator[bytes]:
+            base = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+            }
+            for index, word in enumerate(words):
+                if plan.cut_after is not None and index >= plan.cut_after:
+                    return  # the connection drops: no final chunk, no usage
+                delta = {"role": "assistant", "content": word} if index == 0 else {"content": word}
+                chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                yield f"data: {dumps(chunk)}\n\n".encode()
+            final = {
+                **base,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": openrouter_usage(model, plan),
+            }
+            yield f"data: {dumps(final)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1beta/models/{model_action}")
+    async def gemini(model_action: str, request: Request) -> Response:
+        model, _, action = model_action.partition(":")
+        body = await request.json()
+        texts = [
+            str(part.get("text", ""))
+            for content in body.get("contents", [])
+            for part in content.get("parts", [])
+        ]
+        plan = _plan(request, {"messages": body.get("contents", [])}, " ".join(texts), config)
+        await asyncio.sleep(plan.latency_ms / 1000)
+        if plan.status:
+            return JSONResponse({"error": {"code": plan.status}}, status_code=plan.status)
+        candidates = plan.completion - plan.reasoning  # thoughts are NOT inside candidates
+        usage = {
+            "promptTokenCount": plan.prompt,
+            "cachedContentTokenCount": plan.cached,
+            "candidatesTokenCount": candidates,
+            "thoughtsTokenCount": plan.reasoning,
+            "totalTokenCount": plan.prompt + candidates + plan.reasoning,
+            "trafficType": "ON_DEMAND",
+        }
+        words = _text(candidates)
+        if action == "generateContent":
+            return JSONResponse(
+                {
+                    "candidates": [
+                        {"content": {"role": "model", "parts": [{"text": "".join(words)}]}}
+                    ],
+                    "usageMetadata": usage,
+                    "modelVersion": model,
+                }
+            )
+        if action != "streamGenerateContent":
+            return JSONResponse({"error": {"code": 404}}, status_code=404)
+
+        async def events() -> AsyncIterator[bytes]:
+            for index, word in enumerate(words):
+                if plan.cut_after is not None and index >= plan.cut_after:
+                    return
+                chunk: dict[str, Any] = {
+                    "candidates": [{"content": {"role": "model", "parts": [{"text": word}]}}],
+                    "usageMetadata": {"trafficType": "ON_DEMAND"},  # counts only at the end
+                }
+                if index == len(words) - 1:
+                    chunk["usageMetadata"] = usage
+                yield f"data: {json.dumps(chunk)}\r\n\r\n".encode()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
