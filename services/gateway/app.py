@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.core.errors import BillingError, PriceNotFound
 from services.core.quote import error_json, quote
 from services.gateway import ingest, queries
-from services.gateway.auth import require_admin
+from services.gateway.auth import KeyCache, require_admin
 from services.runtime.database import create_pool
 from services.runtime.kafka import make_producer
 from services.runtime.pricing_cache import PricingCache
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
     )
     token = settings.admin_token
     app.state.admin_token = token.get_secret_value() if token else None
+    app.state.key_cache = KeyCache()
 
     # Every error answers {"error": ...}, like the quote errors and the CLI.
     @app.exception_handler(BillingError)
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
         return ORJSONResponse(quote(body, request.app.state.prices))
 
     app.include_router(queries.router)
+    app.include_router(queries.tenant_router)
     app.include_router(ingest.router)
     return app
 

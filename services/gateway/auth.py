@@ -1,10 +1,14 @@
-"""Admin-token authentication for the ``/internal`` API."""
+"""Authentication: the admin token for ``/internal``, tenant API keys for ``/v1``."""
 
 from __future__ import annotations
 
 import hmac
+import time
+from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
+
+from services.runtime.tenants import authenticate, key_hash
 
 
 def require_admin(request: Request) -> None:
@@ -22,3 +26,59 @@ def require_admin(request: Request) -> None:
             detail="a valid admin token is required (Authorization: Bearer ...)",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKey:
+    tenant_id: str
+    key_id: str
+
+
+class KeyCache:
+    """Recent key look-ups, positive and negative, for a few seconds (revocation shows
+    within ``ttl``); bounded so a flood of random keys cannot grow it without limit."""
+
+    def __init__(self, ttl: float = 5.0, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[bytes, tuple[float, TenantKey | None]] = {}
+
+    def get(self, digest: bytes) -> tuple[bool, TenantKey | None]:
+        entry = self._entries.get(digest)
+        if entry is None or entry[0] < time.monotonic():
+            return False, None
+        return True, entry[1]
+
+    def put(self, digest: bytes, value: TenantKey | None) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[digest] = (time.monotonic() + self.ttl, value)
+
+
+async def require_tenant(request: Request) -> TenantKey:
+    """The tenant and key behind ``Authorization: Bearer <key>``; 401 otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise _unauthorized("an API key is required (Authorization: Bearer ...)")
+    cache: KeyCache = request.app.state.key_cache
+    digest = key_hash(key)
+    hit, found = cache.get(digest)
+    if not hit:
+        pool = getattr(request.app.state, "pool", None)
+        if pool is None:
+            raise HTTPException(503, "no database is configured for API keys")
+        async with pool.acquire() as connection:
+            match = await authenticate(connection, key)
+        found = TenantKey(*match) if match else None
+        cache.put(digest, found)
+    if found is None:
+        raise _unauthorized("unknown or revoked API key")
+    return found
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"}
+    )

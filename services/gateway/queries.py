@@ -11,7 +11,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from services.core.money import fmt
-from services.gateway.auth import require_admin
+from services.gateway.auth import TenantKey, require_admin, require_tenant
 from services.projector.apply import COST_COLUMNS, COUNT_COLUMNS
 
 router = APIRouter(prefix="/internal/billing", dependencies=[Depends(require_admin)])
@@ -177,3 +177,37 @@ async def summary(
         "rows": groups,
         "totals": totals,
     }
+
+
+# -- the same queries for a tenant's own key: its data only ------------------------------------
+
+tenant_router = APIRouter(prefix="/v1/billing")
+
+
+@tenant_router.get("/transactions")
+async def own_transactions(
+    request: Request,
+    key: Annotated[TenantKey, Depends(require_tenant)],
+    api_key_id: str | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """The caller's tenant's transactions (see /internal/billing/transactions)."""
+    return await transactions(
+        request, key.tenant_id, api_key_id, model, since, until, limit, cursor
+    )
+
+
+@tenant_router.get("/summary")
+async def own_summary(
+    request: Request,
+    key: Annotated[TenantKey, Depends(require_tenant)],
+    since: date | None = None,
+    until: date | None = None,
+    group_by: Literal["model", "day", "api_key"] = "model",
+) -> dict[str, Any]:
+    """The caller's tenant's summary (see /internal/billing/summary)."""
+    return await summary(request, key.tenant_id, since, until, group_by)

@@ -471,6 +471,91 @@ def up_cmd(obj: Context, port: int, with_demo: bool) -> None:
     run(Stack(settings, port, click.echo), after)
 
 
+def _with_database(obj: Context, work: Any) -> Any:
+    """Run ``work(connection)`` against the configured database (migrated first)."""
+    import asyncio
+
+    from services.runtime.database import connect, migrate
+    from services.runtime.tenants import TenantError
+
+    url = obj.settings.database_url
+    if not url:
+        raise click.ClickException("set BILLING_DATABASE_URL (tenants and keys live there)")
+
+    async def run() -> Any:
+        await migrate(url)
+        connection = await connect(url)
+        try:
+            return await work(connection)
+        finally:
+            await connection.close()
+
+    try:
+        return asyncio.run(run())
+    except (TenantError, DatabaseError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.group()
+def tenants() -> None:
+    """Tenants (the unit of billing)."""
+
+
+@tenants.command("create")
+@click.argument("tenant_id")
+@click.pass_obj
+def tenants_create(obj: Context, tenant_id: str) -> None:
+    """Create a tenant."""
+    from services.runtime.tenants import create_tenant
+
+    _with_database(obj, lambda c: create_tenant(c, tenant_id))
+    click.echo(f"tenant {tenant_id} created")
+
+
+@main.group()
+def keys() -> None:
+    """Tenant API keys (stored as hashes; a key is shown once)."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True)
+@click.option("--name", default="", help="A label for the key.")
+@click.pass_obj
+def keys_create(obj: Context, tenant: str, name: str) -> None:
+    """Create a key and print it (it cannot be shown again)."""
+    from services.runtime.tenants import create_key
+
+    key_id, key = _with_database(obj, lambda c: create_key(c, tenant, name))
+    click.echo(key)
+    click.echo(f"key id {key_id} for tenant {tenant}: store the key now, it is not kept", err=True)
+
+
+@keys.command("list")
+@click.option("--tenant", default=None)
+@click.pass_obj
+def keys_list(obj: Context, tenant: str | None) -> None:
+    """Keys (never their secrets): id, tenant, name, created, revoked."""
+    from services.runtime.tenants import list_keys
+
+    for key in _with_database(obj, lambda c: list_keys(c, tenant)):
+        revoked = key.revoked_at.isoformat() if key.revoked_at else "-"
+        click.echo(
+            f"{key.key_id}  {key.tenant_id:<20} {key.name:<16} "
+            f"{key.created_at.isoformat()}  revoked {revoked}"
+        )
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_obj
+def keys_revoke(obj: Context, key_id: str) -> None:
+    """Revoke a key (requests with it are refused within seconds)."""
+    from services.runtime.tenants import revoke_key
+
+    _with_database(obj, lambda c: revoke_key(c, key_id))
+    click.echo(f"key {key_id} revoked")
+
+
 @main.command("fake-upstream")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8090, show_default=True, type=int)
