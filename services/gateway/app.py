@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import orjson
 from aiokafka.errors import KafkaError
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -19,8 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.core.errors import BillingError, PriceNotFound
 from services.core.quote import error_json, quote
-from services.gateway import ingest, queries
+from services.gateway import ingest, proxy, queries
 from services.gateway.auth import KeyCache, require_admin
+from services.gateway.emitter import Emitter
 from services.runtime.database import create_pool
 from services.runtime.kafka import make_producer
 from services.runtime.pricing_cache import PricingCache
@@ -38,7 +40,12 @@ class ORJSONResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def create_app(settings: Settings | None = None, cache: PricingCache | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    cache: PricingCache | None = None,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """The gateway; ``upstream_transport`` replaces the network to the LLM upstream (tests)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -52,12 +59,25 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
         app.state.broker_configured = bool(settings.kafka_bootstrap)
         app.state.publish_timeout = settings.publish_timeout_seconds
         app.state.topics = Topics.named(settings.topic_prefix)
+        app.state.upstream = httpx.AsyncClient(
+            base_url=settings.openrouter_base_url,
+            timeout=httpx.Timeout(settings.upstream_timeout_seconds, connect=5.0),
+            transport=upstream_transport,
+        )
+        key = settings.openrouter_api_key
+        app.state.upstream_headers = {"content-type": "application/json"} | (
+            {"authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+        )
+        app.state.emitter = Emitter(lambda: app.state.producer, app.state.topics.usage)
+        app.state.emitter.start()
         connecting = None
         if settings.kafka_bootstrap:
             connecting = asyncio.create_task(_connect_producer(app, settings.kafka_bootstrap))
         try:
             yield
         finally:
+            await app.state.emitter.close()
+            await app.state.upstream.aclose()
             if connecting is not None:
                 connecting.cancel()
             if app.state.producer is not None:
@@ -131,6 +151,7 @@ def create_app(settings: Settings | None = None, cache: PricingCache | None = No
     app.include_router(queries.router)
     app.include_router(queries.tenant_router)
     app.include_router(ingest.router)
+    app.include_router(proxy.router)
     return app
 
 

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     partitions: int = Field(default=6, ge=1, le=1000)
     publish_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long ingest waits for the broker's acknowledgement before answering 503."""
+    upstream_timeout_seconds: float = Field(default=120.0, gt=0)
+    """How long the proxy waits on the LLM upstream (long generations take minutes)."""
     catalogue_sync: bool = True
     """Refresh prices from the live catalogue in the background (off: snapshot and book only)."""
     catalogue_ttl_seconds: float = Field(default=900.0, gt=0)

@@ -1,0 +1,123 @@
+"""The chat-completions proxy in front of the fake upstream: billed from the upstream's usage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from services.core.events import decode_recorded
+from services.gateway.app import create_app
+from services.runtime.database import init_connection
+from services.runtime.fake_upstream import create_fake_upstream
+from services.runtime.kafka import ensure_topics
+from services.runtime.settings import Settings
+from services.runtime.tenants import create_key, create_tenant
+from services.runtime.topics import Topics
+from tests.integration.test_ingest import read_all
+
+pytestmark = pytest.mark.integration
+
+CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "count " * 50}]}
+
+
+class Counting(httpx.AsyncBaseTransport):
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner, self.calls = inner, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        return await self.inner.handle_async_request(request)
+
+
+async def make_key(database_url: str) -> str:
+    connection = await asyncpg.connect(database_url)
+    await init_connection(connection)
+    try:
+        await create_tenant(connection, "acme")
+        return (await create_key(connection, "acme", "proxy-test"))[1]
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def setup(
+    database_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> Iterator[tuple[TestClient, Counting, str, Topics]]:
+    topics = Topics.named(topic_prefix)
+    asyncio.run(ensure_topics(kafka_bootstrap, topics.partitions()))
+    key = asyncio.run(make_key(database_url))
+    transport = Counting(httpx.ASGITransport(app=create_fake_upstream()))
+    settings = Settings(
+        data_dir=tmp_path,
+        catalogue_sync=False,
+        database_url=database_url,
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        openrouter_base_url="http://upstream.test/api/v1",
+    )
+    with TestClient(create_app(settings, upstream_transport=transport)) as client:
+        for _ in range(200):
+            if client.get("/readyz").status_code == 200:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        yield client, transport, key, topics
+
+
+def test_json_and_streamed_completions_are_billed_from_upstream_usage(
+    setup: tuple[TestClient, Counting, str, Topics], kafka_bootstrap: str
+) -> None:
+    client, _, key, topics = setup
+    auth = {"Authorization": f"Bearer {key}"}
+    plain = client.post(
+        "/v1/chat/completions", json=CHAT, headers=auth | {"x-fake-reasoning-tokens": "6"}
+    )
+    assert plain.status_code == 200
+    upstream_usage = json.loads(plain.content, parse_float=Decimal)["usage"]
+    streamed = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth)
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    final = [
+        json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")
+    ][-1]
+
+    events = {
+        e.request_id: e
+        for e in map(decode_recorded, asyncio.run(read_all(kafka_bootstrap, topics.usage, 2)))
+    }
+    assert len(events) == 2
+    by_id = events[plain.headers["x-billing-request-id"]]
+    assert by_id.tenant_id == "acme" and by_id.api_key_id
+    assert by_id.usage.prompt_tokens == upstream_usage["prompt_tokens"]
+    assert by_id.usage.reasoning_tokens == 6
+    assert by_id.reported is not None and by_id.reported.cost == upstream_usage["cost"]
+    streamed_event = events[streamed.headers["x-billing-request-id"]]
+    assert streamed_event.usage.completion_tokens == final["usage"]["completion_tokens"]
+
+
+def test_missing_or_unknown_keys_never_reach_the_upstream(
+    setup: tuple[TestClient, Counting, str, Topics],
+) -> None:
+    client, transport, _, _ = setup
+    for headers in ({}, {"Authorization": "Bearer bk_0_unknown"}):
+        assert client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 401
+    assert transport.calls == 0
+
+
+def test_upstream_errors_pass_through_unbilled(
+    setup: tuple[TestClient, Counting, str, Topics], kafka_bootstrap: str
+) -> None:
+    client, _, key, topics = setup
+    failed = client.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={"Authorization": f"Bearer {key}", "x-fake-status": "502"},
+    )
+    assert failed.status_code == 502
+    assert asyncio.run(read_all(kafka_bootstrap, topics.usage, 1, timeout=3)) == []
