@@ -136,7 +136,8 @@ def create_app(
         return ORJSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
-    async def metrics_route() -> Response:
+    async def metrics_route(request: Request) -> Response:
+        request.app.state.emitter.observe()
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/internal/billing/quote", dependencies=[Depends(require_admin)])

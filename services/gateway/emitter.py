@@ -80,6 +80,12 @@ class Emitter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def observe(self) -> None:
+        """Publish queue depth and the oldest unsent event's age to the metrics."""
+        metrics.EMIT_QUEUE_DEPTH.set(self.queue.qsize() + self.in_flight)
+        oldest = self.oldest_unsent
+        metrics.EMIT_OLDEST_AGE.set(0 if oldest is None else time.monotonic() - oldest)
+
     async def close(self, timeout: float = 10.0) -> None:
         """Send what is queued (bounded by ``timeout``), then stop."""
         deadline = time.monotonic() + timeout

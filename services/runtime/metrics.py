@@ -34,3 +34,9 @@ PIPELINE_LAG = Gauge(
     "Now minus recorded_at of the newest event a service handled (from event timestamps)",
     ["service"],
 )
+EMIT_QUEUE_DEPTH = Gauge(
+    "billing_emit_queue_depth", "Usage events waiting in the gateway for the broker"
+)
+EMIT_OLDEST_AGE = Gauge(
+    "billing_emit_oldest_unsent_seconds", "Age of the oldest usage event not yet acknowledged"
+)

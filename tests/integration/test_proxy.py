@@ -99,6 +99,9 @@ def test_json_and_streamed_completions_are_billed_from_upstream_usage(
     assert by_id.reported is not None and by_id.reported.cost == upstream_usage["cost"]
     streamed_event = events[streamed.headers["x-billing-request-id"]]
     assert streamed_event.usage.completion_tokens == final["usage"]["completion_tokens"]
+    exposition = client.get("/metrics").text
+    assert "billing_emit_queue_depth 0.0" in exposition
+    assert "billing_emit_oldest_unsent_seconds 0.0" in exposition
 
 
 def test_missing_or_unknown_keys_never_reach_the_upstream(
