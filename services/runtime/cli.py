@@ -190,20 +190,15 @@ def prices() -> None:
 @click.pass_obj
 def prices_sync(obj: Context, file_: IO[str] | None) -> None:
     """Fetch OpenRouter's catalogue and record every changed price as a new version."""
-    from services.runtime.pricing_cache import OpenRouterCatalogue, sync_catalogue
+    from services.runtime.pricing_cache import sync_catalogue
+    from services.runtime.wiring import openrouter_catalogue
 
     settings = obj.settings
     try:
         if file_ is not None:
             document, source = _load_json(file_.read(), "the catalogue file"), "file"
         else:
-            key = settings.openrouter_api_key
-            client = OpenRouterCatalogue(
-                settings.openrouter_base_url,
-                key.get_secret_value() if key else None,
-                timeout=settings.catalogue_timeout_seconds,
-            )
-            document, source = client.fetch_sync(), "openrouter"
+            document, source = openrouter_catalogue(settings).fetch_sync(), "openrouter"
         report = sync_catalogue(obj.book, document, source=source)
     except CatalogueUnavailable as exc:
         raise click.ClickException(

@@ -23,16 +23,19 @@ def open_price_book(settings: Settings) -> PriceBook:
     return book
 
 
+def openrouter_catalogue(settings: Settings) -> OpenRouterCatalogue:
+    """The live catalogue client (base URL, optional key, timeout) from the settings."""
+    key = settings.openrouter_api_key
+    return OpenRouterCatalogue(
+        settings.openrouter_base_url,
+        key.get_secret_value() if key else None,
+        timeout=settings.catalogue_timeout_seconds,
+    )
+
+
 def pricing_cache(settings: Settings, book: PriceBook | None = None) -> PricingCache:
     """The price book, refreshed from OpenRouter when ``catalogue_sync`` is on."""
-    source = None
-    if settings.catalogue_sync:
-        key = settings.openrouter_api_key
-        source = OpenRouterCatalogue(
-            settings.openrouter_base_url,
-            key.get_secret_value() if key else None,
-            timeout=settings.catalogue_timeout_seconds,
-        )
+    source = openrouter_catalogue(settings) if settings.catalogue_sync else None
     return PricingCache(
         book or open_price_book(settings),
         source,
