@@ -18,9 +18,11 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from services.core.events import UsageRecorded
+from services.gateway.ingest import publish
 from services.runtime import metrics
 
 log = logging.getLogger("billing.emitter")
+SEND_TIMEOUT_SECONDS = 30.0
 
 
 class Emitter:
@@ -65,13 +67,7 @@ class Emitter:
             try:
                 if producer is None:
                     raise KafkaError("producer not connected")
-                pending = [
-                    await producer.send(
-                        self.topic, e.model_dump_json().encode(), key=e.tenant_id.encode()
-                    )
-                    for e in batch
-                ]
-                await asyncio.gather(*pending)
+                await publish(producer, self.topic, batch, SEND_TIMEOUT_SECONDS)
                 metrics.INGESTED.inc(len(batch))
                 self.oldest_unsent = None if self.queue.empty() else time.monotonic()
                 return
