@@ -47,6 +47,29 @@ class Settings(BaseSettings):
     """How long ingest waits for the broker's acknowledgement before answering 503."""
     upstream_timeout_seconds: float = Field(default=120.0, gt=0)
     """How long the proxy waits on the LLM upstream (long generations take minutes)."""
+    emit_usage: bool = True
+    """The proxy emits a ``UsageRecorded`` for every answered request (off: benchmarks only)."""
+    spool_dir: Path | None = None
+    """Where usage waits, fsync'd, while the broker is away (unset: ``data_dir/spool``)."""
+    spool_max_bytes: int = Field(default=1 << 30, ge=1)
+    """Past this many spooled bytes the proxy stops taking requests (see spool_full_policy)."""
+    spool_full_policy: Literal["reject", "accept"] = "reject"
+    """``reject``: 503 new proxy requests while the spool is over its limit (fail closed);
+    ``accept``: keep serving and keep spooling (fail open: the disk is the limit)."""
+    vertex_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("VERTEX_BASE_URL", "BILLING_VERTEX_BASE_URL")
+    )
+    """Gemini/Vertex endpoint; unset: derived from VERTEX_PROJECT and VERTEX_REGION."""
+    vertex_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("VERTEX_API_KEY", "BILLING_VERTEX_API_KEY")
+    )
+    vertex_project: str | None = Field(
+        default=None, validation_alias=AliasChoices("VERTEX_PROJECT", "BILLING_VERTEX_PROJECT")
+    )
+    vertex_region: str = Field(
+        default="us-central1",
+        validation_alias=AliasChoices("VERTEX_REGION", "BILLING_VERTEX_REGION"),
+    )
     catalogue_sync: bool = True
     """Refresh prices from the live catalogue in the background (off: snapshot and book only)."""
     catalogue_ttl_seconds: float = Field(default=900.0, gt=0)
@@ -68,3 +91,7 @@ class Settings(BaseSettings):
     @property
     def price_book_path(self) -> Path:
         return price_book_path(self.data_dir)
+
+    @property
+    def usage_spool_dir(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
