@@ -42,6 +42,7 @@ def offline_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iter
     monkeypatch.setenv("BILLING_CATALOGUE_SYNC", "false")
     monkeypatch.setenv("OPENROUTER_BASE_URL", "http://127.0.0.1:9/api/v1")
     monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))  # never ~/.cache
     for name in ("VERTEX_BASE_URL", "VERTEX_API_KEY", "VERTEX_PROJECT", "VERTEX_REGION"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("BILLING_ADMIN_TOKEN", raising=False)

@@ -20,9 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.core.errors import BillingError, PriceNotFound
 from services.core.quote import error_json, quote
-from services.gateway import ingest, proxy, queries
+from services.gateway import gemini, ingest, models, proxy, queries, tokens
 from services.gateway.auth import KeyCache, require_admin
 from services.gateway.emitter import Emitter
+from services.gateway.spool import Spool
 from services.runtime.database import create_pool
 from services.runtime.kafka import make_producer
 from services.runtime.pricing_cache import PricingCache
@@ -45,7 +46,8 @@ def create_app(
     cache: PricingCache | None = None,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
-    """The gateway; ``upstream_transport`` replaces the network to the LLM upstream (tests)."""
+    """The gateway; ``upstream_transport`` replaces the network to the LLM upstreams
+    (OpenRouter and Gemini/Vertex alike: tests)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -68,8 +70,22 @@ def create_app(
         app.state.upstream_headers = {"content-type": "application/json"} | (
             {"authorization": f"Bearer {key.get_secret_value()}"} if key else {}
         )
-        app.state.emitter = Emitter(lambda: app.state.producer, app.state.topics.usage)
-        app.state.emitter.start()
+        app.state.gemini_upstream = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.upstream_timeout_seconds, connect=5.0),
+            transport=upstream_transport,
+        )
+        app.state.gemini_target = gemini.gemini_target(settings)
+        app.state.emit_usage = settings.emit_usage
+        app.state.emitter = Emitter(
+            lambda: app.state.producer,
+            app.state.topics.usage,
+            Spool(settings.usage_spool_dir),
+            spool_max_bytes=settings.spool_max_bytes,
+            reject_when_full=settings.spool_full_policy == "reject",
+        )
+        await app.state.emitter.start()
+        # Tokenizers for estimated usage load in the background (about half a second).
+        warming = asyncio.create_task(asyncio.to_thread(_warm_tokenizers))
         connecting = None
         if settings.kafka_bootstrap:
             connecting = asyncio.create_task(_connect_producer(app, settings.kafka_bootstrap))
@@ -77,7 +93,9 @@ def create_app(
             yield
         finally:
             await app.state.emitter.close()
+            await warming
             await app.state.upstream.aclose()
+            await app.state.gemini_upstream.aclose()
             if connecting is not None:
                 connecting.cancel()
             if app.state.producer is not None:
@@ -153,6 +171,8 @@ def create_app(
     app.include_router(queries.tenant_router)
     app.include_router(ingest.router)
     app.include_router(proxy.router)
+    app.include_router(gemini.router)
+    app.include_router(models.router)
     return app
 
 
@@ -172,3 +192,10 @@ async def _connect_producer(app: FastAPI, bootstrap: str) -> None:
         app.state.producer = producer
         log.info("connected to broker %s", bootstrap)
         return
+
+
+def _warm_tokenizers() -> None:
+    try:
+        tokens.warm()
+    except Exception:  # estimates will fail (and say so) per request; serving goes on
+        log.exception("tokenizers for estimated usage could not be loaded")

@@ -1,4 +1,4 @@
-"""Authentication: the admin token for ``/internal``, tenant API keys for ``/v1``."""
+"""Authentication: the admin token for ``/internal``, tenant API keys for the public routes."""
 
 from __future__ import annotations
 
@@ -57,11 +57,28 @@ class KeyCache:
 
 async def require_tenant(request: Request) -> TenantKey:
     """The tenant and key behind ``Authorization: Bearer <key>``; 401 otherwise."""
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
+    key = _bearer(request)
+    if not key:
         raise _unauthorized("an API key is required (Authorization: Bearer ...)")
+    return await _tenant_of(request, key)
+
+
+async def require_gemini_tenant(request: Request) -> TenantKey:
+    """Like :func:`require_tenant`, also taking the key from ``x-goog-api-key`` (where
+    Google's Gemini SDKs put it). A ``?key=`` query parameter is not accepted: URLs end up
+    in access logs."""
+    key = _bearer(request) or request.headers.get("x-goog-api-key", "").strip()
+    if not key:
+        raise _unauthorized("an API key is required (Authorization: Bearer ... or x-goog-api-key)")
+    return await _tenant_of(request, key)
+
+
+def _bearer(request: Request) -> str:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+async def _tenant_of(request: Request, key: str) -> TenantKey:
     cache: KeyCache = request.app.state.key_cache
     digest = key_hash(key)
     hit, found = cache.get(digest)

@@ -1,10 +1,17 @@
-"""Usage emission off the request path: a bounded queue drained by one batching producer.
+"""Usage emission off the request path: an in-process queue, a batching producer, a spool.
 
-A proxied request puts its ``UsageRecorded`` on the queue and returns at once; the
-background task sends batches to Kafka (acks=all) and, when the broker is away, keeps the
-batch and retries with backoff rather than dropping it. Shutdown drains what is queued.
-Not yet here (issue #4): the fsync'd local spool that outlives the process, and refusing
-new requests when it is full.
+A proxied request hands its ``UsageRecorded`` to :meth:`Emitter.submit` (or a function that
+estimates it to :meth:`Emitter.submit_later`) and returns at once; nothing on the request
+path waits for the broker. One background task sends the queue to Kafka in batches
+(acks=all). When a send fails the batch goes to the fsync'd :class:`Spool` and, while the
+broker stays away, so does every later batch; a second task re-sends the spool oldest
+first and, once a segment is acknowledged, deletes it — its first success also sends live
+traffic back to the broker. Shutdown sends what is queued, and spools what it cannot.
+
+The queue is bounded by refusing new work rather than dropping it: :attr:`accepting` is
+false while the queue is over ``max_queue`` or, when ``reject_when_full``, the spool is
+over ``spool_max_bytes``; the proxy answers 503 then. A request already answered is always
+taken.
 """
 
 from __future__ import annotations
@@ -12,17 +19,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from itertools import islice
+from pathlib import Path
+from typing import TypeAlias
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from services.core.events import UsageRecorded
 from services.gateway.ingest import publish
+from services.gateway.spool import Spool
 from services.runtime import metrics
 
 log = logging.getLogger("billing.emitter")
-SEND_TIMEOUT_SECONDS = 30.0
+SEND_TIMEOUT_SECONDS = 5.0
+"""A send the broker has not acknowledged by then goes to the spool (and may land twice:
+the pipeline de-duplicates by request_id)."""
+
+Pending: TypeAlias = UsageRecorded | Callable[[], UsageRecorded | None]
 
 
 class Emitter:
@@ -30,65 +46,179 @@ class Emitter:
         self,
         producer: Callable[[], AIOKafkaProducer | None],
         topic: str,
+        spool: Spool,
         *,
         max_queue: int = 100_000,
         batch_max: int = 500,
+        spool_max_bytes: int = 1 << 30,
+        reject_when_full: bool = True,
     ) -> None:
         self._producer = producer
         self.topic = topic
-        self.queue: asyncio.Queue[UsageRecorded] = asyncio.Queue(max_queue)
+        self.spool = spool
+        self.max_queue = max_queue
         self.batch_max = batch_max
-        self.oldest_unsent: float | None = None
-        self.in_flight = 0
-        self._task: asyncio.Task[None] | None = None
+        self.spool_max_bytes = spool_max_bytes
+        self.reject_when_full = reject_when_full
+        self._queue: deque[tuple[float, Pending]] = deque()
+        self._ready = asyncio.Event()
+        self._spooled = asyncio.Event()
+        self.in_flight: list[UsageRecorded] = []
+        self._in_flight_since: float | None = None
+        self.broker_up = True
+        self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+    # -- the request side ----------------------------------------------------------------
 
-    async def emit(self, event: UsageRecorded) -> None:
-        """Queue one event (waits only if the queue is full: back-pressure, never a drop)."""
-        if self.oldest_unsent is None:
-            self.oldest_unsent = time.monotonic()
-        await self.queue.put(event)
+    @property
+    def accepting(self) -> bool:
+        """Whether a new request may start (its usage would have room)."""
+        if len(self._queue) >= self.max_queue:
+            return False
+        return not (self.reject_when_full and self.spool.size_bytes > self.spool_max_bytes)
 
-    async def _run(self) -> None:
+    def submit(self, event: UsageRecorded) -> None:
+        """Take one event; never blocks, never drops."""
+        self._queue.append((time.time(), event))
+        self._ready.set()
+
+    def submit_later(self, build: Callable[[], UsageRecorded | None]) -> None:
+        """Take a function that builds the event (a tokenizer estimate: CPU work, run in a
+        worker thread by the background task rather than on the request path)."""
+        self._queue.append((time.time(), build))
+        self._ready.set()
+
+    # -- background ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.spool.open)
+        if not self.spool.empty:
+            self._spooled.set()
+        self._tasks = [asyncio.create_task(self._send_live()), asyncio.create_task(self._resend())]
+
+    async def _send_live(self) -> None:
         while True:
-            batch = [await self.queue.get()]
-            while len(batch) < self.batch_max and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            self.in_flight = len(batch)
-            await self._send(batch)
-            self.in_flight = 0
-
-    async def _send(self, batch: list[UsageRecorded]) -> None:
-        delay = 0.2
-        while True:
-            producer = self._producer()
+            await self._ready.wait()
+            batch = await self._take(self.batch_max)
+            if not batch:
+                continue
+            self.in_flight = batch
             try:
-                if producer is None:
-                    raise KafkaError("producer not connected")
+                if not (self.broker_up and await self._publish(batch)):
+                    await self._to_spool(batch)
+            finally:
+                self.in_flight = []
+                self._in_flight_since = None
+
+    async def _take(self, limit: int) -> list[UsageRecorded]:
+        """Up to ``limit`` queued events, estimates resolved (in a worker thread).
+
+        They leave the queue only once resolved, so a cancellation cannot lose them."""
+        items = [item for _, item in islice(self._queue, limit)]
+        if self._queue:
+            self._in_flight_since = self._queue[0][0]
+        events = (
+            await asyncio.to_thread(_resolve, items)
+            if any(callable(item) for item in items)
+            else items
+        )
+        for _ in items:
+            self._queue.popleft()
+        if not self._queue:
+            self._ready.clear()
+        return events  # type: ignore[return-value]  # resolved above
+
+    async def _publish(self, batch: list[UsageRecorded]) -> bool:
+        producer = self._producer()
+        if producer is None:
+            self.broker_up = False
+            return False
+        try:
+            await publish(producer, self.topic, batch, SEND_TIMEOUT_SECONDS)
+        except (KafkaError, TimeoutError) as exc:
+            if self.broker_up:
+                log.warning("broker unavailable (%r): spooling to %s", exc, self.spool.directory)
+            self.broker_up = False
+            return False
+        metrics.INGESTED.inc(len(batch))
+        return True
+
+    async def _to_spool(self, batch: list[UsageRecorded]) -> None:
+        await asyncio.to_thread(self.spool.append, batch)
+        metrics.SPOOLED.inc(len(batch))
+        self._spooled.set()
+
+    async def _resend(self) -> None:
+        """Re-send spooled segments, oldest first; the first success means the broker is back."""
+        delay = 0.5
+        while True:
+            await self._spooled.wait()
+            self._spooled.clear()
+            for segment in await asyncio.to_thread(self.spool.sealed):
+                if not await self._resend_segment(segment):
+                    self._spooled.set()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    break
+                delay = 0.5
+                if not self.broker_up:
+                    log.info("broker is back: usage goes to it again")
+                self.broker_up = True
+
+    async def _resend_segment(self, segment: Path) -> bool:
+        batches = await asyncio.to_thread(lambda: list(self.spool.read(segment, self.batch_max)))
+        for batch in batches:
+            producer = self._producer()
+            if producer is None:
+                return False
+            try:
                 await publish(producer, self.topic, batch, SEND_TIMEOUT_SECONDS)
-                metrics.INGESTED.inc(len(batch))
-                self.oldest_unsent = None if self.queue.empty() else time.monotonic()
-                return
             except (KafkaError, TimeoutError) as exc:
-                log.warning("broker unavailable, holding %d usage events: %r", len(batch), exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                log.debug("re-sending spool failed: %r", exc)
+                return False
+            metrics.INGESTED.inc(len(batch))
+            metrics.RESENT.inc(len(batch))
+        await asyncio.to_thread(self.spool.remove, segment)
+        return True
+
+    # -- observation and shutdown --------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue) + len(self.in_flight)
 
     def observe(self) -> None:
-        """Publish queue depth and the oldest unsent event's age to the metrics."""
-        metrics.EMIT_QUEUE_DEPTH.set(self.queue.qsize() + self.in_flight)
-        oldest = self.oldest_unsent
-        metrics.EMIT_OLDEST_AGE.set(0 if oldest is None else time.monotonic() - oldest)
+        """Publish queue depth, spool size and the oldest unsent event's age."""
+        metrics.EMIT_QUEUE_DEPTH.set(self.depth)
+        metrics.SPOOL_BYTES.set(self.spool.size_bytes)
+        candidates = [self.spool.oldest, self._in_flight_since]
+        if self._queue:
+            candidates.append(self._queue[0][0])
+        oldest = min((t for t in candidates if t is not None), default=None)
+        metrics.EMIT_OLDEST_AGE.set(0 if oldest is None else max(0.0, time.time() - oldest))
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Send what is queued (bounded by ``timeout``), then stop."""
+        """Send what is queued while ``timeout`` allows; spool the rest; stop."""
         deadline = time.monotonic() + timeout
-        while (self.in_flight or not self.queue.empty()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self._task is not None:
-            self._task.cancel()
-        unsent = self.in_flight + self.queue.qsize()
-        if unsent:
-            log.error("%d usage events were not sent before shutdown", unsent)
+        while self.depth and self.broker_up and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A batch cancelled mid-send may have reached the broker: spooling it too is safe
+        # (de-duplicated downstream), dropping it is not.
+        leftover = list(self.in_flight) + await self._take(len(self._queue))
+        if leftover:
+            await asyncio.to_thread(self.spool.append, leftover)
+            metrics.SPOOLED.inc(len(leftover))
+            log.warning("spooled %d unsent usage events at shutdown", len(leftover))
+        await asyncio.to_thread(self.spool.close)
+
+
+def _resolve(items: list[Pending]) -> list[UsageRecorded]:
+    events: list[UsageRecorded] = []
+    for item in items:
+        event = item() if callable(item) else item
+        if event is not None:
+            events.append(event)
+    return events

@@ -1,11 +1,17 @@
-"""The OpenAI-compatible proxy: forward to OpenRouter, pass the answer through, bill it.
+"""The proxies: forward a tenant's LLM request upstream, pass the answer through, bill it.
 
-``POST /v1/chat/completions`` authenticates the tenant's API key (401 without contacting the
-upstream), forwards the body with the gateway's own OpenRouter key, and passes the answer
-back — a stream chunk by chunk, never buffered whole. Usage comes from the JSON body or
-the final SSE chunk (OpenRouter always sends it, with its ``cost``); the ``UsageRecorded``
-goes to the emitter after the response, off the request path. An upstream error is passed
-through with its status and billed only if it carries usage.
+``POST /v1/chat/completions`` (OpenAI-compatible, to OpenRouter) and the Gemini-native
+routes share one forwarder. It authenticates the tenant's API key (401 without contacting
+the upstream), forwards the body with the gateway's own upstream credentials, and passes
+the answer back — a stream chunk by chunk, never buffered whole. Usage comes from the JSON
+body or the stream's last usage-bearing chunk; the ``UsageRecorded`` goes to the emitter,
+off the request path. When a successful answer carries no usage (the client went away
+mid-stream, the upstream cut the stream or left usage out) the usage is estimated with a
+tokenizer and marked ``usage_source="estimated"``. An upstream error is passed through with
+its status and billed only when it carries usage.
+
+What differs between upstream APIs — where usage and text live in a document, the usage
+format, the provider and the model the price book knows — is a :class:`Dialect`.
 """
 
 from __future__ import annotations
@@ -13,19 +19,22 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import anyio
 import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from services.core.errors import BillingError
 from services.core.events import ReportedCharge, UsageCounts, UsageRecorded
-from services.core.usage import parse_usage
+from services.core.usage import Usage, parse_usage
 from services.gateway.auth import TenantKey, require_tenant
+from services.runtime import metrics
 
 log = logging.getLogger("billing.proxy")
 router = APIRouter()
@@ -33,29 +42,251 @@ router = APIRouter()
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "content-encoding"}
 
 
-def usage_event(
-    key: TenantKey, model: str, usage: Any, request_id: str, occurred_at: datetime
-) -> UsageRecorded | None:
-    """The fact to bill, or ``None`` (logged) when the usage cannot be read."""
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How one upstream API carries usage and text."""
+
+    provider: str
+    usage_format: str
+    route: str
+    usage_of: Callable[[Mapping[str, Any]], Any]
+    """The usage object of a body or stream chunk, or ``None`` when it has none."""
+    text_of: Callable[[Mapping[str, Any]], str]
+    """The generated text in a body or stream chunk (for estimating a cut stream)."""
+    estimate: Callable[[str, Mapping[str, Any], str], Usage]
+    """``(model, request body, generated text)`` → estimated usage (runs off the loop)."""
+
+
+def _openai_text(document: Mapping[str, Any]) -> str:
+    parts: list[str] = []
+    for choice in document.get("choices") or ():
+        if not isinstance(choice, Mapping):
+            continue
+        for key in ("delta", "message"):
+            message = choice.get(key)
+            if isinstance(message, Mapping):
+                for field in ("reasoning", "content"):
+                    value = message.get(field)
+                    if isinstance(value, str):
+                        parts.append(value)
+    return "".join(parts)
+
+
+def _estimate_openai(model: str, body: Mapping[str, Any], text: str) -> Usage:
+    from services.gateway.tokens import estimate_usage
+
+    return estimate_usage(model, body, text)
+
+
+OPENAI = Dialect(
+    provider="openrouter",
+    usage_format="openai",
+    route="/v1/chat/completions",
+    usage_of=lambda document: document.get("usage"),
+    text_of=_openai_text,
+    estimate=_estimate_openai,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One proxied request: who asked, for what, and what to send upstream."""
+
+    key: TenantKey
+    dialect: Dialect
+    model: str
+    """The model as the price book names it (``google/…`` for Gemini)."""
+    body: Mapping[str, Any]
+    request_id: str
+    started: datetime
+
+
+def usage_event(call: Call, usage: Any) -> UsageRecorded | None:
+    """The fact to bill from the upstream's usage, or ``None`` (logged) when unreadable."""
     try:
-        parsed = parse_usage({"usage": usage}, "openai")
+        parsed = parse_usage({"usage": usage}, call.dialect.usage_format)
     except BillingError as exc:
-        log.error("unbillable usage from upstream for %s: %s", request_id, exc)
+        log.error("unbillable usage from upstream for %s: %s", call.request_id, exc)
         return None
+    return _event(call, parsed.usage, parsed.format, ReportedCharge.of(parsed.reported))
+
+
+def estimated_event(call: Call, text: str) -> UsageRecorded | None:
+    """The fact to bill when the upstream reported nothing: counted with a tokenizer."""
+    try:
+        usage = call.dialect.estimate(call.model, call.body, text)
+    except Exception:
+        log.exception("could not estimate usage for %s", call.request_id)
+        return None
+    return _event(call, usage, "normalised", None, source="estimated")
+
+
+def _event(
+    call: Call,
+    usage: Usage,
+    usage_format: str,
+    reported: ReportedCharge | None,
+    source: Literal["upstream", "estimated"] = "upstream",
+) -> UsageRecorded:
     return UsageRecorded(
-        request_id=request_id,
-        tenant_id=key.tenant_id,
-        api_key_id=key.key_id,
-        provider="openrouter",
-        provider_model_id=model,
-        occurred_at=occurred_at,
+        request_id=call.request_id,
+        tenant_id=call.key.tenant_id,
+        api_key_id=call.key.key_id,
+        provider=call.dialect.provider,
+        provider_model_id=call.model,
+        occurred_at=call.started,
         recorded_at=datetime.now(UTC),
-        usage=UsageCounts.of(parsed.usage),
-        usage_source="upstream",
-        usage_format=parsed.format,
-        reported=ReportedCharge.of(parsed.reported),
-        metadata={"route": "/v1/chat/completions"},
+        usage=UsageCounts.of(usage),
+        usage_source=source,
+        usage_format=usage_format,
+        reported=reported,
+        metadata={"route": call.dialect.route},
     )
+
+
+def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps({"error": {"message": message, "code": status}}).encode(),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def parse_body(raw: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+async def forward(
+    request: Request,
+    call: Call,
+    upstream: httpx.Request,
+    client: httpx.AsyncClient,
+    *,
+    stream: bool,
+) -> Response:
+    """Send ``upstream``, pass its answer back and bill it through the emitter."""
+    state = request.app.state
+    emitter = state.emitter
+    if not emitter.accepting:
+        metrics.PROXY_REFUSED.inc()
+        return error(503, "usage spool is full; try again later", {"retry-after": "5"})
+    try:
+        response = await client.send(upstream, stream=True)
+    except httpx.TimeoutException:
+        return error(504, "upstream timed out")
+    except httpx.TransportError as exc:
+        log.warning("upstream unreachable for %s: %r", call.request_id, exc)
+        return error(502, "upstream unreachable")
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
+    headers["x-billing-request-id"] = call.request_id
+    succeeded = response.is_success
+    bill = state.emit_usage
+
+    if not stream:
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        if bill:
+            _bill_body(emitter, call, content, succeeded)
+        return Response(content, status_code=response.status_code, headers=headers)
+
+    async def relay() -> AsyncIterator[bytes]:
+        reader = _StreamReader(call.dialect)
+        try:
+            async for chunk in response.aiter_raw():
+                reader.feed(chunk)
+                yield chunk
+        finally:
+            reader.end()
+            # Billing first and without awaiting: a client that went away cancels this
+            # generator, and any further await would be cancelled with it.
+            if bill:
+                _bill_stream(emitter, call, reader, succeeded)
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    return StreamingResponse(relay(), status_code=response.status_code, headers=headers)
+
+
+class _StreamReader:
+    """Follows an SSE stream as it passes: the last usage seen and the text generated."""
+
+    __slots__ = ("dialect", "tail", "usage", "text")
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.tail = b""
+        self.usage: Any = None
+        self.text: list[str] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self.tail += chunk
+        *lines, self.tail = self.tail.split(b"\n")
+        for line in lines:
+            self._line(line)
+
+    def end(self) -> None:
+        if self.tail:
+            self._line(self.tail)
+            self.tail = b""
+
+    def _line(self, line: bytes) -> None:
+        line = line.strip()
+        if not line.startswith(b"data:") or line == b"data: [DONE]":
+            return
+        try:
+            document = json.loads(line[5:], parse_float=Decimal)
+        except ValueError:
+            return
+        if not isinstance(document, dict):
+            return
+        usage = self.dialect.usage_of(document)
+        if usage is not None:
+            self.usage = usage
+        self.text.append(self.dialect.text_of(document))
+
+
+def _bill_stream(emitter: Any, call: Call, reader: _StreamReader, succeeded: bool) -> None:
+    if reader.usage is not None:
+        event = usage_event(call, reader.usage)
+        if event is not None:
+            emitter.submit(event)
+    elif succeeded:
+        text = "".join(reader.text)
+        emitter.submit_later(lambda: estimated_event(call, text))
+
+
+def _bill_body(emitter: Any, call: Call, content: bytes, succeeded: bool) -> None:
+    try:
+        answer = json.loads(content, parse_float=Decimal)
+    except ValueError:
+        answer = None  # not JSON (an upstream error page)
+    usage = call.dialect.usage_of(answer) if isinstance(answer, dict) else None
+    if usage is not None:
+        event = usage_event(call, usage)
+        if event is not None:
+            emitter.submit(event)
+    elif succeeded and isinstance(answer, dict):
+        text = call.dialect.text_of(answer)
+        emitter.submit_later(lambda: estimated_event(call, text))
+    # a failed request without usage is not billed
+
+
+def forwarded_headers(request: Request) -> dict[str, str]:
+    """Client headers worth passing on: OpenRouter's attribution (``HTTP-Referer``,
+    ``X-Title``) and other ``x-`` headers; never the client's credentials."""
+    return {
+        k: v
+        for k, v in request.headers.items()
+        if (k.startswith("x-") and not k.startswith("x-billing-") and k != "x-goog-api-key")
+        or k == "http-referer"
+    }
 
 
 @router.post("/v1/chat/completions")
@@ -64,87 +295,15 @@ async def chat_completions(
 ) -> Response:
     state = request.app.state
     raw = await request.body()
-    try:
-        body = json.loads(raw)
-        model = str(body["model"])
-    except (ValueError, KeyError, TypeError):
-        return Response(
-            b'{"error": {"message": "body must be JSON with a model"}}',
-            status_code=400,
-            media_type="application/json",
-        )
-    started = datetime.now(UTC)
-    request_id = f"req-{uuid.uuid4()}"
+    body = parse_body(raw)
+    if body is None or not isinstance(body.get("model"), str) or not body["model"]:
+        return error(400, "body must be a JSON object with a model")
+    call = Call(key, OPENAI, body["model"], body, f"req-{uuid.uuid4()}", datetime.now(UTC))
     client: httpx.AsyncClient = state.upstream
     upstream = client.build_request(
         "POST",
         "/chat/completions",
         content=raw,
-        headers=_forwarded(request) | state.upstream_headers,
+        headers=forwarded_headers(request) | state.upstream_headers,
     )
-    response = await client.send(upstream, stream=True)
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
-    headers["x-billing-request-id"] = request_id
-
-    if not body.get("stream"):
-        content = await response.aread()
-        await response.aclose()
-        await _bill_body(state, key, model, content, request_id, started)
-        return Response(content, status_code=response.status_code, headers=headers)
-
-    async def relay() -> AsyncIterator[bytes]:
-        tail = b""
-        usage: Any = None
-        try:
-            async for chunk in response.aiter_raw():
-                yield chunk
-                tail += chunk
-                *lines, tail = tail.split(b"\n")
-                for line in lines:
-                    usage = _usage_of_line(line) or usage
-        finally:
-            await response.aclose()
-            if tail:
-                usage = _usage_of_line(tail) or usage
-            if usage is not None:
-                event = usage_event(key, model, usage, request_id, started)
-                if event is not None:
-                    await state.emitter.emit(event)
-
-    return StreamingResponse(relay(), status_code=response.status_code, headers=headers)
-
-
-def _forwarded(request: Request) -> dict[str, str]:
-    """Client headers worth passing on: OpenRouter's attribution (``HTTP-Referer``,
-    ``X-Title``) and other ``x-`` headers; never the client's credentials."""
-    return {
-        k: v
-        for k, v in request.headers.items()
-        if (k.startswith("x-") and not k.startswith("x-billing-")) or k == "http-referer"
-    }
-
-
-def _usage_of_line(line: bytes) -> Any:
-    line = line.strip()
-    if not line.startswith(b"data:") or line == b"data: [DONE]":
-        return None
-    try:
-        chunk = json.loads(line[5:], parse_float=Decimal)
-    except ValueError:
-        return None
-    return chunk.get("usage") if isinstance(chunk, dict) else None
-
-
-async def _bill_body(
-    state: Any, key: TenantKey, model: str, content: bytes, request_id: str, started: datetime
-) -> None:
-    try:
-        answer = json.loads(content, parse_float=Decimal)
-    except ValueError:
-        return  # not JSON (an upstream error page): nothing to bill
-    usage = answer.get("usage") if isinstance(answer, dict) else None
-    if usage is None:
-        return  # failed requests are billed only when the upstream reported usage
-    event = usage_event(key, model, usage, request_id, started)
-    if event is not None:
-        await state.emitter.emit(event)
+    return await forward(request, call, upstream, client, stream=bool(body.get("stream")))

@@ -77,10 +77,17 @@ def tansu_binary() -> Path:
 class EmbeddedBroker:
     """A Tansu broker on 127.0.0.1 with in-memory storage, run as a child process."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
         self._auto_port = port is None
         self.port = port if port is not None else _free_port()
         self.log_path = log_path
+        self.advertised_port = advertised_port
+        """Where clients are told to connect, when not ``port`` (a proxy in front, in tests)."""
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -162,13 +169,14 @@ class EmbeddedBroker:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         listener = f"tcp://{self.bootstrap}"
+        advertised = f"tcp://{HOST}:{self.advertised_port or self.port}"
         command = [
             str(tansu_binary()),
             "broker",
             "--listener-url",
             listener,
             "--advertised-listener-url",
-            listener,
+            advertised,
             "--storage-engine",
             "memory://tansu/",
         ]

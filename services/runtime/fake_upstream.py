@@ -137,6 +137,10 @@ def create_fake_upstream(config: FakeConfig | None = None) -> FastAPI:
         usage["cost_details"] = {"upstream_inference_cost": None}
         return usage
 
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
     @app.post("/api/v1/chat/completions")
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

@@ -40,3 +40,12 @@ EMIT_QUEUE_DEPTH = Gauge(
 EMIT_OLDEST_AGE = Gauge(
     "billing_emit_oldest_unsent_seconds", "Age of the oldest usage event not yet acknowledged"
 )
+SPOOL_BYTES = Gauge("billing_spool_bytes", "Bytes of usage waiting in the gateway's on-disk spool")
+SPOOLED = Counter("billing_spooled_events_total", "Usage events written to the spool")
+RESENT = Counter("billing_spool_resent_events_total", "Spooled usage events the broker took")
+SPOOL_REJECTED = Counter(
+    "billing_spool_rejected_lines_total", "Spool lines that did not decode (kept in rejected.jsonl)"
+)
+PROXY_REFUSED = Counter(
+    "billing_proxy_refused_total", "Proxy requests refused with 503 because usage had no room"
+)

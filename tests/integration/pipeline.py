@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -48,10 +49,14 @@ class Pipeline:
             "BILLING_CATALOGUE_SYNC": "false",
         }
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        """Run ``billing NAME ARGS…`` (``env`` adds to the pipeline's environment)."""
         log = (self.workdir / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(
-            [BILLING, name], env=self.env(), stdout=log, stderr=subprocess.STDOUT
+            [BILLING, name, *args],
+            env=self.env() | (env or {}),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
 
@@ -127,3 +132,43 @@ async def wait_for_count(pipeline: Pipeline, count: int, timeout: float = 90.0) 
                 f"\n--- projector\n{pipeline.log('projector')}"
             )
         await asyncio.sleep(0.5)
+
+
+class FlakyProxy:
+    """A TCP proxy (to PostgreSQL, to the broker) that can be cut (connections reset, port
+    refusing) and started again on the same port."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.links: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.links):
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self.links.update({writer, up_writer})
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self.links.difference_update({writer, up_writer})

@@ -8,7 +8,6 @@ request was billed exactly once and the summary equals the transactions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from services.core.pricebook import InMemoryPriceBook
 from services.runtime.kafka import ensure_topics, make_consumer
 from tests.integration.pipeline import (
+    FlakyProxy,
     Pipeline,
     billed_totals,
     expected_totals,
@@ -84,45 +84,6 @@ async def test_pricer_and_projector_killed_mid_stream_lose_and_double_nothing(
     await wait_for_count(pipeline, len(items), timeout=120)
     await asyncio.sleep(2)
     await assert_exact(pipeline, items, snapshot_book)
-
-
-class FlakyProxy:
-    """A TCP proxy to PostgreSQL that can be cut (connections reset, port refusing)."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.links: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in list(self.links):
-            writer.transport.abort()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self.links.update({writer, up_writer})
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        self.links.difference_update({writer, up_writer})
 
 
 async def test_database_unreachable_for_ten_seconds_then_caught_up(

@@ -124,3 +124,51 @@ def test_upstream_errors_pass_through_unbilled(
     )
     assert failed.status_code == 502
     assert asyncio.run(read_all(kafka_bootstrap, topics.usage, 1, timeout=3)) == []
+
+
+def test_a_cut_stream_is_billed_from_an_estimate(
+    setup: tuple[TestClient, Counting, str, Topics], kafka_bootstrap: str
+) -> None:
+    client, _, key, topics = setup
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "x-fake-completion-tokens": "40",
+        "x-fake-cut-after": "5",  # five words, then the upstream hangs up: no usage
+    }
+    cut = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers)
+    assert cut.status_code == 200 and "[DONE]" not in cut.text
+    (event,) = map(decode_recorded, asyncio.run(read_all(kafka_bootstrap, topics.usage, 1)))
+    assert event.request_id == cut.headers["x-billing-request-id"]
+    assert event.usage_source == "estimated" and event.reported is None
+    assert 5 <= event.usage.completion_tokens <= 15  # five short words, not forty
+    assert event.usage.prompt_tokens > 50  # "count " * 50, plus the chat formatting
+
+
+@pytest.mark.parametrize(("policy", "second_status"), [("reject", 503), ("accept", 200)])
+def test_a_full_spool_refuses_requests_when_the_policy_says_so(
+    database_url: str, tmp_path: Path, policy: str, second_status: int
+) -> None:
+    key = asyncio.run(make_key(database_url))
+    settings = Settings(
+        data_dir=tmp_path,
+        catalogue_sync=False,
+        database_url=database_url,
+        kafka_bootstrap=None,  # no broker: every event goes to the spool
+        spool_max_bytes=1,
+        spool_full_policy=policy,  # type: ignore[arg-type]
+        openrouter_base_url="http://upstream.test/api/v1",
+    )
+    transport = httpx.ASGITransport(app=create_fake_upstream())
+    auth = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(settings, upstream_transport=transport)) as client:
+        assert client.post("/v1/chat/completions", json=CHAT, headers=auth).status_code == 200
+        for _ in range(100):  # the first request's usage reaches the disk
+            if "billing_spool_bytes 0.0" not in client.get("/metrics").text:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        second = client.post("/v1/chat/completions", json=CHAT, headers=auth)
+        assert second.status_code == second_status
+        if second_status == 503:
+            assert second.headers["retry-after"] == "5"
+            assert "spool is full" in second.json()["error"]["message"]
+    assert list((tmp_path / "spool").glob("0*.jsonl")), "the usage stays on disk for later"

@@ -1,0 +1,193 @@
+"""The usage spool and the emitter in front of it, with a fake producer (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from aiokafka.errors import KafkaConnectionError
+
+from services.core.events import UsageCounts, UsageRecorded, decode_recorded
+from services.core.usage import Usage
+from services.gateway.emitter import Emitter
+from services.gateway.spool import Spool, SpoolBusy
+
+
+def event(n: int) -> UsageRecorded:
+    now = datetime.now(UTC)
+    return UsageRecorded(
+        request_id=f"req-{n}",
+        tenant_id="acme",
+        provider="openrouter",
+        provider_model_id="openai/gpt-4o-mini",
+        occurred_at=now,
+        recorded_at=now,
+        usage=UsageCounts.of(Usage(prompt_tokens=10 + n, uncached_input_tokens=10 + n)),
+    )
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    opened = Spool(tmp_path / "spool", segment_bytes=2_000)
+    opened.open()
+    yield opened
+    opened.close()
+
+
+def ids(events: list[UsageRecorded]) -> list[str]:
+    return [e.request_id for e in events]
+
+
+def read_back(spool: Spool) -> list[str]:
+    return [e.request_id for path in spool.sealed() for batch in spool.read(path, 7) for e in batch]
+
+
+def test_appended_events_survive_a_reopen_in_order(spool: Spool, tmp_path: Path) -> None:
+    spool.append([event(n) for n in range(10)])
+    spool.append([event(n) for n in range(10, 25)])
+    assert len(spool.segments()) > 1, "2 kB segments should have rolled over"
+    size = spool.size_bytes
+    spool.close()
+    again = Spool(tmp_path / "spool")
+    again.open()
+    assert again.size_bytes == size
+    assert read_back(again) == [f"req-{n}" for n in range(25)]
+    again.close()
+
+
+def test_a_torn_last_line_is_cut_and_kept_aside(tmp_path: Path) -> None:
+    first = Spool(tmp_path / "spool")
+    first.open()
+    first.append([event(1), event(2)])
+    first.close()
+    segment = first.segments()[-1]
+    with segment.open("ab") as handle:
+        handle.write(event(3).model_dump_json().encode()[:40])  # died mid-write
+    again = Spool(tmp_path / "spool")
+    again.open()
+    assert read_back(again) == ["req-1", "req-2"]
+    assert segment.read_bytes().endswith(b"\n")
+    assert (tmp_path / "spool" / "rejected.jsonl").read_bytes().startswith(b'{"event_type"')
+    again.close()
+
+
+def test_an_undecodable_line_goes_to_rejected_not_to_the_broker(spool: Spool) -> None:
+    spool.append([event(1)])
+    with spool.segments()[-1].open("ab") as handle:
+        handle.write(b'{"event_type": "UsageRecorded", "nonsense": 1}\n')
+    spool.append([event(2)])
+    assert read_back(spool) == ["req-1", "req-2"]
+    rejected = (spool.directory / "rejected.jsonl").read_text()
+    assert "nonsense" in rejected
+
+
+def test_removing_sealed_segments_empties_the_spool(spool: Spool) -> None:
+    spool.append([event(n) for n in range(30)])
+    assert spool.oldest is not None
+    for path in spool.sealed():
+        spool.remove(path)
+    assert spool.empty and spool.size_bytes == 0 and spool.oldest is None
+    assert spool.segments() == []
+
+
+def test_one_gateway_owns_a_spool_directory(spool: Spool) -> None:
+    other = Spool(spool.directory)
+    with pytest.raises(SpoolBusy, match="BILLING_SPOOL_DIR"):
+        other.open()
+
+
+class FakeProducer:
+    """Takes ``send`` like aiokafka's producer; ``down`` makes every send fail."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.sent: list[UsageRecorded] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+        if self.down:
+            raise KafkaConnectionError("broker away")
+        self.sent.append(decode_recorded(value))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def wait_until(condition: object, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():  # type: ignore[operator]
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_emitter_sends_while_the_broker_is_up_and_spools_while_it_is_not(
+    tmp_path: Path,
+) -> None:
+    producer = FakeProducer()
+    emitter = Emitter(lambda: producer, "usage", Spool(tmp_path / "spool"))  # type: ignore[arg-type,return-value]
+    await emitter.start()
+    emitter.submit(event(1))
+    await wait_until(lambda: len(producer.sent) == 1)
+    assert emitter.spool.empty
+
+    producer.down = True
+    for n in range(2, 12):
+        emitter.submit(event(n))
+    await wait_until(lambda: emitter.depth == 0 and not emitter.spool.empty)
+    assert not emitter.broker_up
+    assert ids(producer.sent) == ["req-1"]
+
+    producer.down = False  # the broker is back: the spool is re-sent, then deleted
+    await wait_until(lambda: emitter.spool.empty, timeout=10)
+    emitter.submit(event(12))
+    await wait_until(lambda: len(producer.sent) == 12)
+    assert sorted(ids(producer.sent)) == sorted(f"req-{n}" for n in range(1, 13))
+    await emitter.close()
+
+
+async def test_shutdown_spools_what_it_could_not_send_and_the_next_run_sends_it(
+    tmp_path: Path,
+) -> None:
+    emitter = Emitter(lambda: None, "usage", Spool(tmp_path / "spool"))
+    await emitter.start()
+    for n in range(5):
+        emitter.submit(event(n))
+    emitter.submit_later(lambda: event(5))  # an estimate, built in a worker thread
+    emitter.submit_later(lambda: None)  # an estimate that failed: nothing to send
+    await emitter.close(timeout=0.1)
+
+    producer = FakeProducer()
+    second = Emitter(lambda: producer, "usage", Spool(tmp_path / "spool"))  # type: ignore[arg-type,return-value]
+    await second.start()
+    await wait_until(lambda: second.spool.empty)
+    assert sorted(ids(producer.sent)) == [f"req-{n}" for n in range(6)]
+    await second.close()
+
+
+async def test_a_full_spool_refuses_new_work_only_when_told_to(tmp_path: Path) -> None:
+    strict = Emitter(lambda: None, "usage", Spool(tmp_path / "a"), spool_max_bytes=1_000)
+    lenient = Emitter(
+        lambda: None, "usage", Spool(tmp_path / "b"), spool_max_bytes=1_000, reject_when_full=False
+    )
+    for emitter in (strict, lenient):
+        await emitter.start()
+        assert emitter.accepting
+        for n in range(10):
+            emitter.submit(event(n))
+        await wait_until(lambda e=emitter: e.spool.size_bytes > 1_000)  # type: ignore[misc]
+    assert not strict.accepting
+    assert lenient.accepting
+    for emitter in (strict, lenient):
+        await emitter.close(timeout=0)
+
+
+async def test_a_full_queue_refuses_new_work(tmp_path: Path) -> None:
+    emitter = Emitter(lambda: None, "usage", Spool(tmp_path / "spool"), max_queue=3)
+    for n in range(3):  # not started: nothing drains the queue
+        emitter.submit(event(n))
+    assert not emitter.accepting
+    emitter.submit(event(3))  # an answered request is still taken
+    assert emitter.depth == 4
