@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -100,6 +100,15 @@ class PriceBook(PriceLookup, Protocol):
 
 
 _DIGIT_DASH_DIGIT = re.compile(r"(?<=\d)-(?=\d)")
+
+
+def prices_in_effect(book: PriceBook, at: datetime) -> Iterator[PriceVersion]:
+    """The version in effect at ``at`` of every model priced then, by model id."""
+    for model in book.models():
+        try:
+            yield book.lookup(model, at)
+        except PriceNotFound:
+            continue  # priced only from a later date
 
 
 def spelling_key(model: str) -> str:

@@ -3,27 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from services.core.errors import PriceNotFound
-from services.core.pricebook import PriceBook, PriceVersion
+from services.core.pricebook import PriceBook, prices_in_effect
 from services.gateway.auth import require_tenant
 from services.runtime.pricing_cache import PricingCache
 
 router = APIRouter()
-
-
-def prices_in_effect(book: PriceBook, at: datetime) -> Iterator[PriceVersion]:
-    """The version in effect at ``at`` of every model priced then, by model id."""
-    for model in book.models():
-        try:
-            yield book.lookup(model, at)
-        except PriceNotFound:
-            continue  # priced only from a later date
 
 
 def model_list(book: PriceBook, at: datetime) -> dict[str, Any]:

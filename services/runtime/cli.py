@@ -15,7 +15,7 @@ import orjson
 
 from services.core.errors import BillingError
 from services.core.money import fmt
-from services.core.pricebook import PriceBook, PriceLookup, PriceVersion
+from services.core.pricebook import PriceBook, PriceLookup, PriceVersion, prices_in_effect
 from services.core.pricing import parse_pricing
 from services.core.quote import error_json, parse_time, quote
 from services.runtime.errors import (
@@ -248,14 +248,10 @@ def prices_list(obj: Context, at: str | None) -> None:
     when = _cli_time(at)
     million = Decimal(1_000_000)
     click.echo(f"{'model':<48} {'$/M in':>10} {'$/M out':>10} {'version':>8}  effective from")
-    for model in obj.book.models():
-        try:
-            v = obj.book.lookup(model, when)
-        except BillingError:
-            continue
+    for v in prices_in_effect(obj.book, when):
         p = v.pricing
         click.echo(
-            f"{model:<48} {fmt(p.prompt * million):>10} {fmt(p.completion * million):>10} "
+            f"{v.model:<48} {fmt(p.prompt * million):>10} {fmt(p.completion * million):>10} "
             f"{v.version:>8}  {v.effective_from.isoformat()}"
         )
 
