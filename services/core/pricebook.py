@@ -186,17 +186,25 @@ class InMemoryPriceBook:
         )
 
     def _apply(self, version: PriceVersion) -> None:
-        """Index an existing version (used by adapters replaying their storage)."""
-        versions = self._versions.setdefault((version.layer, version.model), [])
+        """Index an existing version (used by adapters replaying their storage).
+
+        Copy-on-write: each index entry is replaced by a new list or set, never changed in
+        place, so a reader on another thread (the PostgreSQL adapter catches up on its own
+        thread) sees either the old entry or the new one, never one half-changed."""
+        key = (version.layer, version.model)
+        versions = list(self._versions.get(key, ()))
         bisect.insort(versions, version, key=lambda v: (v.effective_from, v.version))
-        self._history.setdefault(version.model, []).append(version)
-        self._loose.setdefault(spelling_key(version.model), set()).add(version.model)
+        self._versions[key] = versions
+        self._history[version.model] = [*self._history.get(version.model, ()), version]
+        loose = spelling_key(version.model)
+        self._loose[loose] = self._loose.get(loose, set()) | {version.model}
         self._last_version = max(self._last_version, version.version)
 
     def add_alias(self, alias: str, model: str) -> None:
         if alias != model:
             self._aliases[alias] = model
-            self._loose.setdefault(spelling_key(alias), set()).add(model)
+            loose = spelling_key(alias)
+            self._loose[loose] = self._loose.get(loose, set()) | {model}
 
     # -- reading --------------------------------------------------------------------------
 
@@ -253,7 +261,7 @@ class InMemoryPriceBook:
         return self._last_version
 
     def all_versions(self) -> Iterable[PriceVersion]:
-        for versions in self._history.values():
+        for versions in list(self._history.values()):
             yield from versions
 
     def aliases(self) -> dict[str, str]:
