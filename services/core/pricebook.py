@@ -49,6 +49,19 @@ class PriceVersion:
         object.__setattr__(self, "pricing_json", MappingProxyType(self.pricing.to_json()))
         object.__setattr__(self, "effective_from_iso", self.effective_from.isoformat())
 
+    def to_json(self) -> dict[str, Any]:
+        """The version as the CLI and the API show it (who/why/when included)."""
+        return {
+            "model": self.model,
+            "version": self.version,
+            "layer": self.layer,
+            "source": self.source,
+            "effective_from": self.effective_from_iso,
+            "recorded_at": self.recorded_at.isoformat(),
+            "reason": self.reason,
+            "pricing": dict(self.pricing_json),
+        }
+
 
 class PriceLookup(Protocol):
     """Anything that can answer "what did model M cost at time T"."""

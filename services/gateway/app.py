@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.core.errors import BillingError, PriceNotFound
 from services.core.quote import error_json, quote
-from services.gateway import gemini, ingest, models, proxy, queries, tokens
+from services.gateway import gemini, ingest, models, prices_api, proxy, queries, tokens
 from services.gateway.auth import KeyCache, require_admin
 from services.gateway.emitter import Emitter
 from services.gateway.spool import Spool
@@ -173,6 +173,7 @@ def create_app(
     app.include_router(proxy.router)
     app.include_router(gemini.router)
     app.include_router(models.router)
+    app.include_router(prices_api.router)
     return app
 
 

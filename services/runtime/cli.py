@@ -13,9 +13,10 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 import orjson
 
+from services.core.corrections import parse_changes, record_correction
 from services.core.errors import BillingError
 from services.core.money import fmt
-from services.core.pricebook import PriceBook, PriceLookup, PriceVersion, prices_in_effect
+from services.core.pricebook import PriceBook, PriceLookup, prices_in_effect
 from services.core.pricing import parse_pricing
 from services.core.quote import error_json, parse_time, quote
 from services.runtime.errors import (
@@ -237,7 +238,84 @@ def prices_override(
     if version is None:
         click.echo("unchanged: that override is already in effect", err=True)
         return
-    click.echo(json.dumps(_version_json(version), indent=2))
+    click.echo(json.dumps(version.to_json(), indent=2))
+
+
+@prices.command("set")
+@click.argument("model")
+@click.option("--prompt", help="USD per prompt token (with --per-million: per million).")
+@click.option("--completion", help="USD per completion token.")
+@click.option("--input-cache-read", help="USD per cached prompt token read.")
+@click.option("--input-cache-write", help="USD per prompt token written to the cache.")
+@click.option("--per-million", is_flag=True, help="The prices above are USD per million tokens.")
+@click.option("--effective-from", required=True, help="RFC 3339 time it applies from.")
+@click.option("--reason", required=True, help="Why (kept with the version: the audit trail).")
+@click.option("--by", default=lambda: os.environ.get("USER", ""), help="Who (default: $USER).")
+@click.pass_obj
+def prices_set(
+    obj: Context,
+    model: str,
+    prompt: str | None,
+    completion: str | None,
+    input_cache_read: str | None,
+    input_cache_write: str | None,
+    per_million: bool,
+    effective_from: str,
+    reason: str,
+    by: str,
+) -> None:
+    """Correct MODEL's price from a past or future time: a new version, nothing overwritten.
+
+    The prices given replace those of the version in effect then; the others carry over.
+    `billing reprice` then re-rates the usage it covers.
+    """
+    raw = {
+        "prompt": prompt,
+        "completion": completion,
+        "input_cache_read": input_cache_read,
+        "input_cache_write": input_cache_write,
+    }
+    try:
+        changes = parse_changes(raw, per_million=per_million)
+        version, base = record_correction(
+            obj.book, model, changes, effective_from=_cli_time(effective_from), reason=reason, by=by
+        )
+    except BillingError as exc:
+        click.echo(json.dumps(error_json(exc), indent=2))
+        sys.exit(1)
+    if version is None:
+        click.echo("unchanged: that price is already in effect", err=True)
+        return
+    click.echo(
+        json.dumps(version.to_json() | {"replaces_version": base and base.version}, indent=2)
+    )
+
+
+@prices.command("history")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+@click.pass_obj
+def prices_history(obj: Context, model: str, as_json: bool) -> None:
+    """Every version MODEL's price has had: when it applies, who recorded it, why."""
+    versions = sorted(obj.book.history(model), key=lambda v: v.version)
+    if not versions:
+        click.echo(f"no price has ever been recorded for {model}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps([v.to_json() for v in versions], indent=2))
+        return
+    million = Decimal(1_000_000)
+    click.echo(
+        f"{'version':>7} {'layer':<9} {'effective from':<25} {'$/M in':>9} {'$/M out':>9} "
+        f"{'recorded at':<25} {'source':<24} reason"
+    )
+    for v in versions:
+        p = v.pricing
+        click.echo(
+            f"{v.version:>7} {v.layer:<9} {v.effective_from_iso:<25} "
+            f"{fmt(p.prompt * million):>9} {fmt(p.completion * million):>9} "
+            f"{v.recorded_at.isoformat(timespec='seconds'):<25} {v.source:<24} {v.reason}"
+        )
 
 
 @prices.command("list")
@@ -267,23 +345,10 @@ def prices_show(obj: Context, model: str, at: str | None) -> None:
     except BillingError as exc:
         click.echo(json.dumps(error_json(exc), indent=2))
         sys.exit(1)
-    document = _version_json(current) | {
-        "history": [_version_json(v) for v in obj.book.history(current.model)]
+    document = current.to_json() | {
+        "history": [v.to_json() for v in obj.book.history(current.model)]
     }
     click.echo(json.dumps(document, indent=2))
-
-
-def _version_json(v: PriceVersion) -> dict[str, Any]:
-    return {
-        "model": v.model,
-        "version": v.version,
-        "layer": v.layer,
-        "source": v.source,
-        "effective_from": v.effective_from.isoformat(),
-        "recorded_at": v.recorded_at.isoformat(),
-        "reason": v.reason,
-        "pricing": v.pricing.to_json(),
-    }
 
 
 def _cli_time(value: str | None) -> datetime:
