@@ -22,6 +22,7 @@ from services.core.cost import COMPONENTS
 from services.core.events import Position, UsagePriced
 from services.core.money import EXACT
 from services.core.usage import Usage
+from services.runtime.metrics import observe_reported_drift
 
 COUNT_COLUMNS = Usage._fields  # one column per normalised count
 COST_COLUMNS = (*COMPONENTS, "total_cost")  # one column per breakdown component
@@ -33,6 +34,7 @@ TRANSACTION_COLUMNS = (
     "provider_model_id",
     "model",
     "occurred_at",
+    "recorded_at",
     "usage_source",
     *COUNT_COLUMNS,
     *COST_COLUMNS,
@@ -44,6 +46,8 @@ TRANSACTION_COLUMNS = (
     "priced_at",
     "metadata",
 )
+_TOTAL = TRANSACTION_COLUMNS.index("total_cost")
+_REPORTED = TRANSACTION_COLUMNS.index("reported_cost")
 SUMMARY_KEY = ("tenant_id", "day", "model", "api_key_id")
 SUMMARY_VALUES = (*COUNT_COLUMNS, *COST_COLUMNS)
 ADJUSTMENT_COLUMNS = (
@@ -84,6 +88,7 @@ def _row(event: UsagePriced) -> tuple[Any, ...]:
         event.provider_model_id,
         event.model,
         event.occurred_at,
+        event.recorded_at,
         event.usage_source,
         *(getattr(usage, c) for c in COUNT_COLUMNS),
         *(getattr(b, c) for c in COST_COLUMNS),
@@ -158,7 +163,9 @@ async def apply_batch(
         rows: list[tuple[Any, ...]] = []
         deltas: dict[tuple[Any, ...], list[Any]] = {}
         adjustments: list[tuple[Any, ...]] = []
-        value_slice = slice(8, 8 + len(SUMMARY_VALUES))
+        drifts: list[Decimal] = []  # |computed - reported| of first-time rows (metrics)
+        first = TRANSACTION_COLUMNS.index(SUMMARY_VALUES[0])
+        value_slice = slice(first, first + len(SUMMARY_VALUES))
         with localcontext(EXACT):  # exact sums (see _add)
             for event in latest:
                 row = _row(event)
@@ -169,6 +176,8 @@ async def apply_batch(
                 _add(deltas, _summary_key(row), row[value_slice], +1)
                 if old is None:
                     result.inserted += 1
+                    if (charge := row[_REPORTED]) is not None:
+                        drifts.append(abs(row[_TOTAL] - charge))
                     continue
                 old_row = tuple(old.values())
                 _add(deltas, _summary_key(old_row), old_row[value_slice], -1)
@@ -204,6 +213,7 @@ async def apply_batch(
                 " EXCLUDED.next_offset), updated_at = now()",
                 [(consumer, t, p, o) for (t, p), o in offsets.items()],
             )
+    observe_reported_drift(drifts)  # after the commit: a retried batch counts once
     return result
 
 
