@@ -1,18 +1,21 @@
-"""The billing query API: transactions (keyset pages, newest first) and summaries."""
+"""The billing query API: transactions (keyset pages, newest first), summaries, and the
+drift of computed costs from the upstream-reported ones."""
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from datetime import UTC, date, datetime
-from decimal import Decimal
+from decimal import Context, Decimal, localcontext
 from typing import Annotated, Any, Literal
 
 import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
-from services.core.money import fmt
+from services.core.money import EXACT, fmt
 from services.gateway.auth import TenantKey, require_admin, require_tenant
 from services.projector.apply import COST_COLUMNS, COUNT_COLUMNS
+from services.runtime.metrics import REPORTED_COST_TOLERANCE
 
 router = APIRouter(prefix="/internal/billing", dependencies=[Depends(require_admin)])
 
@@ -176,6 +179,94 @@ async def summary(
         "currency": "USD",
         "rows": groups,
         "totals": totals,
+    }
+
+
+# -- drift: our computed cost against the charge the upstream reported -----------------------
+
+
+@router.get("/drift")
+async def drift(
+    request: Request,
+    since: datetime,
+    until: datetime,
+    model: str | None = None,
+    top: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> dict[str, Any]:
+    """How far computed costs are from the upstream-reported ones over [since, until).
+
+    Every tenant's transactions count. A row's reported cost is OpenRouter's ``usage.cost``
+    or, for BYOK, ``cost_details.upstream_inference_cost``: the upstream's charge for the
+    inference, which is what we price (OpenRouter's BYOK fee is not), so BYOK rows are
+    included. ``sums`` cover the rows that carry a reported cost (``computed -
+    reported``); ``share_within_tolerance`` is the share of those within $0.0001 (strictly,
+    as README's accuracy figures). ``worst_models``: the ``top`` models by absolute summed
+    difference, each in the same shape.
+    """
+    _text(model=model)
+    start, end = _aware(since, "since"), _aware(until, "until")
+    if start is None or end is None or end <= start:
+        raise HTTPException(422, "until must be later than since")
+    args: list[Any] = [start, end, REPORTED_COST_TOLERANCE]
+    condition = "occurred_at >= $1 AND occurred_at < $2"
+    if model is not None:
+        args.append(model)
+        condition += " AND (model = $4 OR provider_model_id = $4)"
+    rows = await _pool(request).fetch(
+        "SELECT model, count(*) AS transactions, count(reported_cost) AS with_reported_cost,"  # noqa: S608
+        " count(*) FILTER (WHERE abs(total_cost - reported_cost) < $3) AS within_tolerance,"
+        " coalesce(sum(total_cost) FILTER (WHERE reported_cost IS NOT NULL), 0) AS computed,"
+        " coalesce(sum(reported_cost), 0) AS reported,"
+        " coalesce(sum(total_cost) FILTER (WHERE reported_cost IS NULL), 0) AS unreported"
+        f" FROM billing_transactions WHERE {condition} GROUP BY model",
+        *args,
+    )
+    with localcontext(EXACT):  # sums of 30-place amounts need more than 28 digits
+        rows = sorted(rows, key=lambda r: (-abs(r["computed"] - r["reported"]), r["model"]))
+        overall = _drift_group(
+            {
+                key: sum((r[key] for r in rows), Decimal(0) if key in _DRIFT_SUMS else 0)
+                for key in (*_DRIFT_COUNTS, *_DRIFT_SUMS)
+            }
+        )
+        worst = [_drift_group(r, r["model"]) for r in rows[:top]]
+    return {
+        "since": start.isoformat(),
+        "until": end.isoformat(),
+        "model": model,
+        "currency": "USD",
+        "tolerance": fmt(REPORTED_COST_TOLERANCE),
+        **overall,
+        "worst_models": worst,
+    }
+
+
+_DRIFT_COUNTS = ("transactions", "with_reported_cost", "within_tolerance")
+_DRIFT_SUMS = ("computed", "reported", "unreported")
+
+
+def _drift_group(r: Mapping[str, Any], model: str | None = None) -> dict[str, Any]:
+    """One block of the drift answer (the whole window, or one model of it)."""
+    checked: int = r["with_reported_cost"]
+    share = None
+    if checked:
+        with localcontext(Context(prec=30)):  # a ratio is rounded: not the exact context
+            share = str((Decimal(r["within_tolerance"]) / checked).quantize(Decimal("0.0001")))
+    group: dict[str, Any] = {} if model is None else {"model": model}
+    return group | {
+        "counts": {
+            "transactions": r["transactions"],
+            "with_reported_cost": checked,
+            "without_reported_cost": r["transactions"] - checked,
+            "within_tolerance": r["within_tolerance"],
+        },
+        "share_within_tolerance": share,
+        "sums": {
+            "computed": fmt(r["computed"]),
+            "reported": fmt(r["reported"]),
+            "difference": fmt(r["computed"] - r["reported"]),
+            "computed_without_reported_cost": fmt(r["unreported"]),
+        },
     }
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from decimal import Decimal
+
 from prometheus_client import Counter, Gauge, Histogram
 
 INGESTED = Counter(
@@ -49,3 +52,39 @@ SPOOL_REJECTED = Counter(
 PROXY_REFUSED = Counter(
     "billing_proxy_refused_total", "Proxy requests refused with 503 because usage had no room"
 )
+
+# Reconciliation (services/runtime/reconcile.py): the projector checks every request it
+# inserts for the first time against the charge the upstream reported (revisions are not
+# checked again, so each request counts once; GET /internal/billing/drift reads the current
+# revisions). Observed only after the batch committed: a retried batch counts once.
+REPORTED_COST_TOLERANCE = Decimal("0.0001")
+"""|computed - reported| below this (USD) counts as "within" (as README's accuracy figures)."""
+REPORTED_COST_CHECKED = Counter(
+    "billing_reported_cost_checked_total",
+    "Newly projected requests carrying an upstream-reported cost, by whether the computed"
+    " cost is within $0.0001 of it",
+    ["outcome"],
+)
+REPORTED_COST_DRIFT = Histogram(
+    "billing_reported_cost_drift_usd",
+    "|computed - reported| per newly projected request that carries a reported cost (USD)",
+    buckets=(1e-9, 1e-6, 1e-5, 5e-5, 1e-4, 1e-3, 1e-2, 0.1, 1),
+)
+for _outcome in ("within", "outside"):
+    REPORTED_COST_CHECKED.labels(_outcome)  # both series exist from the start, at 0
+
+
+def observe_reported_drift(differences: Iterable[Decimal]) -> None:
+    """Count and histogram |computed - reported| of newly projected requests (float only
+    here: a metric is an approximation, never money)."""
+    within = outside = 0
+    for difference in differences:
+        if difference < REPORTED_COST_TOLERANCE:
+            within += 1
+        else:
+            outside += 1
+        REPORTED_COST_DRIFT.observe(float(difference))
+    if within:
+        REPORTED_COST_CHECKED.labels("within").inc(within)
+    if outside:
+        REPORTED_COST_CHECKED.labels("outside").inc(outside)

@@ -1,0 +1,531 @@
+"""Monthly reconciliation: our per-model totals for a UTC month beside a provider's export.
+
+``billing reconcile --month YYYY-MM --invoice FILE.csv`` is the second of the design's two
+checks; the first, per request, is ``GET /internal/billing/drift`` and the projector's
+``billing_reported_cost_*`` metrics. Reading the CSV and comparing are plain functions
+(unit-tested); the command only reads the database and prints.
+
+Errors: ``InvoiceError`` (a ``ValueError``): the export cannot be read; its message names the
+line and the column. The command turns it, and every other reason no comparison could be
+made, into ``ReconcileError`` (exit status 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Context as DecimalContext
+from decimal import Decimal, InvalidOperation, localcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from services.core.money import EXACT, ZERO, to_decimal
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from services.runtime.cli import Context
+
+MODEL_COLUMNS = ("model", "model_permaslug")
+COST_COLUMNS = ("cost_total", "cost", "total_cost", "total", "usage", "amount")
+DATE_COLUMNS = ("created_at", "date", "day")
+BYOK_COLUMN = "byok_usage_inference"
+"""Header names, matched case-insensitively; the first of each tuple present is used."""
+
+_ROUNDED = DecimalContext(prec=60)  # for display and ratios only, never for sums
+
+
+class InvoiceError(ValueError):
+    """The invoice export cannot be read (the message names the line and column)."""
+
+
+class ReconcileError(click.ClickException):
+    """No comparison could be made: bad input, no database (exit status 2)."""
+
+    exit_code = 2
+
+
+# -- reading the export ------------------------------------------------------------------------
+
+_GROUPED = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+_NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def parse_money(text: str) -> Decimal:
+    """A US-style amount as an exact ``Decimal``: ``1.23``, ``$1.23``, ``-$1,234.56``,
+    ``1.5e-05``, ``USD 3``. Raise ``ValueError`` saying why otherwise (``1,5``, ``1.234,56``
+    and ``(1.23)`` are refused: a comma only separates thousands)."""
+    value = text.strip()
+    upper = value.upper()
+    if upper.startswith("USD"):
+        value = value[3:].strip()
+    elif upper.endswith("USD"):
+        value = value[:-3].strip()
+    sign = ""
+    if value[:1] in ("-", "+"):
+        sign, value = value[0], value[1:].lstrip()
+    if value.startswith("$"):
+        value = value[1:].lstrip()
+    if not sign and value[:1] in ("-", "+"):
+        sign, value = value[0], value[1:]
+    if _GROUPED.fullmatch(value):
+        value = value.replace(",", "")
+    elif not _NUMBER.fullmatch(value):
+        raise ValueError(
+            f"{text.strip()!r:.40} is not an amount (write 1234.56, $1,234.56 or 1.5e-05;"
+            " a comma only separates thousands)"
+        )
+    return to_decimal(sign + value)
+
+
+def parse_when(text: str) -> datetime:
+    """A date (``2026-11-03``) or ISO 8601 time as an aware UTC time; without an offset,
+    UTC (``2026-11-03 18:54:30.040``, as OpenRouter's export writes it)."""
+    value = text.strip()
+    if value[-4:].upper() == " UTC":
+        value = value[:-4]
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value), datetime.min.time(), UTC)
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{text.strip()!r:.40} is not a date or an ISO 8601 time") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Which header columns hold what (positions in the row)."""
+
+    header: tuple[str, ...]
+    model: int
+    cost: int
+    date: int | None
+    byok: int | None
+
+    @property
+    def shape(self) -> str:
+        openrouter = {"model_permaslug", "cost_total", BYOK_COLUMN, "generation_id"}
+        return "openrouter" if openrouter & set(self.header) else "simple"
+
+    def describe(self) -> str:
+        used = [self.model, self.cost, self.date, self.byok]
+        return f"{self.shape}: " + ", ".join(self.header[i] for i in used if i is not None)
+
+
+def detect_layout(header: Iterable[str]) -> Layout:
+    """Find the model, cost, date and BYOK columns of a header line."""
+    names = tuple(h.strip().lstrip("\ufeff").lower() for h in header)
+    seen: set[str] = set()
+    for name in names:
+        if name and name in seen:
+            raise InvoiceError(f"line 1: column {name!r} appears twice in the header")
+        seen.add(name)
+
+    def first(candidates: tuple[str, ...]) -> int | None:
+        return next((names.index(c) for c in candidates if c in names), None)
+
+    model, cost = first(MODEL_COLUMNS), first(COST_COLUMNS)
+    missing = [
+        f"{what} column ({' or '.join(candidates)})"
+        for what, found, candidates in (
+            ("model", model, MODEL_COLUMNS),
+            ("cost", cost, COST_COLUMNS),
+        )
+        if found is None
+    ]
+    if model is None or cost is None:
+        raise InvoiceError(
+            f"line 1: the header ({', '.join(names)[:200]}) has no {' and no '.join(missing)}"
+        )
+    byok = names.index(BYOK_COLUMN) if BYOK_COLUMN in names else None
+    return Layout(names, model, cost, first(DATE_COLUMNS), byok)
+
+
+@dataclass(slots=True)
+class Invoice:
+    """An export summed per model (the export's own model names)."""
+
+    layout: Layout
+    totals: dict[str, Decimal] = field(default_factory=dict)
+    rows: int = 0
+    """Rows summed (inside the month, or every row when there is no date column)."""
+    outside: int = 0
+    """Rows dated outside the month, ignored."""
+    byok_rows: int = 0
+    """Rows taken at their ``byok_usage_inference`` rather than their cost."""
+
+
+def read_invoice(lines: Iterable[str], start: datetime, end: datetime) -> Invoice:
+    """Sum an export per model over [start, end); raise ``InvoiceError`` naming the line.
+
+    ``lines`` as from a file opened with ``newline=""`` (quoted fields may span lines).
+    """
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise InvoiceError("the file is empty (expected a header line such as model,cost)")
+        invoice = Invoice(detect_layout(header))
+        with localcontext(EXACT):  # sums are exact
+            for fields in reader:
+                _add_row(invoice, fields, reader.line_num, start, end)
+    except csv.Error as exc:
+        raise InvoiceError(f"line {reader.line_num}: not valid CSV ({exc})") from None
+    return invoice
+
+
+def _add_row(
+    invoice: Invoice, fields: list[str], line: int, start: datetime, end: datetime
+) -> None:
+    layout = invoice.layout
+    if not any(f.strip() for f in fields):
+        return  # a blank line
+    if len(fields) != len(layout.header):
+        raise InvoiceError(
+            f"line {line}: {len(fields)} fields where the header has {len(layout.header)}"
+        )
+
+    def cell(index: int, parse: Callable[[str], Any]) -> Any:
+        try:
+            return parse(fields[index])
+        except ValueError as exc:
+            raise InvoiceError(f"line {line}, column {layout.header[index]!r}: {exc}") from None
+
+    if layout.date is not None:
+        when: datetime = cell(layout.date, parse_when)
+        if not start <= when < end:
+            invoice.outside += 1
+            return
+    model = fields[layout.model].strip()
+    if not model:
+        raise InvoiceError(f"line {line}, column {layout.header[layout.model]!r}: no model")
+    amount: Decimal = cell(layout.cost, _amount)
+    if layout.byok is not None:
+        inference: Decimal = cell(layout.byok, _amount)
+        if inference > 0:  # BYOK: the provider's charge is what we price, not the fee
+            amount = inference
+            invoice.byok_rows += 1
+    invoice.totals[model] = invoice.totals.get(model, ZERO) + amount
+    invoice.rows += 1
+
+
+def _amount(text: str) -> Decimal:
+    return parse_money(text) if text.strip() else ZERO  # an empty cell is no charge
+
+
+def canonical_totals(
+    totals: Mapping[str, Decimal], resolve: Callable[[str], str | None]
+) -> tuple[dict[str, Decimal], list[str]]:
+    """Re-key the export's totals by the price book's canonical ids (permaslugs such as
+    ``openai/gpt-4.1-2025-04-14`` resolve through aliases); names the book does not know
+    are kept as they are and listed."""
+    merged: dict[str, Decimal] = {}
+    unknown: list[str] = []
+    with localcontext(EXACT):
+        for name, amount in totals.items():
+            canonical = resolve(name)
+            if canonical is None:
+                unknown.append(name)
+                canonical = name
+            merged[canonical] = merged.get(canonical, ZERO) + amount
+    return merged, sorted(unknown)
+
+
+# -- comparing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One model: our total and theirs (``None``: absent on that side)."""
+
+    model: str
+    ours: Decimal | None
+    theirs: Decimal | None
+    tolerance_pct: Decimal
+
+    @property
+    def difference(self) -> Decimal:
+        with localcontext(EXACT):
+            return (self.ours or ZERO) - (self.theirs or ZERO)
+
+    @property
+    def percent(self) -> Decimal | None:
+        """The difference as a percentage of theirs (``None`` when theirs is zero)."""
+        if not self.theirs:
+            return None
+        with localcontext(_ROUNDED):
+            return self.difference * 100 / self.theirs
+
+    @property
+    def off(self) -> bool:
+        """More than ``tolerance_pct`` away from theirs (any difference when theirs is 0)."""
+        with localcontext(EXACT):
+            return abs(self.difference) * 100 > self.tolerance_pct * abs(self.theirs or ZERO)
+
+    @property
+    def status(self) -> str:
+        if self.ours is None:
+            return "ONLY THEIRS" + (" OFF" if self.off else "")
+        if self.theirs is None:
+            return "ONLY OURS" + (" OFF" if self.off else "")
+        return "OFF" if self.off else "ok"
+
+
+def compare(
+    ours: Mapping[str, Decimal], theirs: Mapping[str, Decimal], tolerance_pct: Decimal
+) -> list[Line]:
+    """One line per model on either side, by model id."""
+    return [
+        Line(model, ours.get(model), theirs.get(model), tolerance_pct)
+        for model in sorted(set(ours) | set(theirs))
+    ]
+
+
+def parse_month(text: str) -> tuple[datetime, datetime]:
+    """``YYYY-MM`` → [first instant, first instant of the next month), UTC."""
+    match = re.fullmatch(r"(\d{4})-(\d{2})", text.strip())
+    try:
+        if match is None:
+            raise ValueError
+        year, month = int(match.group(1)), int(match.group(2))
+        start = datetime(year, month, 1, tzinfo=UTC)
+        end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+    except ValueError:  # no match, month 13, year 0 or past 9998
+        raise ValueError(f"--month must be YYYY-MM, e.g. 2026-11 (got {text!r:.40})") from None
+    return start, end
+
+
+async def our_totals(
+    connection: asyncpg.Connection,
+    start: datetime,
+    end: datetime,
+    tenant: str | None = None,
+    provider: str | None = None,
+) -> dict[str, Decimal]:
+    """Sum of ``total_cost`` per model of the transactions that occurred in [start, end)."""
+    conditions = ["occurred_at >= $1", "occurred_at < $2"]
+    args: list[Any] = [start, end]
+    for column, value in (("tenant_id", tenant), ("provider", provider)):
+        if value is not None:
+            args.append(value)
+            conditions.append(f"{column} = ${len(args)}")
+    rows = await connection.fetch(
+        "SELECT model, sum(total_cost) AS total FROM billing_transactions"  # noqa: S608
+        f" WHERE {' AND '.join(conditions)} GROUP BY model",
+        *args,
+    )
+    return {r["model"]: r["total"] for r in rows}
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+@click.command("reconcile")
+@click.option("--month", required=True, help="The UTC month to reconcile, YYYY-MM.")
+@click.option(
+    "--invoice",
+    "invoice_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The provider's export (CSV; shapes above).",
+)
+@click.option(
+    "--tolerance-pct",
+    default="1",
+    show_default=True,
+    help="A model more than this many percent off the invoice fails the check.",
+)
+@click.option("--tenant", default=None, help="Only this tenant's transactions.")
+@click.option(
+    "--provider",
+    default=None,
+    help="Only transactions of this provider (e.g. openrouter: an OpenRouter invoice does "
+    "not cover Gemini/Vertex traffic).",
+)
+@click.pass_obj
+def reconcile_cmd(
+    obj: Context,
+    month: str,
+    invoice_path: Path,
+    tolerance_pct: str,
+    tenant: str | None,
+    provider: str | None,
+) -> None:
+    """Compare a UTC month's per-model totals with a provider's invoice export.
+
+    Ours: the sum of total_cost per model of billing_transactions that occurred in the month
+    (every tenant unless --tenant). Theirs: the CSV summed per model, its model names mapped
+    to ours through the price book (aliases, e.g. OpenRouter permaslugs; unknown names are
+    compared as written and listed). Prints model, ours, theirs, difference and % (of
+    theirs), models found on one side only, and the invoice rows ignored.
+
+    \b
+    The CSV: UTF-8 (a BOM is fine), a header line; column names are matched
+    without regard to case, other columns are ignored.
+      model   the first of: model, model_permaslug
+      cost    the first of: cost_total, cost, total_cost, total, usage, amount
+      date    optional, the first of: created_at, date, day; a date (2026-11-03)
+              or an ISO 8601 time, UTC when it has no offset. Rows outside the
+              month are ignored and counted; without it every row counts.
+      byok_usage_inference  optional; where positive, the row counts at this
+              amount (the provider's inference charge, which is what we price)
+              instead of its cost (OpenRouter's BYOK fee).
+    Shapes this fits:
+      simple      model,cost - a row per model, or per day and model (summed)
+      OpenRouter  the per-generation export: generation_id, created_at,
+                  cost_total, byok_usage_inference, tokens_prompt, ...,
+                  model_permaslug, provider_name, ...
+      OpenRouter  /api/v1/activity rows written as CSV: date, model,
+                  model_permaslug, usage, byok_usage_inference, requests, ...
+    The OpenRouter names are those third-party parsers of its exports read; no
+    published specification of the CSV could be found to confirm them.
+    Amounts: 1.23, $1.23, -$1,234.56, 1.5e-05, USD 3; an empty cell is 0. A
+    comma only separates thousands: 1,5 and 1.234,56 are refused.
+
+    \b
+    Exit status:
+      0  every model within --tolerance-pct of the invoice
+      1  some model is not (one on a single side counts unless its total is 0)
+      2  no comparison was made: bad --month, unreadable CSV, missing column or
+         bad cell (the message names line and column), no database
+    """
+    try:
+        start, end = parse_month(month)
+        tolerance = to_decimal(tolerance_pct)
+        if tolerance < 0:
+            raise ValueError("--tolerance-pct must not be negative")
+    except ValueError as exc:
+        message = str(exc) if str(exc).startswith("--") else f"--tolerance-pct: {exc}"
+        raise ReconcileError(message) from None
+    invoice = _read(invoice_path, start, end)
+    ours = _our_totals(obj, start, end, tenant, provider)
+    theirs, unknown = canonical_totals(invoice.totals, _resolver(obj))
+    lines = compare(ours, theirs, tolerance)
+
+    scope = f"tenant {tenant}" if tenant else "all tenants"
+    scope += f", provider {provider}" if provider else ", all providers"
+    click.echo(f"reconcile {month} (UTC), {scope}, against {invoice_path.name}")
+    click.echo(f"invoice columns ({invoice.layout.describe()})")
+    click.echo()
+    _print_table(lines)
+    click.echo()
+    notes = [f"invoice: {invoice.rows} row(s) counted"]
+    if invoice.layout.date is None:
+        notes.append("no date column: every row taken as in the month")
+    else:
+        notes.append(f"{invoice.outside} row(s) outside {month} ignored")
+    if invoice.byok_rows:
+        notes.append(f"{invoice.byok_rows} BYOK row(s) taken at {BYOK_COLUMN}")
+    click.echo("; ".join(notes))
+    for label, side in (("only in ours", "ONLY OURS"), ("only in the invoice", "ONLY THEIRS")):
+        names = [line.model for line in lines if line.status.startswith(side)]
+        if names:
+            click.echo(f"{label}: {', '.join(names)}")
+    if unknown:
+        known = ", ".join(unknown)
+        click.echo(f"invoice models the price book does not know (matched as written): {known}")
+    off = [line.model for line in lines if line.off]
+    if off:
+        click.echo(f"{len(off)} model(s) off by more than {tolerance}%: {', '.join(off)}")
+        sys.exit(1)
+    click.echo(f"every model within {tolerance}%")
+
+
+def _read(path: Path, start: datetime, end: datetime) -> Invoice:
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as source:
+            return read_invoice(source, start, end)
+    except OSError as exc:
+        raise ReconcileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ReconcileError(f"{path} is not UTF-8 text (export it as CSV UTF-8)") from None
+    except InvoiceError as exc:
+        raise ReconcileError(f"{path.name}: {exc}") from None
+
+
+def _our_totals(
+    obj: Context, start: datetime, end: datetime, tenant: str | None, provider: str | None
+) -> dict[str, Decimal]:
+    import asyncio
+
+    import asyncpg
+
+    from services.runtime.database import connect
+    from services.runtime.errors import DatabaseError
+
+    try:
+        url = obj.settings.database_url
+    except click.ClickException as exc:
+        raise ReconcileError(exc.message) from None
+    if not url:
+        raise ReconcileError("set BILLING_DATABASE_URL (the transactions live there)")
+
+    async def fetch() -> dict[str, Decimal]:
+        connection = await connect(url)
+        try:
+            return await our_totals(connection, start, end, tenant, provider)
+        finally:
+            await connection.close()
+
+    try:
+        return asyncio.run(fetch())
+    except DatabaseError as exc:
+        raise ReconcileError(str(exc)) from None
+    except asyncpg.UndefinedTableError:
+        raise ReconcileError("the database has no billing tables (run `billing migrate`)") from None
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ReconcileError(f"database error: {exc}") from None
+
+
+def _resolver(obj: Context) -> Callable[[str], str | None]:
+    try:
+        book = obj.book
+    except click.ClickException as exc:
+        raise ReconcileError(exc.message) from None
+    return book.resolve
+
+
+def _print_table(lines: list[Line]) -> None:
+    width = max([5, *(len(line.model) for line in lines)])
+    click.echo(f"{'model':<{width}} {'ours':>16} {'theirs':>16} {'difference':>16} {'%':>9}")
+    for line in lines:
+        click.echo(
+            f"{line.model:<{width}} {_money(line.ours):>16} {_money(line.theirs):>16}"
+            f" {_money(line.difference):>16} {_percent(line.percent):>9}  {line.status}"
+        )
+    with localcontext(EXACT):
+        total = Line(
+            "total",
+            sum((line.ours or ZERO for line in lines), ZERO),
+            sum((line.theirs or ZERO for line in lines), ZERO),
+            ZERO,
+        )
+    click.echo(
+        f"{'total':<{width}} {_money(total.ours):>16} {_money(total.theirs):>16}"
+        f" {_money(total.difference):>16} {_percent(total.percent):>9}"
+    )
+
+
+def _money(amount: Decimal | None) -> str:
+    """Six places for the table (the comparison itself is exact)."""
+    if amount is None:
+        return "-"
+    try:
+        return format(amount.quantize(Decimal("0.000001"), context=_ROUNDED), "f")
+    except InvalidOperation:  # too large to show with six places: show it whole
+        return format(amount, "f")
+
+
+def _percent(value: Decimal | None) -> str:
+    if value is None:
+        return "n/a"
+    return format(value.quantize(Decimal("0.01"), context=_ROUNDED), "+f") + "%"
