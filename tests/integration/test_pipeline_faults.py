@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from services.core.pricebook import InMemoryPriceBook
-from services.runtime.kafka import ensure_topics, make_consumer
+from services.runtime.kafka import make_consumer
 from tests.integration.pipeline import (
     FlakyProxy,
     Pipeline,
@@ -28,18 +26,6 @@ from tests.integration.pipeline import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def pipeline(
-    kafka_bootstrap: str, database_url: str, topic_prefix: str, tmp_path: Path
-) -> AsyncIterator[Pipeline]:
-    running = Pipeline(kafka_bootstrap, database_url, topic_prefix, tmp_path)
-    await ensure_topics(kafka_bootstrap, running.topics.partitions())
-    try:
-        yield running
-    finally:
-        running.stop_all()
 
 
 def encoded(items: list, copies: int = 1, seed: int = 3) -> list[tuple[bytes, bytes]]:  # type: ignore[type-arg]

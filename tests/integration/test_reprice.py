@@ -13,8 +13,7 @@ import asyncio
 import json
 import random
 import subprocess
-from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from services.core.events import UsageCounts, UsageRecorded, decode_priced
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.core.usage import parse_usage
-from services.runtime.kafka import ensure_topics
 from tests.integration.pipeline import BILLING, Pipeline, produce, wait_for_count
 from tests.integration.test_ingest import read_all
 from tests.integration.test_projector_apply import T0
@@ -64,17 +62,27 @@ def facts(count: int) -> list[UsageRecorded]:
 
 
 @pytest.fixture
-async def pipeline(
-    kafka_bootstrap: str, database_url: str, topic_prefix: str, tmp_path: Path
-) -> AsyncIterator[Pipeline]:
-    running = Pipeline(kafka_bootstrap, database_url, topic_prefix, tmp_path)
-    await ensure_topics(kafka_bootstrap, running.topics.partitions())
-    running.start("pricer")
-    running.start("projector")
-    try:
-        yield running
-    finally:
-        running.stop_all()
+def services(pipeline: Pipeline) -> Pipeline:
+    pipeline.start("pricer")
+    pipeline.start("projector")
+    return pipeline
+
+
+async def ingest(pipeline: Pipeline, items: list[UsageRecorded]) -> None:
+    values = [(i.tenant_id.encode(), i.model_dump_json().encode()) for i in items]
+    await produce(pipeline.bootstrap, pipeline.topics.usage, values)
+    await wait_for_count(pipeline, len(items))
+
+
+def corrected(
+    snapshot_book: InMemoryPriceBook, model: str, changes: dict[str, Decimal], since: datetime
+) -> InMemoryPriceBook:
+    """The snapshot prices plus one correction: what the services' book holds after it."""
+    book = InMemoryPriceBook()
+    for version in snapshot_book.all_versions():
+        book._apply(version)
+    record_correction(book, model, changes, effective_from=since, reason="x", by="test")
+    return book
 
 
 def billing(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
@@ -126,15 +134,11 @@ async def state(database_url: str) -> tuple[dict[str, Decimal], int]:
 
 
 async def test_a_correction_flows_to_transactions_summary_topic_and_audit_once(
-    pipeline: Pipeline, snapshot_book: InMemoryPriceBook, tmp_path: Path
+    services: Pipeline, snapshot_book: InMemoryPriceBook, tmp_path: Path
 ) -> None:
+    pipeline = services
     items = facts(240)
-    await produce(
-        pipeline.bootstrap,
-        pipeline.topics.usage,
-        [(i.tenant_id.encode(), i.model_dump_json().encode()) for i in items],
-    )
-    await wait_for_count(pipeline, len(items))
+    await ingest(pipeline, items)
 
     corrected_from = T0 + timedelta(hours=20)
     fix = billing(
@@ -153,17 +157,7 @@ async def test_a_correction_flows_to_transactions_summary_topic_and_audit_once(
         "finance",
     )
     assert fix.returncode == 0, fix.stderr
-    new_book = InMemoryPriceBook()
-    for version in snapshot_book.all_versions():
-        new_book._apply(version)
-    record_correction(
-        new_book,
-        "openai/gpt-5",
-        {"prompt": Decimal("0.000001")},
-        effective_from=corrected_from,
-        reason="x",
-        by="y",
-    )
+    new_book = corrected(snapshot_book, "openai/gpt-5", {"prompt": Decimal("1E-6")}, corrected_from)
     expected = expected_diff(items, snapshot_book, new_book)
     assert expected and all(model == "openai/gpt-5" for _, model in expected)
     changed = sum(n for n, _, _ in expected.values())
@@ -212,15 +206,11 @@ async def test_a_correction_flows_to_transactions_summary_topic_and_audit_once(
 
 
 async def test_a_projector_killed_while_applying_a_reprice_still_ends_exact(
-    pipeline: Pipeline, snapshot_book: InMemoryPriceBook
+    services: Pipeline, snapshot_book: InMemoryPriceBook
 ) -> None:
+    pipeline = services
     items = facts(600)
-    await produce(
-        pipeline.bootstrap,
-        pipeline.topics.usage,
-        [(i.tenant_id.encode(), i.model_dump_json().encode()) for i in items],
-    )
-    await wait_for_count(pipeline, len(items))
+    await ingest(pipeline, items)
     fix = billing(
         pipeline,
         "prices",
@@ -242,16 +232,8 @@ async def test_a_projector_killed_while_applying_a_reprice_still_ends_exact(
     pipeline.kill("projector")  # SIGKILL as the revisions arrive (it may be mid-batch)
     pipeline.start("projector")
 
-    new_book = InMemoryPriceBook()
-    for version in snapshot_book.all_versions():
-        new_book._apply(version)
-    record_correction(
-        new_book,
-        "anthropic/claude-haiku-4.5",
-        {"completion": Decimal("0.000004")},
-        effective_from=SINCE,
-        reason="x",
-        by="y",
+    new_book = corrected(
+        snapshot_book, "anthropic/claude-haiku-4.5", {"completion": Decimal("4E-6")}, SINCE
     )
     want = {i.request_id: rate(i, new_book, priced_at=T0).total_cost for i in items}
     deadline = asyncio.get_running_loop().time() + 90
