@@ -126,7 +126,9 @@ def create_app(
         return ORJSONResponse({"error": first["msg"], "field": field}, status_code=422)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> ORJSONResponse:
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if request.url.path.startswith(proxy.PROXY_PATHS):
+            return proxy.error(exc.status_code, str(exc.detail), exc.headers)
         return ORJSONResponse(
             {"error": exc.detail}, status_code=exc.status_code, headers=exc.headers
         )

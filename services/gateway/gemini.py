@@ -48,7 +48,6 @@ router = APIRouter()
 
 ACTIONS = frozenset({"generateContent", "streamGenerateContent"})
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_NOT_FORWARDED = frozenset({"x-goog-user-project"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +160,7 @@ async def generate_content(
     dialect = _DIALECTS[target.provider]
     call = Call(key, dialect, f"google/{model}", body, f"req-{uuid.uuid4()}", datetime.now(UTC))
     client: httpx.AsyncClient = request.app.state.gemini_upstream
-    headers = {k: v for k, v in forwarded_headers(request).items() if k not in _NOT_FORWARDED}
+    headers = forwarded_headers(request)
     upstream = client.build_request(
         "POST",
         target.url(model, action),

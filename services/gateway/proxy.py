@@ -39,7 +39,14 @@ from services.runtime import metrics
 log = logging.getLogger("billing.proxy")
 router = APIRouter()
 
-HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+NOT_RELAYED = frozenset(
+    {"content-length", "transfer-encoding", "connection", "content-encoding", "date", "server"}
+)
+"""Upstream response headers the gateway's own server sets (or, for the body's encoding,
+undoes: the answer is relayed decoded)."""
+FORWARDED = frozenset({"http-referer", "x-title"})
+"""Client request headers passed upstream: OpenRouter's app attribution. Everything else —
+credentials above all — stays here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +151,33 @@ def _event(
     )
 
 
+PROXY_PATHS = ("/v1/chat/", "/v1/models", "/v1beta/")
+"""Routes whose errors take the LLM APIs' shape (their SDKs read it), not ``{"error": str}``."""
+_KINDS = {
+    400: ("invalid_request_error", "INVALID_ARGUMENT"),
+    401: ("authentication_error", "UNAUTHENTICATED"),
+    403: ("permission_error", "PERMISSION_DENIED"),
+    404: ("not_found_error", "NOT_FOUND"),
+    429: ("rate_limit_error", "RESOURCE_EXHAUSTED"),
+    502: ("api_error", "UNAVAILABLE"),
+    503: ("api_error", "UNAVAILABLE"),
+    504: ("api_error", "DEADLINE_EXCEEDED"),
+}
+
+
 def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    """An error both SDK families read: OpenAI's ``message``/``type``/``code`` and
+    Google's ``code``/``message``/``status`` in one object."""
+    kind, google = _KINDS.get(
+        status,
+        (
+            "api_error" if status >= 500 else "invalid_request_error",
+            "INTERNAL" if status >= 500 else "FAILED_PRECONDITION",
+        ),
+    )
+    body = {"error": {"message": message, "type": kind, "code": status, "status": google}}
     return Response(
-        json.dumps({"error": {"message": message, "code": status}}).encode(),
+        json.dumps(body).encode(),
         status_code=status,
         media_type="application/json",
         headers=headers,
@@ -182,7 +213,7 @@ async def forward(
     except httpx.TransportError as exc:
         log.warning("upstream unreachable for %s: %r", call.request_id, exc)
         return error(502, "upstream unreachable")
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in NOT_RELAYED}
     headers["x-billing-request-id"] = call.request_id
     succeeded = response.is_success
     bill = state.emit_usage
@@ -199,7 +230,7 @@ async def forward(
     async def relay() -> AsyncIterator[bytes]:
         reader = _StreamReader(call.dialect)
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_bytes():  # decoded, as it arrives
                 reader.feed(chunk)
                 yield chunk
         finally:
@@ -279,14 +310,9 @@ def _bill_body(emitter: Any, call: Call, content: bytes, succeeded: bool) -> Non
 
 
 def forwarded_headers(request: Request) -> dict[str, str]:
-    """Client headers worth passing on: OpenRouter's attribution (``HTTP-Referer``,
-    ``X-Title``) and other ``x-`` headers; never the client's credentials."""
-    return {
-        k: v
-        for k, v in request.headers.items()
-        if (k.startswith("x-") and not k.startswith("x-billing-") and k != "x-goog-api-key")
-        or k == "http-referer"
-    }
+    """The client headers worth passing on (:data:`FORWARDED`, and the fake upstream's
+    ``x-fake-*`` knobs, meaningless to a real upstream); never the client's credentials."""
+    return {k: v for k, v in request.headers.items() if k in FORWARDED or k.startswith("x-fake-")}
 
 
 @router.post("/v1/chat/completions")

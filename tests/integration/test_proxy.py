@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 
-from services.core.events import decode_recorded
+from services.core.events import UsageRecorded, decode_recorded
 from services.gateway.app import create_app
+from services.gateway.auth import TenantKey
+from services.gateway.proxy import OPENAI, Call, forward
 from services.runtime.database import init_connection
 from services.runtime.fake_upstream import create_fake_upstream
 from services.runtime.kafka import ensure_topics
@@ -29,11 +35,15 @@ CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": 
 
 
 class Counting(httpx.AsyncBaseTransport):
+    """Counts the requests that reach the upstream and keeps the last one's headers."""
+
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self.inner, self.calls = inner, 0
+        self.last_headers: dict[str, str] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.calls += 1
+        self.last_headers = dict(request.headers)
         return await self.inner.handle_async_request(request)
 
 
@@ -172,3 +182,70 @@ def test_a_full_spool_refuses_requests_when_the_policy_says_so(
             assert second.headers["retry-after"] == "5"
             assert "spool is full" in second.json()["error"]["message"]
     assert list((tmp_path / "spool").glob("0*.jsonl")), "the usage stays on disk for later"
+
+
+def test_errors_take_the_sdk_shape_and_client_credentials_stay_here(
+    setup: tuple[TestClient, Counting, str, Topics],
+) -> None:
+    client, transport, key, _ = setup
+    refused = client.post("/v1/chat/completions", json=CHAT)
+    assert refused.status_code == 401
+    error = refused.json()["error"]
+    assert error["type"] == "authentication_error" and error["code"] == 401
+    assert error["status"] == "UNAUTHENTICATED" and "key" in error["message"]
+
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "x-api-key": "the client's own secret",
+        "x-title": "acme app",
+        "http-referer": "https://acme.example",
+    }
+    answered = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert answered.status_code == 200
+    sent = transport.last_headers
+    assert sent["x-title"] == "acme app" and sent["http-referer"] == "https://acme.example"
+    assert "x-api-key" not in sent and key not in sent.get("authorization", "")
+
+
+async def test_a_compressed_stream_is_relayed_decoded_and_billed(tmp_path: Path) -> None:
+    usage = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15, "cost": 0.00002}
+    events = [
+        {"choices": [{"delta": {"content": "hello there you"}}]},
+        {"choices": [{"delta": {}}], "usage": usage},
+    ]
+    sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    def gzipped(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200,
+            content=gzip.compress(sse.encode()),
+            headers={"content-type": "text/event-stream", "content-encoding": "gzip"},
+        )
+
+    submitted: list[UsageRecorded] = []
+
+    class Emitter:
+        accepting = True
+
+        def submit(self, event: UsageRecorded) -> None:
+            submitted.append(event)
+
+        def submit_later(self, build: Any) -> None:
+            submitted.append(build())
+
+    app = FastAPI()
+    app.state.emitter, app.state.emit_usage = Emitter(), True
+    upstream = httpx.AsyncClient(transport=httpx.MockTransport(gzipped), base_url="http://u")
+
+    @app.post("/relay")
+    async def relay(request: Request) -> Response:
+        key = TenantKey(tenant_id="acme", key_id="k1")
+        call = Call(key, OPENAI, "openai/gpt-4o-mini", CHAT, "req-gz", datetime.now(UTC))
+        outgoing = upstream.build_request("POST", "/chat/completions", json=CHAT)
+        return await forward(request, call, outgoing, upstream, stream=True)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as c:
+        relayed = await c.post("/relay")
+    assert relayed.text == sse and "content-encoding" not in relayed.headers
+    (event,) = submitted
+    assert event.usage_source == "upstream" and event.usage.prompt_tokens == 12
