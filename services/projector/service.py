@@ -31,7 +31,17 @@ log = logging.getLogger("billing.projector")
 DEFAULT_TOPICS = Topics()
 GROUP = "billing-projector"
 CONSUMER = "projector"  # the name its offsets are stored under in consumer_offsets
-RETRYABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+RETRYABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    TimeoutError,
+    # Transient by nature: the batch's transaction rolled back whole, so running it again is
+    # safe (a rebuild's swap or another owner of the partition can cause these).
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.LockNotAvailableError,
+)
 
 
 class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -784,5 +784,9 @@ from services.runtime.reconcile import reconcile_cmd  # noqa: E402
 
 main.add_command(reconcile_cmd)
 
+from services.projector.rebuild import rebuild_cmd  # noqa: E402
+
+main.add_command(rebuild_cmd)
+
 if __name__ == "__main__":
     main()
