@@ -66,6 +66,7 @@ class Emitter:
         self.in_flight: list[UsageRecorded] = []
         self._in_flight_since: float | None = None
         self.broker_up = True
+        self.spool_failing = False
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- the request side ----------------------------------------------------------------
@@ -73,7 +74,7 @@ class Emitter:
     @property
     def accepting(self) -> bool:
         """Whether a new request may start (its usage would have room)."""
-        if len(self._queue) >= self.max_queue:
+        if len(self._queue) >= self.max_queue or self.spool_failing:
             return False
         return not (self.reject_when_full and self.spool.size_bytes > self.spool_max_bytes)
 
@@ -103,12 +104,12 @@ class Emitter:
             if not batch:
                 continue
             self.in_flight = batch
-            try:
-                if not (self.broker_up and await self._publish(batch)):
-                    await self._to_spool(batch)
-            finally:
-                self.in_flight = []
-                self._in_flight_since = None
+            if not (self.broker_up and await self._publish(batch)):
+                await self._to_spool(batch)
+            # Cleared only once the batch is acknowledged or on disk: a shutdown that cancels
+            # this task mid-send finds the batch here and spools it.
+            self.in_flight = []
+            self._in_flight_since = None
 
     async def _take(self, limit: int) -> list[UsageRecorded]:
         """Up to ``limit`` queued events, estimates resolved (in a worker thread).
@@ -135,7 +136,9 @@ class Emitter:
             return False
         try:
             await publish(producer, self.topic, batch, SEND_TIMEOUT_SECONDS)
-        except (KafkaError, TimeoutError) as exc:
+        except Exception as exc:  # KafkaError, TimeoutError, or a client bug: spool, don't drop
+            if not isinstance(exc, KafkaError | TimeoutError):
+                log.exception("unexpected error sending usage; spooling the batch")
             if self.broker_up:
                 log.warning("broker unavailable (%r): spooling to %s", exc, self.spool.directory)
             self.broker_up = False
@@ -144,9 +147,25 @@ class Emitter:
         return True
 
     async def _to_spool(self, batch: list[UsageRecorded]) -> None:
-        await asyncio.to_thread(self.spool.append, batch)
-        metrics.SPOOLED.inc(len(batch))
-        self._spooled.set()
+        """Write ``batch`` to the spool, retrying until it is on disk (a full or failing
+        disk stops new requests meanwhile: :attr:`accepting` is false)."""
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.to_thread(self.spool.append, batch)
+            except OSError as exc:
+                if not self.spool_failing:
+                    log.error("cannot write the usage spool (%r); refusing new requests", exc)
+                self.spool_failing = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self.spool_failing:
+                log.info("the usage spool is writable again")
+            self.spool_failing = False
+            metrics.SPOOLED.inc(len(batch))
+            self._spooled.set()
+            return
 
     async def _resend(self) -> None:
         """Re-send spooled segments, oldest first; the first success means the broker is back."""
@@ -155,7 +174,12 @@ class Emitter:
             await self._spooled.wait()
             self._spooled.clear()
             for segment in await asyncio.to_thread(self.spool.sealed):
-                if not await self._resend_segment(segment):
+                try:
+                    sent = await self._resend_segment(segment)
+                except OSError as exc:  # the segment cannot be read or removed: try again
+                    log.error("cannot re-send spool segment %s: %r", segment, exc)
+                    sent = False
+                if not sent:
                     self._spooled.set()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
@@ -166,8 +190,9 @@ class Emitter:
                 self.broker_up = True
 
     async def _resend_segment(self, segment: Path) -> bool:
-        batches = await asyncio.to_thread(lambda: list(self.spool.read(segment, self.batch_max)))
-        for batch in batches:
+        """Send one sealed segment, a batch at a time (never all of it in memory)."""
+        batches = self.spool.read(segment, self.batch_max)
+        while batch := await asyncio.to_thread(next, batches, None):
             producer = self._producer()
             if producer is None:
                 return False
@@ -204,7 +229,9 @@ class Emitter:
             await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for outcome in await asyncio.gather(*self._tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                log.error("the emitter stopped on %r", outcome)
         # A batch cancelled mid-send may have reached the broker: spooling it too is safe
         # (de-duplicated downstream), dropping it is not.
         leftover = list(self.in_flight) + await self._take(len(self._queue))
@@ -216,9 +243,18 @@ class Emitter:
 
 
 def _resolve(items: list[Pending]) -> list[UsageRecorded]:
+    """Build the estimated events; one that fails is counted and logged, not the batch's end."""
     events: list[UsageRecorded] = []
     for item in items:
-        event = item() if callable(item) else item
+        if callable(item):
+            try:
+                event = item()
+            except Exception:
+                log.exception("an estimated usage event could not be built")
+                metrics.UNBILLABLE.labels(reason="estimate_failed").inc()
+                continue
+        else:
+            event = item
         if event is not None:
             events.append(event)
     return events

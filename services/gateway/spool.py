@@ -16,6 +16,7 @@ The methods block (they fsync): call them through ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -48,6 +49,8 @@ class Spool:
         self._sizes: dict[Path, int] = {}
         self._oldest: dict[Path, float] = {}
         """Wall-clock time of each segment's first event (for the oldest-unsent metric)."""
+        self._rejected: dict[Path, set[int]] = {}
+        """Line numbers of each segment already moved to rejected.jsonl."""
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -112,13 +115,22 @@ class Spool:
             path = self._active
             if path is None or self._sizes.get(path, 0) >= self.segment_bytes:
                 path = self._new_segment()
+            size = self._sizes.get(path, 0)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:  # a full disk may take part of a write and return the count
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
+            except OSError:
+                # Leave the segment as it was: a partial line would swallow the next append.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                raise
             finally:
                 os.close(fd)
-            self._sizes[path] = self._sizes.get(path, 0) + len(data)
+            self._sizes[path] = size + len(data)
             self._oldest.setdefault(path, time.time())
 
     def _new_segment(self) -> Path:
@@ -139,14 +151,18 @@ class Spool:
             return sorted(self._sizes)
 
     def read(self, path: Path, batch: int) -> Iterator[list[UsageRecorded]]:
-        """The events of a sealed segment in batches; undecodable lines go to rejected."""
+        """The events of a sealed segment in batches; undecodable lines go to rejected
+        (once, however often the segment is read)."""
         events: list[UsageRecorded] = []
+        seen = self._rejected.setdefault(path, set())
         with path.open("rb") as handle:
-            for line in handle:
+            for number, line in enumerate(handle):
                 try:
                     events.append(decode_recorded(line))
                 except (ValidationError, ValueError):
-                    self._reject(line)
+                    if number not in seen:
+                        seen.add(number)
+                        self._reject(line)
                     continue
                 if len(events) >= batch:
                     yield events
@@ -163,6 +179,7 @@ class Spool:
         path.unlink(missing_ok=True)
         self._sizes.pop(path, None)
         self._oldest.pop(path, None)
+        self._rejected.pop(path, None)
         if self._active == path:
             self._active = None
         self._fsync_directory()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -191,3 +192,85 @@ async def test_a_full_queue_refuses_new_work(tmp_path: Path) -> None:
     assert not emitter.accepting
     emitter.submit(event(3))  # an answered request is still taken
     assert emitter.depth == 4
+
+
+class HangingProducer:
+    """A broker that went away mid-send: ``send`` never returns."""
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> None:
+        await asyncio.sleep(3600)
+
+
+async def test_shutdown_during_a_hanging_send_spools_that_batch(tmp_path: Path) -> None:
+    emitter = Emitter(lambda: HangingProducer(), "usage", Spool(tmp_path / "spool"))  # type: ignore[arg-type,return-value]
+    await emitter.start()
+    emitter.submit(event(1))
+    emitter.submit(event(2))
+    await wait_until(lambda: len(emitter.in_flight) == 2)
+    await emitter.close(timeout=0.1)
+    again = Spool(tmp_path / "spool")
+    again.open()
+    assert read_back(again) == ["req-1", "req-2"]
+    again.close()
+
+
+async def test_an_estimate_that_raises_costs_only_itself(tmp_path: Path) -> None:
+    producer = FakeProducer()
+    emitter = Emitter(lambda: producer, "usage", Spool(tmp_path / "spool"))  # type: ignore[arg-type,return-value]
+    await emitter.start()
+
+    def broken() -> UsageRecorded:
+        raise RuntimeError("tokenizer files missing")
+
+    emitter.submit(event(1))
+    emitter.submit_later(broken)
+    emitter.submit(event(2))
+    await wait_until(lambda: len(producer.sent) == 2)
+    emitter.submit(event(3))  # the sender is still alive
+    await wait_until(lambda: len(producer.sent) == 3)
+    await emitter.close()
+
+
+async def test_a_failing_disk_refuses_new_work_and_keeps_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    emitter = Emitter(lambda: None, "usage", spool)
+    await emitter.start()
+    real_append, failures = spool.append, [2]
+
+    def full_disk(events: list[UsageRecorded]) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(28, "No space left on device")
+        real_append(events)
+
+    monkeypatch.setattr(spool, "append", full_disk)
+    emitter.submit(event(1))
+    await wait_until(lambda: emitter.spool_failing)
+    assert not emitter.accepting
+    await wait_until(lambda: not spool.empty, timeout=10)  # the disk came back: it is written
+    assert emitter.accepting and read_back(spool) == ["req-1"]
+    await emitter.close(timeout=0)
+
+
+def test_a_short_write_leaves_the_segment_as_it_was(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool.append([event(1)])
+    real_write = os.write
+
+    def half_then_fail(fd: int, data: bytes) -> int:
+        monkeypatch.setattr(os, "write", failing)
+        return real_write(fd, bytes(data)[: len(data) // 2])
+
+    def failing(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_fail)
+    with pytest.raises(OSError):
+        spool.append([event(2)])
+    monkeypatch.setattr(os, "write", real_write)
+    spool.append([event(3)])
+    assert read_back(spool) == ["req-1", "req-3"]
+    assert not (spool.directory / "rejected.jsonl").exists()
