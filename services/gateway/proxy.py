@@ -20,7 +20,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -29,6 +29,7 @@ import anyio
 import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
 
 from services.core.errors import BillingError
 from services.core.events import ReportedCharge, UsageCounts, UsageRecorded
@@ -109,23 +110,27 @@ class Call:
 
 
 def usage_event(call: Call, usage: Any) -> UsageRecorded | None:
-    """The fact to bill from the upstream's usage, or ``None`` (logged) when unreadable."""
+    """The fact to bill from the upstream's usage, or ``None`` (logged and counted) when it
+    cannot be read — the caller estimates instead."""
     try:
         parsed = parse_usage({"usage": usage}, call.dialect.usage_format)
-    except BillingError as exc:
-        log.error("unbillable usage from upstream for %s: %s", call.request_id, exc)
+        return _event(call, parsed.usage, parsed.format, ReportedCharge.of(parsed.reported))
+    except (BillingError, ValidationError) as exc:
+        log.error("unreadable usage from upstream for %s (estimating): %s", call.request_id, exc)
+        metrics.UNBILLABLE.labels(reason="unreadable_usage").inc()
         return None
-    return _event(call, parsed.usage, parsed.format, ReportedCharge.of(parsed.reported))
 
 
 def estimated_event(call: Call, text: str) -> UsageRecorded | None:
-    """The fact to bill when the upstream reported nothing: counted with a tokenizer."""
+    """The fact to bill when the upstream reported nothing: counted with a tokenizer, or
+    ``None`` (logged and counted) when even that fails."""
     try:
         usage = call.dialect.estimate(call.model, call.body, text)
+        return _event(call, usage, "normalised", None, source="estimated")
     except Exception:
-        log.exception("could not estimate usage for %s", call.request_id)
+        log.exception("could not estimate usage for %s: it is not billed", call.request_id)
+        metrics.UNBILLABLE.labels(reason="estimate_failed").inc()
         return None
-    return _event(call, usage, "normalised", None, source="estimated")
 
 
 def _event(
@@ -221,10 +226,23 @@ async def forward(
     if not stream:
         try:
             content = await response.aread()
+        except httpx.HTTPError as exc:  # the answer broke off after its status line
+            log.warning("upstream answer cut for %s: %r", call.request_id, exc)
+            if bill and succeeded:
+                _bill(emitter, call, _Seen(), succeeded)  # the prompt was processed
+            timed_out = isinstance(exc, httpx.TimeoutException)
+            return error(504 if timed_out else 502, "the upstream's answer broke off")
         finally:
             await response.aclose()
         if bill:
-            _bill_body(emitter, call, content, succeeded)
+            seen = _Seen()
+            try:
+                answer = json.loads(content, parse_float=Decimal)
+            except ValueError:
+                answer = None  # not JSON (an upstream error page)
+            if isinstance(answer, dict):
+                seen.observe(call.dialect, answer)
+            _bill(emitter, call, seen, succeeded)
         return Response(content, status_code=response.status_code, headers=headers)
 
     async def relay() -> AsyncIterator[bytes]:
@@ -238,23 +256,47 @@ async def forward(
             # Billing first and without awaiting: a client that went away cancels this
             # generator, and any further await would be cancelled with it.
             if bill:
-                _bill_stream(emitter, call, reader, succeeded)
+                _bill(emitter, call, reader.seen, succeeded)
             with anyio.CancelScope(shield=True):
                 await response.aclose()
 
     return StreamingResponse(relay(), status_code=response.status_code, headers=headers)
 
 
-class _StreamReader:
-    """Follows an SSE stream as it passes: the last usage seen and the text generated."""
+@dataclass(slots=True)
+class _Seen:
+    """What an answer carried, as far as billing goes."""
 
-    __slots__ = ("dialect", "tail", "usage", "text")
+    usage: Any = None
+    """The last usage object seen (a stream's final chunk carries it)."""
+    text: list[str] = field(default_factory=list)
+    error: bool = False
+    """An error object came with a 2xx status (some upstreams report failures so)."""
+
+    def observe(self, dialect: Dialect, document: Mapping[str, Any]) -> None:
+        try:
+            usage = dialect.usage_of(document)
+            text = dialect.text_of(document)
+        except (TypeError, AttributeError, ValueError) as exc:  # a malformed chunk
+            log.warning("ignoring a malformed upstream document: %r", exc)
+            return
+        if usage is not None:
+            self.usage = usage
+        if text:
+            self.text.append(text)
+        if document.get("error") is not None:
+            self.error = True
+
+
+class _StreamReader:
+    """Follows an SSE stream as it passes, line by line."""
+
+    __slots__ = ("dialect", "tail", "seen")
 
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
         self.tail = b""
-        self.usage: Any = None
-        self.text: list[str] = []
+        self.seen = _Seen()
 
     def feed(self, chunk: bytes) -> None:
         self.tail += chunk
@@ -275,38 +317,24 @@ class _StreamReader:
             document = json.loads(line[5:], parse_float=Decimal)
         except ValueError:
             return
-        if not isinstance(document, dict):
+        if isinstance(document, dict):
+            self.seen.observe(self.dialect, document)
+
+
+def _bill(emitter: Any, call: Call, seen: _Seen, succeeded: bool) -> None:
+    """Bill from the upstream's usage; without readable usage, from an estimate — unless the
+    request failed, or its 2xx answer was an error with nothing generated."""
+    if seen.usage is not None:
+        event = usage_event(call, seen.usage)
+        if event is not None:
+            emitter.submit(event)
             return
-        usage = self.dialect.usage_of(document)
-        if usage is not None:
-            self.usage = usage
-        self.text.append(self.dialect.text_of(document))
-
-
-def _bill_stream(emitter: Any, call: Call, reader: _StreamReader, succeeded: bool) -> None:
-    if reader.usage is not None:
-        event = usage_event(call, reader.usage)
-        if event is not None:
-            emitter.submit(event)
-    elif succeeded:
-        text = "".join(reader.text)
-        emitter.submit_later(lambda: estimated_event(call, text))
-
-
-def _bill_body(emitter: Any, call: Call, content: bytes, succeeded: bool) -> None:
-    try:
-        answer = json.loads(content, parse_float=Decimal)
-    except ValueError:
-        answer = None  # not JSON (an upstream error page)
-    usage = call.dialect.usage_of(answer) if isinstance(answer, dict) else None
-    if usage is not None:
-        event = usage_event(call, usage)
-        if event is not None:
-            emitter.submit(event)
-    elif succeeded and isinstance(answer, dict):
-        text = call.dialect.text_of(answer)
-        emitter.submit_later(lambda: estimated_event(call, text))
-    # a failed request without usage is not billed
+    elif not succeeded:
+        return  # a failed request is billed only when the upstream reported usage
+    text = "".join(seen.text)
+    if seen.error and not text:
+        return
+    emitter.submit_later(lambda: estimated_event(call, text))
 
 
 def forwarded_headers(request: Request) -> dict[str, str]:

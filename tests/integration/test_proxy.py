@@ -207,45 +207,101 @@ def test_errors_take_the_sdk_shape_and_client_credentials_stay_here(
     assert "x-api-key" not in sent and key not in sent.get("authorization", "")
 
 
-async def test_a_compressed_stream_is_relayed_decoded_and_billed(tmp_path: Path) -> None:
-    usage = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15, "cost": 0.00002}
-    events = [
-        {"choices": [{"delta": {"content": "hello there you"}}]},
-        {"choices": [{"delta": {}}], "usage": usage},
-    ]
-    sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+class CollectingEmitter:
+    """The emitter's request-side interface, keeping what it is given."""
 
-    def gzipped(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            200,
-            content=gzip.compress(sse.encode()),
-            headers={"content-type": "text/event-stream", "content-encoding": "gzip"},
-        )
+    accepting = True
 
-    submitted: list[UsageRecorded] = []
+    def __init__(self) -> None:
+        self.events: list[UsageRecorded] = []
 
-    class Emitter:
-        accepting = True
+    def submit(self, event: UsageRecorded) -> None:
+        self.events.append(event)
 
-        def submit(self, event: UsageRecorded) -> None:
-            submitted.append(event)
+    def submit_later(self, build: Any) -> None:
+        if (event := build()) is not None:
+            self.events.append(event)
 
-        def submit_later(self, build: Any) -> None:
-            submitted.append(build())
 
+async def through_forward(
+    upstream: Any, *, stream: bool
+) -> tuple[httpx.Response, list[UsageRecorded]]:
+    """One request through ``forward`` to an upstream answered by the function ``upstream``."""
+    emitter = CollectingEmitter()
     app = FastAPI()
-    app.state.emitter, app.state.emit_usage = Emitter(), True
-    upstream = httpx.AsyncClient(transport=httpx.MockTransport(gzipped), base_url="http://u")
+    app.state.emitter, app.state.emit_usage = emitter, True
+    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream), base_url="http://u")
 
     @app.post("/relay")
     async def relay(request: Request) -> Response:
-        key = TenantKey(tenant_id="acme", key_id="k1")
-        call = Call(key, OPENAI, "openai/gpt-4o-mini", CHAT, "req-gz", datetime.now(UTC))
-        outgoing = upstream.build_request("POST", "/chat/completions", json=CHAT)
-        return await forward(request, call, outgoing, upstream, stream=True)
+        call = Call(
+            TenantKey("acme", "k1"), OPENAI, CHAT["model"], CHAT, "req-x", datetime.now(UTC)
+        )
+        outgoing = client.build_request("POST", "/chat/completions", json=CHAT)
+        return await forward(request, call, outgoing, client, stream=stream)
 
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as c:
-        relayed = await c.post("/relay")
-    assert relayed.text == sse and "content-encoding" not in relayed.headers
-    (event,) = submitted
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://g") as gateway:
+        return await gateway.post("/relay"), emitter.events
+
+
+def sse(*documents: object) -> bytes:
+    return ("".join(f"data: {json.dumps(d)}\n\n" for d in documents) + "data: [DONE]\n\n").encode()
+
+
+USAGE = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15, "cost": 0.00002}
+
+
+async def test_a_compressed_stream_is_relayed_decoded_and_billed() -> None:
+    body = sse({"choices": [{"delta": {"content": "hello there you"}}]}, {"usage": USAGE})
+    headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
+    relayed, events = await through_forward(
+        lambda _: httpx.Response(200, content=gzip.compress(body), headers=headers), stream=True
+    )
+    assert relayed.content == body and "content-encoding" not in relayed.headers
+    (event,) = events
     assert event.usage_source == "upstream" and event.usage.prompt_tokens == 12
+
+
+async def test_a_malformed_chunk_neither_cuts_the_stream_nor_loses_the_usage() -> None:
+    body = sse({"choices": 5}, {"choices": [{"delta": {"content": "fine"}}]}, {"usage": USAGE})
+    relayed, events = await through_forward(
+        lambda _: httpx.Response(200, content=body), stream=True
+    )
+    assert relayed.content == body
+    (event,) = events
+    assert event.usage_source == "upstream" and event.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_2xx_error_with_nothing_generated_is_not_billed(stream: bool) -> None:
+    failure = {"error": {"message": "provider overloaded", "code": 502}}
+    content = sse(failure) if stream else json.dumps(failure).encode()
+    relayed, events = await through_forward(
+        lambda _: httpx.Response(200, content=content), stream=stream
+    )
+    assert relayed.status_code == 200 and events == []
+
+
+async def test_unreadable_usage_is_billed_from_an_estimate() -> None:
+    broken = {"prompt_tokens": 5, "completion_tokens": -1}
+    answer = {"choices": [{"message": {"content": "some words here"}}], "usage": broken}
+    _, events = await through_forward(lambda _: httpx.Response(200, json=answer), stream=False)
+    (event,) = events
+    assert event.usage_source == "estimated" and event.usage.completion_tokens > 0
+
+
+class BreaksOff(httpx.AsyncByteStream):
+    async def __aiter__(self) -> Any:
+        yield b'{"choices": [{"message": {"content": "par'
+        raise httpx.ReadError("connection reset")
+
+
+async def test_a_non_streamed_answer_that_breaks_off_is_502_and_billed_its_prompt() -> None:
+    relayed, events = await through_forward(
+        lambda _: httpx.Response(200, stream=BreaksOff()), stream=False
+    )
+    assert relayed.status_code == 502 and relayed.json()["error"]["code"] == 502
+    (event,) = events
+    assert event.usage_source == "estimated" and event.usage.completion_tokens == 0
+    assert event.usage.prompt_tokens > 50
