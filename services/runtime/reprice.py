@@ -280,6 +280,7 @@ async def facts_from_topic(
         bootstrap, topic, group_id=f"billing-reprice-{report.run_id}", enable_auto_commit=False
     )
     await consumer.start()
+    seen: set[str] = set()
     try:
         await consumer.seek_to_beginning()
         while True:
@@ -294,7 +295,10 @@ async def facts_from_topic(
                 except ValueError:
                     continue  # the pricer dead-letters these; nothing to re-rate
                 report.scanned += 1
+                if fact.request_id in seen:
+                    continue  # a duplicate (a retried ingest, a re-sent spool): rated once
                 if window.holds(fact, _model_of(book, fact)):
+                    seen.add(fact.request_id)
                     facts[fact.request_id] = fact
             if not facts:
                 continue
@@ -360,6 +364,18 @@ async def reprice(
         if not dry_run:
             if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
                 raise DatabaseError("another billing reprice is running; try again when it ends")
+            await _refuse_if_outstanding(connection)
+            await connection.execute(
+                "INSERT INTO reprice_runs (run_id, reason, since, until, model, tenant_id, source)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                report.run_id,
+                tagged,
+                window.since,
+                window.until,
+                window.model,
+                window.tenant,
+                source,
+            )
             assert broker is not None  # noqa: S101  # checked above
             producer = make_producer(broker.bootstrap)
             await producer.start()
@@ -378,11 +394,20 @@ async def reprice(
             if producer is not None and broker is not None and revised:
                 await _send(producer, broker.costs_topic, revised)
                 report.emitted += len(revised)
+                await connection.execute(
+                    "UPDATE reprice_runs SET emitted = $2 WHERE run_id = $1",
+                    report.run_id,
+                    report.emitted,
+                )
             if progress is not None:
                 progress(len(chunk))
         if producer is not None and report.emitted and wait_seconds:
             report.applied = await _wait_applied(
                 connection, tagged, report.emitted, wait_seconds, applied_progress
+            )
+        if producer is not None and report.applied == report.emitted:
+            await connection.execute(
+                "UPDATE reprice_runs SET applied_at = now() WHERE run_id = $1", report.run_id
             )
     finally:
         if producer is not None:
@@ -390,6 +415,27 @@ async def reprice(
         await reader.close()
         await connection.close()  # also releases the advisory lock
     return report
+
+
+async def _refuse_if_outstanding(connection: asyncpg.Connection) -> None:
+    """Refuse while an earlier run's revisions are not all applied: this run would give
+    the same requests the same revision numbers, and the projector keeps the first."""
+    pending = await connection.fetch(
+        "SELECT run_id, reason, emitted FROM reprice_runs WHERE applied_at IS NULL"
+    )
+    for run in pending:
+        applied = await connection.fetchval(
+            "SELECT count(*) FROM billing_adjustments WHERE reason = $1", run["reason"]
+        )
+        if applied < run["emitted"]:
+            raise DatabaseError(
+                f"reprice run {run['run_id']} has {run['emitted'] - applied} of "
+                f"{run['emitted']} revisions not applied yet; wait until the projector has "
+                "applied them (is it running?), then run again"
+            )
+        await connection.execute(
+            "UPDATE reprice_runs SET applied_at = now() WHERE run_id = $1", run["run_id"]
+        )
 
 
 def _rerate_chunk(

@@ -205,12 +205,13 @@ async def test_a_correction_flows_to_transactions_summary_topic_and_audit_once(
     assert (await state(pipeline.database_url))[1] == changed
 
 
-async def test_a_projector_killed_while_applying_a_reprice_still_ends_exact(
+async def test_a_run_waits_for_the_last_one_and_a_killed_projector_still_ends_exact(
     services: Pipeline, snapshot_book: InMemoryPriceBook
 ) -> None:
     pipeline = services
     items = facts(600)
     await ingest(pipeline, items)
+    pipeline.kill("projector")  # the revisions will wait on the topic
     fix = billing(
         pipeline,
         "prices",
@@ -229,9 +230,15 @@ async def test_a_projector_killed_while_applying_a_reprice_still_ends_exact(
     assert emitted.returncode == 0, emitted.stderr
     changed = json.loads(emitted.stdout.splitlines()[-1])["emitted"]
     assert changed == 200  # every haiku request (one in three)
+
+    # A second run now would reuse the same revision numbers: it refuses.
+    refused = billing(pipeline, "reprice", *window)
+    assert refused.returncode == 1 and "not applied yet" in refused.stderr
+
+    pipeline.start("projector")
+    await asyncio.sleep(0.3)
     pipeline.kill("projector")  # SIGKILL as the revisions arrive (it may be mid-batch)
     pipeline.start("projector")
-
     new_book = corrected(
         snapshot_book, "anthropic/claude-haiku-4.5", {"completion": Decimal("4E-6")}, SINCE
     )
@@ -242,3 +249,6 @@ async def test_a_projector_killed_while_applying_a_reprice_still_ends_exact(
         await asyncio.sleep(0.5)
     totals, adjustments = await state(pipeline.database_url)
     assert adjustments == changed and totals == want
+    again = billing(pipeline, "reprice", *window)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.splitlines()[-1])["emitted"] == 0
