@@ -1,8 +1,9 @@
 """Price corrections: a new price-book version, never an edit of an old one.
 
 A correction is an analyst's fact — "gpt-4o's prompt price was wrong from March 3", "our
-negotiated discount starts on the 1st", "this model was priced late" — recorded in the
-override layer (so a later catalogue refresh does not undo it) with who made it and why.
+negotiated discount starts on the 1st", "this model was priced late" — recorded as a new
+version (in the override layer by default, so a later catalogue refresh does not undo it)
+with who made it and why.
 The prices it names replace those of the version in effect at ``effective_from``; the rest
 (cache prices, request fees, long-context tiers) carry over unchanged. History is then
 re-rated by ``billing reprice``.
@@ -18,7 +19,7 @@ from typing import Final
 
 from services.core.errors import PriceNotFound, PricingError
 from services.core.money import to_decimal
-from services.core.pricebook import PriceBook, PriceVersion
+from services.core.pricebook import Layer, PriceBook, PriceVersion
 from services.core.pricing import ModelPricing
 
 CORRECTABLE: Final = ("prompt", "completion", "input_cache_read", "input_cache_write")
@@ -41,7 +42,12 @@ def parse_changes(raw: Mapping[str, object], *, per_million: bool = False) -> di
             raise PricingError(key, str(exc)) from None
         if price < 0:
             raise PricingError(key, "must not be negative")
-        changes[key] = price / MILLION if per_million else price
+        if per_million:
+            try:  # an exact shift, then the same bounds as any price (≤ 30 places)
+                price = to_decimal(price.scaleb(-6))
+            except ValueError as exc:
+                raise PricingError(key, f"per token, {exc}") from None
+        changes[key] = price
     if not changes:
         raise PricingError("", f"name at least one price to correct: {', '.join(CORRECTABLE)}")
     return changes
@@ -55,12 +61,19 @@ def record_correction(
     effective_from: datetime,
     reason: str,
     by: str,
+    layer: Layer = "override",
 ) -> tuple[PriceVersion | None, PriceVersion | None]:
     """Record the correction; ``(new version or None when nothing changes, the base)``.
+
+    ``layer="override"`` (the default) pins the model's whole price from ``effective_from``
+    until the next correction: later catalogue changes do not apply to it — right for a
+    negotiated price. ``layer="catalogue"`` corrects the catalogue's history instead: the
+    next catalogue change supersedes it — right for a catalogue price that was wrong.
 
     Raises ``PricingError`` for an empty reason, or when a model with no price yet is not
     given both a prompt and a completion price.
     """
+    book.reload()  # the base is the newest version, whoever recorded it
     if not reason.strip():
         raise PricingError("reason", "say why the price changes (kept in the audit trail)")
     if not by.strip():
@@ -83,7 +96,7 @@ def record_correction(
         canonical,
         pricing,
         effective_from=effective_from,
-        layer="override",
+        layer=layer,
         source=f"correction by {by.strip()}",
         reason=reason.strip(),
     )

@@ -25,7 +25,7 @@ router = APIRouter(prefix="/internal/billing/prices", dependencies=[Depends(requ
 @router.post("", status_code=201)
 async def correct_price(request: Request) -> Any:
     """Body: ``{model, effective_from, reason, by, prompt?, completion?, input_cache_read?,
-    input_cache_write?, per_million?}`` — prices as decimal strings, USD per token (per
+    input_cache_write?, per_million?, layer?}`` — prices as decimal strings, USD per token (per
     million tokens with ``per_million: true``). 201 with the new version; 200 with
     ``{"unchanged": true}`` when that price is already in effect."""
     try:
@@ -41,6 +41,9 @@ async def correct_price(request: Request) -> Any:
         raise QuoteRequestError("effective_from", "is required (RFC 3339)")
     effective_from = parse_time(body["effective_from"], "effective_from")
     changes = parse_changes(body, per_million=body.get("per_million") is True)
+    layer = body.get("layer", "override")
+    if layer not in ("override", "catalogue"):
+        raise QuoteRequestError("layer", "must be override or catalogue")
     book = request.app.state.prices.book
     version, base = await asyncio.to_thread(
         record_correction,
@@ -50,6 +53,7 @@ async def correct_price(request: Request) -> Any:
         effective_from=effective_from,
         reason=str(body.get("reason") or ""),
         by=str(body.get("by") or ""),
+        layer=layer,
     )
     if version is None:
         return JSONResponse({"unchanged": True}, status_code=200)

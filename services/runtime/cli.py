@@ -254,6 +254,14 @@ def prices_override(
 @click.option("--effective-from", required=True, help="RFC 3339 time it applies from.")
 @click.option("--reason", required=True, help="Why (kept with the version: the audit trail).")
 @click.option("--by", default=lambda: _who(), help="Who (default: the login name).")
+@click.option(
+    "--layer",
+    type=click.Choice(["override", "catalogue"]),
+    default="override",
+    show_default=True,
+    help="override: pins the price until the next correction (negotiated prices); "
+    "catalogue: mends the catalogue's history, superseded by its next change.",
+)
 @click.pass_obj
 def prices_set(
     obj: Context,
@@ -266,6 +274,7 @@ def prices_set(
     effective_from: str,
     reason: str,
     by: str,
+    layer: str,
 ) -> None:
     """Correct MODEL's price from a past or future time: a new version, nothing overwritten.
 
@@ -281,7 +290,13 @@ def prices_set(
     try:
         changes = parse_changes(raw, per_million=per_million)
         version, base = record_correction(
-            obj.book, model, changes, effective_from=_cli_time(effective_from), reason=reason, by=by
+            obj.book,
+            model,
+            changes,
+            effective_from=_cli_time(effective_from),
+            reason=reason,
+            by=by,
+            layer=layer,  # type: ignore[arg-type]  # click.Choice
         )
     except BillingError as exc:
         click.echo(json.dumps(error_json(exc), indent=2))

@@ -10,6 +10,7 @@ private event-loop thread and the synchronous methods wait on it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Coroutine
 from datetime import datetime
@@ -17,10 +18,12 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from services.core.errors import BillingError
 from services.core.pricebook import InMemoryPriceBook, Layer, PriceVersion
 from services.core.pricing import ModelPricing, parse_pricing
 from services.runtime.database import connect, init_connection
 
+log = logging.getLogger("billing.pricebook")
 T = TypeVar("T")
 _WRITE_LOCK = 0x70726963  # "pric": serialises version numbering across processes
 
@@ -74,11 +77,22 @@ class PostgresPriceBook(InMemoryPriceBook):
             self.last_version,
         )
         for row in rows:
+            try:
+                pricing = parse_pricing(row["pricing"], row["model"])
+            except BillingError as exc:  # one bad row must not stop every later version
+                log.error(
+                    "price version %s of %s is unusable, skipped: %s",
+                    row["version"],
+                    row["model"],
+                    exc,
+                )
+                self._last_version = max(self._last_version, row["version"])  # numbers taken
+                continue
             self._apply(
                 PriceVersion(
                     model=row["model"],
                     version=row["version"],
-                    pricing=parse_pricing(row["pricing"], row["model"]),
+                    pricing=pricing,
                     effective_from=row["effective_from"],
                     recorded_at=row["recorded_at"],
                     layer=row["layer"],

@@ -76,3 +76,25 @@ async def test_the_book_reconnects_after_the_database_dropped_it(database_url: s
         assert book.lookup("acme/after-outage").pricing == cheap
     finally:
         book.close()
+
+
+async def test_an_unusable_stored_version_is_skipped_not_fatal(database_url: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            "INSERT INTO price_versions (version, model, layer, source, reason, effective_from,"
+            " recorded_at, pricing) VALUES (1, 'x/broken', 'override', 'test', '', now(), now(),"
+            """ '{"prompt": "0.1234567890123456789012345678901234", "completion": "1"}')"""
+        )
+    finally:
+        await connection.close()
+    book = PostgresPriceBook(database_url)  # would raise on the 35-place price
+    try:
+        assert "x/broken" not in book.models() and book.last_version == 1
+        pricing = parse_pricing({"prompt": "0.1", "completion": "0.2"})
+        version = book.record("x/fixed", pricing, effective_from=datetime(2026, 1, 1, tzinfo=UTC))
+        assert version is not None and version.version == 2  # the skipped number stays taken
+    finally:
+        book.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -96,3 +97,35 @@ def test_who_and_why_are_required(
             reason=reason,
             by=by,
         )
+
+
+def test_a_per_million_price_too_fine_per_token_is_refused() -> None:
+    fine = "0." + "1" * 26  # 26 places per million is 32 per token: over the bound
+    with pytest.raises(PricingError, match="per token"):
+        parse_changes({"prompt": fine}, per_million=True)
+    assert parse_changes({"prompt": "0." + "1" * 24}, per_million=True)["prompt"] == Decimal(
+        "0." + "0" * 6 + "1" * 24
+    )
+
+
+@pytest.mark.parametrize(("layer", "june_prompt"), [("override", "1E-6"), ("catalogue", "5E-7")])
+def test_the_layer_decides_whether_a_later_catalogue_change_applies(
+    snapshot_book: InMemoryPriceBook, layer: str, june_prompt: str
+) -> None:
+    record_correction(
+        snapshot_book,
+        "openai/gpt-5",
+        {"prompt": Decimal("1E-6")},
+        effective_from=MARCH,
+        reason="fix",
+        by="alice",
+        layer=layer,  # type: ignore[arg-type]
+    )
+    may = snapshot_book.lookup("openai/gpt-5", MARCH).pricing
+    snapshot_book.record(  # the catalogue changes in May
+        "openai/gpt-5",
+        replace(may, prompt=Decimal("5E-7")),
+        effective_from=datetime(2026, 5, 1, tzinfo=UTC),
+    )
+    june = snapshot_book.lookup("openai/gpt-5", datetime(2026, 6, 1, tzinfo=UTC))
+    assert june.pricing.prompt == Decimal(june_prompt)
