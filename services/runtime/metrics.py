@@ -88,6 +88,8 @@ def observe_reported_drift(differences: Iterable[Decimal]) -> None:
         REPORTED_COST_CHECKED.labels("within").inc(within)
     if outside:
         REPORTED_COST_CHECKED.labels("outside").inc(outside)
+
+
 UNBILLABLE = Counter(
     "billing_unbillable_requests_total",
     "Answered proxy requests no usage event could be made for (logged with the request id)",
