@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from services.core.cost import compute_cost
+from services.core.cost import CostBreakdown, compute_cost
 from services.core.events import Breakdown, UsagePriced, UsageRecorded
-from services.core.pricebook import PriceLookup
+from services.core.pricebook import PriceLookup, PriceVersion
+from services.core.usage import Usage
 
 
 def rate(
@@ -24,12 +25,8 @@ def rate(
     Raises ``PriceNotFound`` when the model has no price then: the caller holds the event
     back rather than billing it at $0.
     """
-    version = book.lookup(recorded.provider_model_id, recorded.occurred_at)
-    breakdown = compute_cost(
-        recorded.usage.to_usage(),
-        version.pricing,
-        at=recorded.occurred_at,
-        price_version=version.version,
+    version, breakdown = price(
+        book, recorded.provider_model_id, recorded.usage.to_usage(), recorded.occurred_at
     )
     tier = breakdown.tier
     return UsagePriced.model_construct(
@@ -58,3 +55,13 @@ def rate(
         event_type="UsagePriced",
         schema_version=1,
     )
+
+
+def price(
+    book: PriceLookup, model: str, usage: Usage, occurred_at: datetime
+) -> tuple[PriceVersion, CostBreakdown]:
+    """The price version in effect for ``model`` at ``occurred_at`` and what ``usage`` costs
+    under it (raises ``PriceNotFound``): the arithmetic of :func:`rate`, without the event."""
+    version = book.lookup(model, occurred_at)
+    breakdown = compute_cost(usage, version.pricing, at=occurred_at, price_version=version.version)
+    return version, breakdown

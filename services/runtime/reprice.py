@@ -42,7 +42,7 @@ from services.core.events import (
 )
 from services.core.money import EXACT, fmt
 from services.core.pricebook import PriceLookup
-from services.core.rating import rate
+from services.core.rating import price, rate
 from services.core.usage import Usage
 from services.runtime.errors import DatabaseError
 
@@ -189,7 +189,8 @@ _FACT_COLUMNS = (
     "request_id, tenant_id, api_key_id, provider, provider_model_id, occurred_at, recorded_at,"
     " usage_source, prompt_tokens, uncached_input_tokens, cache_read_tokens, cache_write_tokens,"
     " cache_write_1h_tokens, completion_tokens, reasoning_tokens, web_search_requests, images,"
-    " requests, reported_cost, reported_is_byok, metadata, revision, total_cost"
+    " requests, reported_cost, reported_is_byok, metadata::text AS metadata, revision,"
+    " total_cost"
 )
 _COUNTS = Usage._fields
 
@@ -218,7 +219,7 @@ def fact_of_row(row: asyncpg.Record) -> tuple[UsageRecorded, Current]:
         usage_source=row["usage_source"],
         usage_format="normalised",
         reported=reported,
-        metadata=row["metadata"],
+        metadata=json.loads(row["metadata"]),
     )
     return fact, Current(row["revision"], row["total_cost"])
 
@@ -237,7 +238,8 @@ def _where(window: Window) -> tuple[str, list[Any]]:
 
 async def facts_from_db(
     connection: asyncpg.Connection, window: Window, batch: int
-) -> AsyncIterator[list[tuple[UsageRecorded, Current]]]:
+) -> AsyncIterator[list[asyncpg.Record]]:
+    """The window's transaction rows, in batches (a cursor: memory stays flat)."""
     where, args = _where(window)
     query = (
         f"SELECT {_FACT_COLUMNS} FROM billing_transactions"  # noqa: S608  # fixed columns
@@ -245,14 +247,31 @@ async def facts_from_db(
     )
     async with connection.transaction(isolation="repeatable_read", readonly=True):
         cursor = connection.cursor(query, *args, prefetch=batch)
-        chunk: list[tuple[UsageRecorded, Current]] = []
+        chunk: list[asyncpg.Record] = []
         async for row in cursor:
-            chunk.append(fact_of_row(row))
+            chunk.append(row)
             if len(chunk) >= batch:
                 yield chunk
                 chunk = []
         if chunk:
             yield chunk
+
+
+def changed_rows(
+    rows: Sequence[asyncpg.Record], book: PriceLookup, report: Report
+) -> Iterable[tuple[UsageRecorded, Current]]:
+    """The rows whose cost differs at today's prices, as (fact, current): most rows of a
+    window do not change, so each is priced from its columns first and becomes an event
+    only when its total moves."""
+    for row in rows:
+        usage = Usage(*(row[c] for c in _COUNTS))
+        try:
+            _, breakdown = price(book, row["provider_model_id"], usage, row["occurred_at"])
+        except PriceNotFound:
+            report.unpriced += 1
+            continue
+        if breakdown.total_cost != row["total_cost"]:
+            yield fact_of_row(row)
 
 
 async def count_in_db(connection: asyncpg.Connection, window: Window) -> int:
@@ -390,7 +409,10 @@ async def reprice(
         async for chunk in chunks:
             if source == "db":
                 report.scanned += len(chunk)
-            revised = _rerate_chunk(chunk, book, priced_at, tagged, report)
+                pairs: Iterable[tuple[UsageRecorded, Current]] = changed_rows(chunk, book, report)
+            else:
+                pairs = chunk
+            revised = _rerate_chunk(pairs, book, priced_at, tagged, report)
             if producer is not None and broker is not None and revised:
                 await _send(producer, broker.costs_topic, revised)
                 report.emitted += len(revised)
@@ -439,7 +461,7 @@ async def _refuse_if_outstanding(connection: asyncpg.Connection) -> None:
 
 
 def _rerate_chunk(
-    chunk: Sequence[tuple[UsageRecorded, Current]],
+    chunk: Iterable[tuple[UsageRecorded, Current]],
     book: PriceLookup,
     priced_at: datetime,
     reason: str,
