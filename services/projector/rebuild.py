@@ -32,6 +32,9 @@ Equality (``--dry-run`` and the report): every column but ``projected_at`` and
 ``updated_at``, which say when a row was written; live summary rows whose every value is
 zero (left behind when a revision moved a request to another key) count as absent.
 
+Here: reading the log, the fold and the command; the comparison and the swap itself are in
+``services.projector.tables``.
+
 RebuildError        the rebuild was refused or could not finish; nothing was swapped
 """
 
@@ -44,10 +47,19 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from services.projector.tables import (
+    LIVE,
+    SUFFIX,
+    SUMMARY_KEY_SQL,
+    RebuildError,
+    TableDiff,
+    _compare,
+    _swap,
+)
 
 # The CLI imports this module whenever it starts (``billing quote --batch`` must stay fast),
 # so asyncpg, aiokafka, pydantic and the projector are imported by the functions using them.
@@ -57,22 +69,9 @@ if TYPE_CHECKING:
 
     from services.runtime.cli import Context
 
-LIVE = ("billing_transactions", "tenant_billing_summary")
 FENCED = (*LIVE, "billing_adjustments")
 """Every table a projector batch writes: locked EXCLUSIVE (writers wait) during the swap."""
-SUFFIX = "_rebuild"
 STAGING = "rebuild_events"
-IGNORED = {"billing_transactions": ("projected_at",), "tenant_billing_summary": ("updated_at",)}
-"""Columns that say when a row was written, not what it holds: left out of every comparison."""
-SUMMARY_KEY_SQL = {
-    "tenant_id": "tenant_id",
-    "day": "(occurred_at AT TIME ZONE 'UTC')::date",
-    "model": "model",
-    "api_key_id": "coalesce(api_key_id, '')",
-}
-"""``apply._summary_key`` (tenant, UTC day of occurred_at, model, api key or '') as SQL
-over billing_transactions, in ``apply.SUMMARY_KEY``'s order."""
-KEYS = {"billing_transactions": ("request_id",), "tenant_billing_summary": tuple(SUMMARY_KEY_SQL)}
 _KEY_EXPRS = ", ".join(SUMMARY_KEY_SQL.values())
 _WINNER_ORDER = "request_id, revision DESC, log_partition, log_offset"
 """Highest revision; among equals the first in log order, the one the projector kept."""
@@ -88,41 +87,6 @@ STALL_SECONDS = 15.0
 
 Progress = Callable[[int, int | None], None]
 """(records just read, estimated total or None)."""
-
-
-class RebuildError(Exception):
-    """The rebuild was refused or failed; the live tables are as they were."""
-
-
-@dataclass(slots=True)
-class TableDiff:
-    """The live table against the rebuilt one (on the compared columns)."""
-
-    table: str
-    live_rows: int = 0
-    rebuilt_rows: int = 0
-    only_live: int = 0
-    only_rebuilt: int = 0
-    live_sums: dict[str, Decimal] = field(default_factory=dict)
-    rebuilt_sums: dict[str, Decimal] = field(default_factory=dict)
-    samples: list[str] = field(default_factory=list)
-
-    @property
-    def equal(self) -> bool:
-        return self.only_live == 0 and self.only_rebuilt == 0
-
-    def lines(self) -> list[str]:
-        sums = "; ".join(
-            f"{name} {self.live_sums[name]} / {self.rebuilt_sums[name]}" for name in self.live_sums
-        )
-        head = f"{self.table}: live {self.live_rows} rows / rebuilt {self.rebuilt_rows}; {sums}; "
-        if self.equal:
-            return [head + "equal"]
-        head += (
-            f"{self.only_live} live rows not in the rebuilt table, "
-            f"{self.only_rebuilt} rebuilt rows not in the live one"
-        )
-        return [head, *(f"  {line}" for line in self.samples)]
 
 
 @dataclass(slots=True)
@@ -531,180 +495,6 @@ async def _count(connection: asyncpg.Connection, report: RebuildReport) -> None:
     report.summary_rows = row["summary_rows"]
     report.superseded = row["superseded"]
     report.duplicates = row["events"] - row["transactions"] - row["superseded"]
-
-
-# -- comparing ----------------------------------------------------------------------------------
-
-
-async def _compare(connection: asyncpg.Connection, table: str, samples: int = 10) -> TableDiff:
-    """Counts, sums and the EXCEPT ALL difference both ways, with a few rows shown."""
-    from services.projector.apply import SUMMARY_VALUES
-
-    names = await connection.fetch(
-        "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0"
-        " AND NOT attisdropped ORDER BY attnum",
-        table,
-    )
-    columns = ", ".join(r["attname"] for r in names if r["attname"] not in IGNORED[table])
-    live = f"SELECT {columns} FROM {table}"  # noqa: S608  # catalogue names
-    if table == "tenant_billing_summary":  # an all-zero row is a group that was emptied
-        live += f" WHERE NOT ({' AND '.join(f'{c} = 0' for c in SUMMARY_VALUES)})"
-    rebuilt = f"SELECT {columns} FROM {table}{SUFFIX}"  # noqa: S608
-    sides = {"live": (live, rebuilt), "rebuilt": (rebuilt, live)}
-    diffs = {side: f"rebuild_diff_{table}_{side}" for side in sides}
-    figures = {}
-    for side, (first, second) in sides.items():
-        await connection.execute(
-            f"CREATE TEMP TABLE {diffs[side]} ON COMMIT DROP AS {first} EXCEPT ALL {second}"
-        )
-        figures[side] = await connection.fetchrow(
-            "SELECT count(*) AS rows, coalesce(sum(total_cost), 0) AS total_cost,"  # noqa: S608
-            f" coalesce(sum(requests), 0)::bigint AS requests,"
-            f" (SELECT count(*) FROM {diffs[side]}) AS different FROM ({first}) s"
-        )
-    key, order = KEYS[table], ", ".join(KEYS[table])
-    live_diff, rebuilt_diff = diffs["live"], diffs["rebuilt"]
-    first_keys = (  # the same keys from both sides, so a changed row shows as one line
-        f"SELECT {order} FROM {live_diff} UNION SELECT {order} FROM {rebuilt_diff}"  # noqa: S608
-        f" ORDER BY {order} LIMIT {samples}"
-    )
-    only: dict[str, dict[tuple[Any, ...], asyncpg.Record]] = {}
-    for side, diff_table in diffs.items():
-        rows = await connection.fetch(
-            f"SELECT * FROM {diff_table} WHERE ({order}) IN ({first_keys})"  # noqa: S608
-        )
-        only[side] = {tuple(r[k] for k in key): r for r in rows}
-    live_figures, rebuilt_figures = figures["live"], figures["rebuilt"]
-    diff = TableDiff(
-        table,
-        live_rows=live_figures["rows"],
-        rebuilt_rows=rebuilt_figures["rows"],
-        only_live=live_figures["different"],
-        only_rebuilt=rebuilt_figures["different"],
-        live_sums={c: live_figures[c] for c in ("total_cost", "requests")},
-        rebuilt_sums={c: rebuilt_figures[c] for c in ("total_cost", "requests")},
-    )
-    for k in sorted({*only["live"], *only["rebuilt"]}, key=str):
-        name = "(" + ", ".join(str(v) for v in k) + ")"
-        old, new = only["live"].get(k), only["rebuilt"].get(k)
-        if old is None:
-            diff.samples.append(f"{name}: only in the rebuilt table")
-        elif new is None:
-            diff.samples.append(f"{name}: only in the live table")
-        else:
-            changed = [
-                f"{c} live {_show(old[c])} rebuilt {_show(new[c])}"
-                for c in old.keys()
-                if old[c] != new[c]
-            ]
-            diff.samples.append(f"{name}: {'; '.join(changed)}")
-    return diff
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, dict) else str(value)
-
-
-# -- swapping -----------------------------------------------------------------------------------
-
-
-async def _swap(connection: asyncpg.Connection, keep_old: bool, stamp: str) -> list[str]:
-    """Put the rebuilt tables in the live ones' place (in the caller's transaction)."""
-    kept: list[str] = []
-    inbound: list[tuple[str, str, str]] = []
-    for table in LIVE:
-        inbound += [
-            (r["source"], r["conname"], r["definition"])
-            for r in await connection.fetch(
-                "SELECT conrelid::regclass::text AS source, conname,"
-                " pg_get_constraintdef(oid) AS definition FROM pg_constraint"
-                " WHERE contype = 'f' AND confrelid = $1::regclass AND conrelid <> confrelid",
-                table,
-            )
-        ]
-    for source, name, _ in inbound:
-        await connection.execute(f'ALTER TABLE {source} DROP CONSTRAINT "{name}"')
-    for table in LIVE:
-        outbound = await connection.fetch(
-            "SELECT conname, pg_get_constraintdef(oid) AS definition FROM pg_constraint"
-            " WHERE contype = 'f' AND conrelid = $1::regclass",
-            table,
-        )
-        names = await _index_names(connection, table, f"{table}{SUFFIX}")
-        access = await _access(connection, table)
-        if keep_old:
-            old = _name(table, f"_before_rebuild_{stamp}")
-            await connection.execute(f"ALTER TABLE {table} RENAME TO {old}")
-            for live_index in names.values():
-                renamed = _name(live_index, f"_before_rebuild_{stamp}")
-                await connection.execute(f'ALTER INDEX "{live_index}" RENAME TO "{renamed}"')
-            kept.append(old)
-        else:
-            await connection.execute(f"DROP TABLE {table}")
-        await connection.execute(f"ALTER TABLE {table}{SUFFIX} RENAME TO {table}")
-        for rebuilt_index, live_index in names.items():
-            await connection.execute(f'ALTER INDEX "{rebuilt_index}" RENAME TO "{live_index}"')
-        for r in outbound:
-            await connection.execute(
-                f'ALTER TABLE {table} ADD CONSTRAINT "{r["conname"]}" {r["definition"]}'
-            )
-        for statement in access:
-            await connection.execute(statement)
-    for source, name, definition in inbound:
-        await connection.execute(
-            f'ALTER TABLE {source} ADD CONSTRAINT "{name}" {definition} NOT VALID'
-        )
-        await connection.execute(f'ALTER TABLE {source} VALIDATE CONSTRAINT "{name}"')
-    return kept
-
-
-async def _access(connection: asyncpg.Connection, table: str) -> list[str]:
-    """The statements that give the new ``table`` the live one's owner and grants (LIKE
-    copies neither; a service role reading the old table must read the new one)."""
-    owner = await connection.fetchval(
-        "SELECT quote_ident(pg_get_userbyid(relowner)) FROM pg_class WHERE oid = $1::regclass",
-        table,
-    )
-    statements = []
-    if owner != await connection.fetchval("SELECT quote_ident(current_user)"):
-        statements.append(f"ALTER TABLE {table} OWNER TO {owner}")
-    for grant in await connection.fetch(
-        "SELECT CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee))"
-        " END AS grantee, a.privilege_type, a.is_grantable"
-        " FROM pg_class c, aclexplode(c.relacl) a"
-        " WHERE c.oid = $1::regclass AND a.grantee <> c.relowner ORDER BY 1, 2",
-        table,
-    ):
-        option = " WITH GRANT OPTION" if grant["is_grantable"] else ""
-        statements.append(
-            f"GRANT {grant['privilege_type']} ON {table} TO {grant['grantee']}{option}"
-        )
-    return statements
-
-
-async def _index_names(connection: asyncpg.Connection, live: str, rebuilt: str) -> dict[str, str]:
-    """rebuilt index name → the live index it copies (matched by definition)."""
-
-    async def shapes(table: str) -> dict[str, str]:
-        rows = await connection.fetch(
-            "SELECT c.relname AS name, i.indisunique AS uniq,"
-            " split_part(pg_get_indexdef(i.indexrelid), ' USING ', 2) AS shape"
-            " FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
-            " WHERE i.indrelid = $1::regclass",
-            table,
-        )
-        return {r["name"]: f"{r['uniq']} {r['shape']}" for r in rows}
-
-    live_shapes, rebuilt_shapes = await shapes(live), await shapes(rebuilt)
-    by_shape = {shape: name for name, shape in live_shapes.items()}
-    if len(by_shape) != len(live_shapes) or sorted(by_shape) != sorted(rebuilt_shapes.values()):
-        raise RebuildError(f"the indexes of {rebuilt} do not match those of {live}")
-    return {name: by_shape[shape] for name, shape in rebuilt_shapes.items()}
-
-
-def _name(base: str, suffix: str) -> str:
-    """``base + suffix`` within PostgreSQL's 63-byte identifiers."""
-    return base[: 63 - len(suffix)] + suffix
 
 
 # -- the command --------------------------------------------------------------------------------
