@@ -61,9 +61,18 @@ def create_app(
         app.state.broker_configured = bool(settings.kafka_bootstrap)
         app.state.publish_timeout = settings.publish_timeout_seconds
         app.state.topics = Topics.named(settings.topic_prefix)
+        # One pooled connection per request in flight: past the default keep-alive limit
+        # (20) every extra response would close its connection and the next open a new one.
+        limits = httpx.Limits(
+            max_connections=settings.max_in_flight,
+            max_keepalive_connections=settings.max_in_flight,
+        )
+        timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=5.0)
+        app.state.in_flight = proxy.InFlight(settings.max_in_flight)
         app.state.upstream = httpx.AsyncClient(
             base_url=settings.openrouter_base_url,
-            timeout=httpx.Timeout(settings.upstream_timeout_seconds, connect=5.0),
+            timeout=timeout,
+            limits=limits,
             transport=upstream_transport,
         )
         key = settings.openrouter_api_key
@@ -71,8 +80,7 @@ def create_app(
             {"authorization": f"Bearer {key.get_secret_value()}"} if key else {}
         )
         app.state.gemini_upstream = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.upstream_timeout_seconds, connect=5.0),
-            transport=upstream_transport,
+            timeout=timeout, limits=limits, transport=upstream_transport
         )
         app.state.gemini_target = gemini.gemini_target(settings)
         app.state.emit_usage = settings.emit_usage

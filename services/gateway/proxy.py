@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -197,6 +198,25 @@ def parse_body(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+class InFlight:
+    """Counts proxied requests being served, up to a limit (admission control)."""
+
+    __slots__ = ("limit", "count")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def enter(self) -> bool:
+        if self.count >= self.limit:
+            return False
+        self.count += 1
+        return True
+
+    def leave(self) -> None:
+        self.count -= 1
+
+
 async def forward(
     request: Request,
     call: Call,
@@ -209,8 +229,38 @@ async def forward(
     state = request.app.state
     emitter = state.emitter
     if not emitter.accepting:
-        metrics.PROXY_REFUSED.inc()
+        metrics.PROXY_REFUSED.labels(reason="spool").inc()
         return error(503, "usage spool is full; try again later", {"retry-after": "5"})
+    in_flight: InFlight | None = getattr(state, "in_flight", None)
+    if in_flight is not None and not in_flight.enter():
+        metrics.PROXY_REFUSED.labels(reason="overload").inc()
+        return error(503, "the gateway is at capacity; try again shortly", {"retry-after": "1"})
+    try:
+        response = await _send(request, call, upstream, client, stream=stream)
+    except BaseException:
+        if in_flight is not None:
+            in_flight.leave()
+        raise
+    if in_flight is not None:
+        if isinstance(response, StreamingResponse):
+            # Served until the stream is done with, however it ends (finished, client gone,
+            # never started): when its body iterator is freed.
+            weakref.finalize(response.body_iterator, in_flight.leave)
+        else:
+            in_flight.leave()
+    return response
+
+
+async def _send(
+    request: Request,
+    call: Call,
+    upstream: httpx.Request,
+    client: httpx.AsyncClient,
+    *,
+    stream: bool,
+) -> Response:
+    state = request.app.state
+    emitter = state.emitter
     try:
         response = await client.send(upstream, stream=True)
     except httpx.TimeoutException:

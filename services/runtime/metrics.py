@@ -50,7 +50,9 @@ SPOOL_REJECTED = Counter(
     "billing_spool_rejected_lines_total", "Spool lines that did not decode (kept in rejected.jsonl)"
 )
 PROXY_REFUSED = Counter(
-    "billing_proxy_refused_total", "Proxy requests refused with 503 because usage had no room"
+    "billing_proxy_refused_total",
+    "Proxy requests refused with 503: the usage spool is full, or the gateway at capacity",
+    ["reason"],
 )
 
 # Reconciliation (services/runtime/reconcile.py): the projector checks every request it

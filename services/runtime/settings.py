@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     """How long ingest waits for the broker's acknowledgement before answering 503."""
     upstream_timeout_seconds: float = Field(default=120.0, gt=0)
     """How long the proxy waits on the LLM upstream (long generations take minutes)."""
+    max_in_flight: int = Field(default=512, ge=1)
+    """Proxied requests one gateway process serves at once; beyond it new ones get 503 at
+    once (overload is refused, not queued until everything is slow). Also the size of the
+    upstream connection pool."""
     emit_usage: bool = True
     """The proxy emits a ``UsageRecorded`` for every answered request (off: benchmarks only)."""
     spool_dir: Path | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -16,6 +18,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 
 from services.core.events import UsageRecorded, decode_recorded
 from services.gateway.app import create_app
@@ -305,3 +308,39 @@ async def test_a_non_streamed_answer_that_breaks_off_is_502_and_billed_its_promp
     (event,) = events
     assert event.usage_source == "estimated" and event.usage.completion_tokens == 0
     assert event.usage.prompt_tokens > 50
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_past_its_capacity_the_gateway_refuses_at_once_and_recovers(
+    database_url: str, tmp_path: Path, stream: bool
+) -> None:
+    key = asyncio.run(make_key(database_url))
+    settings = Settings(
+        data_dir=tmp_path,
+        catalogue_sync=False,
+        database_url=database_url,
+        max_in_flight=1,
+        openrouter_base_url="http://upstream.test/api/v1",
+    )
+    transport = httpx.ASGITransport(app=create_fake_upstream())
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {**CHAT, "stream": stream}
+    with TestClient(create_app(settings, upstream_transport=transport)) as client:
+        slow = threading.Thread(
+            target=client.post,
+            args=("/v1/chat/completions",),
+            kwargs={"json": body, "headers": auth | {"x-fake-latency-ms": "800"}},
+        )
+        slow.start()
+        in_flight = client.app.state.in_flight  # type: ignore[attr-defined]
+        for _ in range(100):
+            if in_flight.count:
+                break
+            time.sleep(0.01)
+        refused = client.post("/v1/chat/completions", json=body, headers=auth)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["message"].startswith("the gateway is at capacity")
+        slow.join()
+        assert in_flight.count == 0  # the slow one, streamed or not, is done with
+        assert client.post("/v1/chat/completions", json=body, headers=auth).status_code == 200
+    assert 'billing_proxy_refused_total{reason="overload"}' in generate_latest().decode()
