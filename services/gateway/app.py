@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from services.core.errors import BillingError, PriceNotFound
 from services.core.quote import error_json, quote
@@ -140,6 +141,13 @@ def create_app(
         return ORJSONResponse(
             {"error": exc.detail}, status_code=exc.status_code, headers=exc.headers
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # The client left while sending its request: nothing was forwarded, nothing billed,
+        # and nobody is there to read an answer.
+        log.info("client left during its request to %s", request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, _: Exception) -> ORJSONResponse:
