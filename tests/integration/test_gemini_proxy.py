@@ -8,20 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from services.core.events import UsageRecorded, decode_recorded
-from services.gateway.app import create_app
 from services.gateway.gemini import gemini_target
-from services.runtime.fake_upstream import create_fake_upstream
-from services.runtime.kafka import ensure_topics
 from services.runtime.settings import Settings
 from services.runtime.topics import Topics
 from tests.integration.test_ingest import read_all
-from tests.integration.test_proxy import make_key
+from tests.integration.test_proxy import Setup, gateway_before_fake_upstream
 
 MODEL = "gemini-2.5-flash"
 GENERATE = f"/v1beta/models/{MODEL}:generateContent"
@@ -31,44 +26,19 @@ GATEWAY_KEY = "gateway-vertex-key"
 KNOBS = {"x-fake-reasoning-tokens": "6", "x-fake-cached-tokens": "20"}
 
 
-class Recording(httpx.AsyncBaseTransport):
-    """The fake upstream, remembering every request the gateway sent it."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
-        self.requests: list[httpx.Request] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return await self.inner.handle_async_request(request)
-
-
-Setup = tuple[TestClient, Recording, str, Topics]
-
-
 @pytest.fixture
 def setup(
     database_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> Iterator[Setup]:
-    topics = Topics.named(topic_prefix)
-    asyncio.run(ensure_topics(kafka_bootstrap, topics.partitions()))
-    key = asyncio.run(make_key(database_url))
-    transport = Recording(httpx.ASGITransport(app=create_fake_upstream()))
-    settings = Settings(
-        data_dir=tmp_path,
-        catalogue_sync=False,
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topic_prefix=topic_prefix,
+    with gateway_before_fake_upstream(
+        database_url,
+        kafka_bootstrap,
+        topic_prefix,
+        tmp_path,
         vertex_base_url="http://gemini.test/",
         vertex_api_key=SecretStr(GATEWAY_KEY),
-    )
-    with TestClient(create_app(settings, upstream_transport=transport)) as client:
-        for _ in range(200):
-            if client.get("/readyz").status_code == 200:
-                break
-            asyncio.run(asyncio.sleep(0.05))
-        yield client, transport, key, topics
+    ) as running:
+        yield running
 
 
 def chunks(text: str) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import threading
@@ -37,16 +38,15 @@ pytestmark = pytest.mark.integration
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "count " * 50}]}
 
 
-class Counting(httpx.AsyncBaseTransport):
-    """Counts the requests that reach the upstream and keeps the last one's headers."""
+class Recording(httpx.AsyncBaseTransport):
+    """Keeps every request that reaches the upstream."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner, self.calls = inner, 0
-        self.last_headers: dict[str, str] = {}
+        self.inner = inner
+        self.requests: list[httpx.Request] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.calls += 1
-        self.last_headers = dict(request.headers)
+        self.requests.append(request)
         return await self.inner.handle_async_request(request)
 
 
@@ -60,23 +60,31 @@ async def make_key(database_url: str) -> str:
         await connection.close()
 
 
-@pytest.fixture
-def setup(
-    database_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
-) -> Iterator[tuple[TestClient, Counting, str, Topics]]:
+Setup = tuple[TestClient, Recording, str, Topics]
+
+
+@contextlib.contextmanager
+def gateway_before_fake_upstream(
+    database_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, **settings: Any
+) -> Iterator[Setup]:
+    """The gateway in-process before the fake upstream, on the session broker, ready; a key
+    of tenant ``acme``. ``settings`` add to (or replace) the gateway's settings."""
     topics = Topics.named(topic_prefix)
     asyncio.run(ensure_topics(kafka_bootstrap, topics.partitions()))
     key = asyncio.run(make_key(database_url))
-    transport = Counting(httpx.ASGITransport(app=create_fake_upstream()))
-    settings = Settings(
-        data_dir=tmp_path,
-        catalogue_sync=False,
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topic_prefix=topic_prefix,
-        openrouter_base_url="http://upstream.test/api/v1",
+    transport = Recording(httpx.ASGITransport(app=create_fake_upstream()))
+    configured = Settings(
+        **{
+            "data_dir": tmp_path,
+            "catalogue_sync": False,
+            "database_url": database_url,
+            "kafka_bootstrap": kafka_bootstrap,
+            "topic_prefix": topic_prefix,
+            "openrouter_base_url": "http://upstream.test/api/v1",
+            **settings,
+        }
     )
-    with TestClient(create_app(settings, upstream_transport=transport)) as client:
+    with TestClient(create_app(configured, upstream_transport=transport)) as client:
         for _ in range(200):
             if client.get("/readyz").status_code == 200:
                 break
@@ -84,8 +92,16 @@ def setup(
         yield client, transport, key, topics
 
 
+@pytest.fixture
+def setup(
+    database_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> Iterator[Setup]:
+    with gateway_before_fake_upstream(database_url, kafka_bootstrap, topic_prefix, tmp_path) as s:
+        yield s
+
+
 def test_json_and_streamed_completions_are_billed_from_upstream_usage(
-    setup: tuple[TestClient, Counting, str, Topics], kafka_bootstrap: str
+    setup: Setup, kafka_bootstrap: str
 ) -> None:
     client, _, key, topics = setup
     auth = {"Authorization": f"Bearer {key}"}
@@ -118,17 +134,15 @@ def test_json_and_streamed_completions_are_billed_from_upstream_usage(
 
 
 def test_missing_or_unknown_keys_never_reach_the_upstream(
-    setup: tuple[TestClient, Counting, str, Topics],
+    setup: Setup,
 ) -> None:
     client, transport, _, _ = setup
     for headers in ({}, {"Authorization": "Bearer bk_0_unknown"}):
         assert client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 401
-    assert transport.calls == 0
+    assert transport.requests == []
 
 
-def test_upstream_errors_pass_through_unbilled(
-    setup: tuple[TestClient, Counting, str, Topics], kafka_bootstrap: str
-) -> None:
+def test_upstream_errors_pass_through_unbilled(setup: Setup, kafka_bootstrap: str) -> None:
     client, _, key, topics = setup
     failed = client.post(
         "/v1/chat/completions",
@@ -139,9 +153,7 @@ def test_upstream_errors_pass_through_unbilled(
     assert asyncio.run(read_all(kafka_bootstrap, topics.usage, 1, timeout=3)) == []
 
 
-def test_a_cut_stream_is_billed_from_an_estimate(
-    setup: tuple[TestClient, Counting, str, Topics], kafka_bootstrap: str
-) -> None:
+def test_a_cut_stream_is_billed_from_an_estimate(setup: Setup, kafka_bootstrap: str) -> None:
     client, _, key, topics = setup
     headers = {
         "Authorization": f"Bearer {key}",
@@ -188,7 +200,7 @@ def test_a_full_spool_refuses_requests_when_the_policy_says_so(
 
 
 def test_errors_take_the_sdk_shape_and_client_credentials_stay_here(
-    setup: tuple[TestClient, Counting, str, Topics],
+    setup: Setup,
 ) -> None:
     client, transport, key, _ = setup
     refused = client.post("/v1/chat/completions", json=CHAT)
@@ -205,7 +217,7 @@ def test_errors_take_the_sdk_shape_and_client_credentials_stay_here(
     }
     answered = client.post("/v1/chat/completions", json=CHAT, headers=headers)
     assert answered.status_code == 200
-    sent = transport.last_headers
+    sent = transport.requests[-1].headers
     assert sent["x-title"] == "acme app" and sent["http-referer"] == "https://acme.example"
     assert "x-api-key" not in sent and key not in sent.get("authorization", "")
 
