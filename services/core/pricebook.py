@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import difflib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -158,15 +158,24 @@ class InMemoryPriceBook:
         reason: str = "",
         recorded_at: datetime | None = None,
     ) -> PriceVersion | None:
-        version = self._prepare(
-            model,
-            pricing,
-            effective_from=effective_from,
-            layer=layer,
-            source=source,
-            reason=reason,
-            recorded_at=recorded_at,
+        return self._write(
+            lambda: self._prepare(
+                model,
+                pricing,
+                effective_from=effective_from,
+                layer=layer,
+                source=source,
+                reason=reason,
+                recorded_at=recorded_at,
+            )
         )
+
+    def _write(self, prepare: Callable[[], PriceVersion | None]) -> PriceVersion | None:
+        """Make the version ``prepare`` builds (``None``: nothing changes) and index it.
+
+        The one step a storage adapter overrides: it calls ``prepare`` under its write lock,
+        after catching up with other writers, and persists the version before applying it."""
+        version = prepare()
         if version is not None:
             self._apply(version)
         return version

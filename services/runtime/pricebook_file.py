@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -20,8 +20,8 @@ from typing import Any
 
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.errors import BillingError
-from services.core.pricebook import InMemoryPriceBook, Layer, PriceVersion
-from services.core.pricing import ModelPricing, parse_pricing
+from services.core.pricebook import InMemoryPriceBook, PriceVersion
+from services.core.pricing import parse_pricing
 from services.runtime.errors import PriceBookCorrupt
 
 
@@ -136,29 +136,11 @@ class FilePriceBook(InMemoryPriceBook):
 
     # -- the port -------------------------------------------------------------------------
 
-    def record(
-        self,
-        model: str,
-        pricing: ModelPricing,
-        *,
-        effective_from: datetime,
-        layer: Layer = "catalogue",
-        source: str = "catalogue",
-        reason: str = "",
-        recorded_at: datetime | None = None,
-    ) -> PriceVersion | None:
+    def _write(self, prepare: Callable[[], PriceVersion | None]) -> PriceVersion | None:
         with self._locked() as handle:
             # Persist first, then apply: a failed write must not leave a version in memory
             # that no other process will ever see.
-            version = self._prepare(
-                model,
-                pricing,
-                effective_from=effective_from,
-                layer=layer,
-                source=source,
-                reason=reason,
-                recorded_at=recorded_at,
-            )
+            version = prepare()
             if version is not None:
                 self._append(handle, _version_line(version))
                 self._apply(version)

@@ -12,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Coroutine
-from datetime import datetime
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import asyncpg
 
 from services.core.errors import BillingError
-from services.core.pricebook import InMemoryPriceBook, Layer, PriceVersion
-from services.core.pricing import ModelPricing, parse_pricing
+from services.core.pricebook import InMemoryPriceBook, PriceVersion
+from services.core.pricing import parse_pricing
 from services.runtime.database import connect, init_connection
 
 log = logging.getLogger("billing.pricebook")
@@ -107,31 +106,13 @@ class PostgresPriceBook(InMemoryPriceBook):
 
     # -- writing ------------------------------------------------------------------------------
 
-    def record(
-        self,
-        model: str,
-        pricing: ModelPricing,
-        *,
-        effective_from: datetime,
-        layer: Layer = "catalogue",
-        source: str = "catalogue",
-        reason: str = "",
-        recorded_at: datetime | None = None,
-    ) -> PriceVersion | None:
+    def _write(self, prepare: Callable[[], PriceVersion | None]) -> PriceVersion | None:
         async def write() -> PriceVersion | None:
             connection = await self._connected()
             async with connection.transaction():
                 await connection.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
                 await self._catch_up(connection)
-                version = self._prepare(
-                    model,
-                    pricing,
-                    effective_from=effective_from,
-                    layer=layer,
-                    source=source,
-                    reason=reason,
-                    recorded_at=recorded_at,
-                )
+                version = prepare()
                 if version is None:
                     return None
                 await connection.execute(
