@@ -40,12 +40,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from services.cli.main import run_batch
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.cost import compute_cost
 from services.core.pricebook import InMemoryPriceBook
 from services.core.quote import quote
 from services.core.usage import parse_usage
-from services.runtime.cli import run_batch
 
 REPEAT = 3
 REFERENCE_CODE = (

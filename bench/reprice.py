@@ -61,12 +61,18 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from services.adapters.database import EmbeddedPostgres, init_connection, migrate
+from services.adapters.kafka import ensure_topics, make_producer
+from services.adapters.pricebook_postgres import PostgresPriceBook
+from services.adapters.topics import Topics
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.corrections import record_correction
 from services.core.events import ReportedCharge, UsageCounts, UsageRecorded, decode_priced
 from services.core.pricebook import PriceLookup
 from services.core.rating import rate
 from services.core.usage import Usage, check_usage
+from services.jobs.reprice import _FACT_COLUMNS, Broker, Report, Window, _where, reprice
+from services.local.broker import EmbeddedBroker
 from services.projector.apply import (
     COST_COLUMNS,
     COUNT_COLUMNS,
@@ -75,12 +81,6 @@ from services.projector.apply import (
     TRANSACTION_COLUMNS,
     _row,
 )
-from services.runtime.broker import EmbeddedBroker
-from services.runtime.database import EmbeddedPostgres, init_connection, migrate
-from services.runtime.kafka import ensure_topics, make_producer
-from services.runtime.pricebook_postgres import PostgresPriceBook
-from services.runtime.reprice import _FACT_COLUMNS, Broker, Report, Window, _where, reprice
-from services.runtime.topics import Topics
 
 BILLING = shutil.which("billing", path=os.path.dirname(sys.executable)) or "billing"
 DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -15,9 +15,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from services.adapters.database import EmbeddedPostgres, migrate
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.pricebook import InMemoryPriceBook
-from services.runtime.database import EmbeddedPostgres, migrate
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 OWN_FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -170,7 +170,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with KafkaContainer("confluentinc/cp-kafka:7.6.1").with_kraft() as container:
             yield container.get_bootstrap_server()
         return
-    from services.runtime.broker import EmbeddedBroker
+    from services.local.broker import EmbeddedBroker
 
     with EmbeddedBroker(log_path=tmp_path_factory.mktemp("kafka") / "tansu.log") as broker:
         yield broker.bootstrap

@@ -19,18 +19,18 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
+from services.adapters.database import create_pool
+from services.adapters.kafka import make_producer
+from services.adapters.pricing_cache import PricingCache
+from services.adapters.settings import Settings
+from services.adapters.topics import Topics
+from services.adapters.wiring import pricing_cache
 from services.core.errors import BillingError, PriceNotFound
 from services.core.quote import error_json, quote
 from services.gateway import gemini, ingest, models, prices_api, proxy, queries, tokens
 from services.gateway.auth import KeyCache, require_admin
 from services.gateway.emitter import Emitter
 from services.gateway.spool import Spool
-from services.runtime.database import create_pool
-from services.runtime.kafka import make_producer
-from services.runtime.pricing_cache import PricingCache
-from services.runtime.settings import Settings
-from services.runtime.topics import Topics
-from services.runtime.wiring import pricing_cache
 
 log = logging.getLogger("billing.gateway")
 

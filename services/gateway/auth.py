@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
 
-from services.runtime.tenants import authenticate, key_hash
+from services.adapters.tenants import authenticate, key_hash
 
 
 def require_admin(request: Request) -> None:

@@ -28,10 +28,10 @@ from typing import TypeAlias
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from services.adapters import metrics
 from services.core.events import UsageRecorded
 from services.gateway.ingest import publish
 from services.gateway.spool import Spool
-from services.runtime import metrics
 
 log = logging.getLogger("billing.emitter")
 SEND_TIMEOUT_SECONDS = 5.0

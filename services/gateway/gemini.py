@@ -39,10 +39,10 @@ import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from services.adapters.settings import Settings
 from services.core.usage import Usage
 from services.gateway.auth import TenantKey, require_gemini_tenant
 from services.gateway.proxy import Call, Dialect, error, forward, forwarded_headers, parse_body
-from services.runtime.settings import Settings
 
 router = APIRouter()
 

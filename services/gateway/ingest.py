@@ -23,13 +23,13 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from services.adapters import metrics
 from services.core.errors import BillingError, FieldError
 from services.core.events import ReportedCharge, UsageCounts, UsageRecorded
 from services.core.money import to_decimal
 from services.core.quote import parse_time
 from services.core.usage import ReportedCost, parse_usage
 from services.gateway.auth import require_admin
-from services.runtime import metrics
 
 log = logging.getLogger("billing.ingest")
 router = APIRouter(dependencies=[Depends(require_admin)])

@@ -8,9 +8,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from services.adapters.pricing_cache import PricingCache
 from services.core.pricebook import PriceBook, prices_in_effect
 from services.gateway.auth import require_tenant
-from services.runtime.pricing_cache import PricingCache
 
 router = APIRouter()
 

@@ -32,11 +32,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
+from services.adapters import metrics
 from services.core.errors import BillingError
 from services.core.events import ReportedCharge, UsageCounts, UsageRecorded
 from services.core.usage import Usage, parse_usage
 from services.gateway.auth import TenantKey, require_tenant
-from services.runtime import metrics
 
 log = logging.getLogger("billing.proxy")
 router = APIRouter()

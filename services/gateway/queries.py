@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal
 import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
+from services.adapters.metrics import REPORTED_COST_TOLERANCE
 from services.core.money import EXACT, fmt
 from services.gateway.auth import TenantKey, require_admin, require_tenant
 from services.projector.apply import COST_COLUMNS, COUNT_COLUMNS
-from services.runtime.metrics import REPORTED_COST_TOLERANCE
 
 router = APIRouter(prefix="/internal/billing", dependencies=[Depends(require_admin)])
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from services.adapters.errors import ConfigError
 from services.core.events import UsageRecorded, decode_recorded
-from services.runtime.errors import ConfigError
 
 log = logging.getLogger("billing.spool")
 SEGMENT_BYTES = 64 << 20
@@ -200,7 +200,7 @@ class Spool:
             os.fsync(handle.fileno())
 
     def _reject(self, line: bytes) -> None:
-        from services.runtime import metrics
+        from services.adapters import metrics
 
         metrics.SPOOL_REJECTED.inc()
         with (self.directory / "rejected.jsonl").open("ab") as handle:

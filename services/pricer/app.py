@@ -27,13 +27,13 @@ from typing import Any
 
 import faust
 
+from services.adapters import metrics
+from services.adapters.kafka import FETCH_MAX_WAIT_MS
+from services.adapters.pricing_cache import PricingCache
+from services.adapters.topics import Topics, dead_letter_headers
 from services.core.events import Position
 from services.pricer.logic import Incoming, Outcome, price_batch
 from services.pricer.unpriced import UnpricedStore
-from services.runtime import metrics
-from services.runtime.kafka import FETCH_MAX_WAIT_MS
-from services.runtime.pricing_cache import PricingCache
-from services.runtime.topics import Topics, dead_letter_headers
 
 log = logging.getLogger("billing.pricer")
 

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from services.adapters.database import create_pool
 from services.core.errors import PriceNotFound
 from services.core.events import UsageRecorded
 from services.core.pricebook import PriceBook, PriceLookup
-from services.runtime.database import create_pool
 
 SCAN_LIMIT = 5000
 _HELD_MODELS = "SELECT DISTINCT provider_model_id FROM unpriced_usage"

@@ -18,11 +18,11 @@ from typing import Any
 
 import asyncpg
 
+from services.adapters.metrics import observe_reported_drift
 from services.core.cost import COMPONENTS
 from services.core.events import Position, UsagePriced
 from services.core.money import EXACT
 from services.core.usage import Usage
-from services.runtime.metrics import observe_reported_drift
 
 COUNT_COLUMNS = Usage._fields  # one column per normalised count
 COST_COLUMNS = (*COMPONENTS, "total_cost")  # one column per breakdown component

@@ -19,12 +19,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
+from services.adapters import metrics
+from services.adapters.database import create_pool
+from services.adapters.kafka import make_consumer, make_producer
+from services.adapters.topics import Topics, dead_letter_headers
 from services.core.events import Position, UsagePriced, decode_priced
 from services.projector.apply import apply_batch, stored_offsets
-from services.runtime import metrics
-from services.runtime.database import create_pool
-from services.runtime.kafka import make_consumer, make_producer
-from services.runtime.topics import Topics, dead_letter_headers
 
 log = logging.getLogger("billing.projector")
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from services.adapters.database import init_connection
 from services.core.events import UsageCounts, UsagePriced, UsageRecorded
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.core.usage import parse_usage
 from services.projector.apply import apply_batch
-from services.runtime.database import init_connection
 from tests.e2e.test_cli import BILLING
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.kafka import ensure_topics
+from services.adapters.kafka import ensure_topics
 from tests.integration.pipeline import Pipeline
 
 

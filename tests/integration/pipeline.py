@@ -17,11 +17,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from services.adapters.kafka import make_producer
+from services.adapters.topics import Topics
 from services.core.events import UsageRecorded
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
-from services.runtime.kafka import make_producer
-from services.runtime.topics import Topics
 from tests.integration.test_projector_apply import T0, recorded
 
 BILLING = shutil.which("billing", path=os.path.dirname(sys.executable)) or "billing"

@@ -15,8 +15,8 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from services.runtime.broker import BrokerStartFailed, EmbeddedBroker, tansu_binary
-from services.runtime.kafka import TopicSetupFailed, ensure_topics, make_consumer, make_producer
+from services.adapters.kafka import TopicSetupFailed, ensure_topics, make_consumer, make_producer
+from services.local.broker import BrokerStartFailed, EmbeddedBroker, tansu_binary
 
 pytestmark = pytest.mark.integration
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from services.adapters.pricebook_file import FilePriceBook
+from services.adapters.pricing_cache import PricingCache
+from services.adapters.settings import Settings
 from services.core.pricing import parse_pricing
 from services.gateway.app import create_app
-from services.runtime.pricebook_file import FilePriceBook
-from services.runtime.pricing_cache import PricingCache
-from services.runtime.settings import Settings
 from tests.conftest import load_json, shared_fixture
 
 pytestmark = pytest.mark.integration

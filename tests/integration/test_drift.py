@@ -13,14 +13,14 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
+from services.adapters.database import init_connection
+from services.adapters.settings import Settings
 from services.core.events import ReportedCharge, UsageCounts, UsagePriced, UsageRecorded
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.core.usage import parse_usage
 from services.gateway.app import create_app
 from services.projector.apply import apply_batch
-from services.runtime.database import init_connection
-from services.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

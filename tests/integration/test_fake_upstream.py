@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from services.core.pricebook import InMemoryPriceBook
 from services.core.quote import quote
 from services.core.usage import parse_usage
-from services.runtime.fake_upstream import FakeConfig, create_fake_upstream
+from services.local.fake_upstream import FakeConfig, create_fake_upstream
 
 pytestmark = pytest.mark.integration
 

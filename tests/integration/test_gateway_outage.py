@@ -20,8 +20,8 @@ import asyncpg
 import httpx
 import pytest
 
-from services.runtime.broker import EmbeddedBroker, _free_port
-from services.runtime.kafka import ensure_topics
+from services.adapters.kafka import ensure_topics
+from services.local.broker import EmbeddedBroker, _free_port
 from tests.integration.pipeline import FlakyProxy, Pipeline, billed_totals
 from tests.integration.test_proxy import CHAT, make_key
 

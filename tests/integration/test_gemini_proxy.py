@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from services.adapters.settings import Settings
+from services.adapters.topics import Topics
 from services.core.events import UsageRecorded, decode_recorded
 from services.gateway.gemini import gemini_target
-from services.runtime.settings import Settings
-from services.runtime.topics import Topics
 from tests.integration.test_ingest import read_all
 from tests.integration.test_proxy import Setup, gateway_before_fake_upstream
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from services.adapters.kafka import ensure_topics, make_consumer
+from services.adapters.settings import Settings
+from services.adapters.topics import Topics
 from services.core.events import decode_recorded
 from services.gateway.app import create_app
-from services.runtime.broker import EmbeddedBroker
-from services.runtime.kafka import ensure_topics, make_consumer
-from services.runtime.settings import Settings
-from services.runtime.topics import Topics
+from services.local.broker import EmbeddedBroker
 
 pytestmark = pytest.mark.integration
 

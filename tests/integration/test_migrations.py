@@ -11,8 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.runtime.database import migrate, migrations
-from services.runtime.errors import DatabaseError
+from services.adapters.database import migrate, migrations
+from services.adapters.errors import DatabaseError
 
 pytestmark = pytest.mark.integration
 

@@ -11,12 +11,12 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from services.adapters.pricing_cache import PricingCache
+from services.adapters.settings import Settings
 from services.core.pricebook import InMemoryPriceBook
 from services.core.pricing import parse_pricing
 from services.gateway.app import create_app
 from services.gateway.models import model_list
-from services.runtime.pricing_cache import PricingCache
-from services.runtime.settings import Settings
 from tests.integration.test_proxy import make_key
 
 pytestmark = pytest.mark.integration

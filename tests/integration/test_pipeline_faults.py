@@ -13,8 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from services.adapters.kafka import make_consumer
 from services.core.pricebook import InMemoryPriceBook
-from services.runtime.kafka import make_consumer
 from tests.integration.pipeline import (
     FlakyProxy,
     Pipeline,

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from services.adapters.pricebook_postgres import PostgresPriceBook
 from services.core.pricing import parse_pricing
-from services.runtime.pricebook_postgres import PostgresPriceBook
 from tests.unit.test_pricebook import (  # noqa: F401 - collected here against this adapter
     test_a_backdated_correction_is_a_newer_version_nothing_is_overwritten,
     test_a_slug_shared_with_variants_aliases_the_base_model,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from services.adapters.settings import Settings
 from services.gateway.app import create_app
-from services.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": "Bearer s3cret-t0ken"}

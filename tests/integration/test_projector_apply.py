@@ -10,13 +10,13 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
+from services.adapters.database import init_connection
 from services.core.events import Position, UsageCounts, UsagePriced, UsageRecorded
 from services.core.pricebook import InMemoryPriceBook
 from services.core.pricing import parse_pricing
 from services.core.rating import rate
 from services.core.usage import parse_usage
 from services.projector.apply import apply_batch, stored_offsets
-from services.runtime.database import init_connection
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,11 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
+from services.adapters.kafka import ensure_topics, make_consumer, make_producer
+from services.adapters.topics import Topics
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.projector.service import Projector
-from services.runtime.kafka import ensure_topics, make_consumer, make_producer
-from services.runtime.topics import Topics
 from tests.integration.test_projector_apply import T0, recorded
 
 pytestmark = pytest.mark.integration

@@ -21,16 +21,16 @@ from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 
+from services.adapters.database import init_connection
+from services.adapters.kafka import ensure_topics
+from services.adapters.settings import Settings
+from services.adapters.tenants import create_key, create_tenant
+from services.adapters.topics import Topics
 from services.core.events import UsageRecorded, decode_recorded
 from services.gateway.app import create_app
 from services.gateway.auth import TenantKey
 from services.gateway.proxy import OPENAI, Call, forward
-from services.runtime.database import init_connection
-from services.runtime.fake_upstream import create_fake_upstream
-from services.runtime.kafka import ensure_topics
-from services.runtime.settings import Settings
-from services.runtime.tenants import create_key, create_tenant
-from services.runtime.topics import Topics
+from services.local.fake_upstream import create_fake_upstream
 from tests.integration.test_ingest import read_all
 
 pytestmark = pytest.mark.integration

@@ -11,12 +11,12 @@ import asyncpg
 import pytest
 from fastapi.testclient import TestClient
 
+from services.adapters.database import init_connection
+from services.adapters.settings import Settings
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.gateway.app import create_app
 from services.projector.apply import apply_batch
-from services.runtime.database import init_connection
-from services.runtime.settings import Settings
 from tests.integration.test_projector_apply import T0, recorded
 
 pytestmark = pytest.mark.integration

@@ -19,13 +19,13 @@ from typing import Any
 import asyncpg
 import pytest
 
+from services.adapters.database import init_connection
 from services.core.events import UsagePriced
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
+from services.jobs.rebuild import SUMMARY_KEY_SQL, RebuildError, rebuild
 from services.projector import rebuild as rebuild_module
 from services.projector.apply import SUMMARY_VALUES, _row, _summary_key
-from services.projector.rebuild import SUMMARY_KEY_SQL, RebuildError, rebuild
-from services.runtime.database import init_connection
 from tests.integration.pipeline import BILLING, Pipeline, produce
 from tests.integration.test_projector_apply import T0, recorded
 

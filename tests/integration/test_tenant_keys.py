@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 from fastapi.testclient import TestClient
 
+from services.adapters.settings import Settings
 from services.gateway.app import create_app
-from services.runtime.settings import Settings
 from tests.e2e.test_cli import BILLING
 from tests.integration.test_query_api import seeded  # noqa: F401 - the shared fixture
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from services.runtime.cli import main
-from services.runtime.settings import Settings
+from services.adapters.settings import Settings
+from services.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from services.adapters.errors import PriceBookCorrupt
+from services.adapters.pricebook_file import FilePriceBook
 from services.core.catalogue import apply_catalogue, parse_catalogue
 from services.core.errors import PriceNotFound
 from services.core.pricebook import InMemoryPriceBook, PriceBook, spelling_key
 from services.core.pricing import parse_pricing
-from services.runtime.errors import PriceBookCorrupt
-from services.runtime.pricebook_file import FilePriceBook
 from tests.conftest import OWN_FIXTURES, load_json, shared_fixture
 
 JAN = datetime(2026, 1, 1, tzinfo=UTC)

@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.adapters.errors import CatalogueUnavailable
+from services.adapters.pricebook_file import FilePriceBook
+from services.adapters.pricing_cache import OpenRouterCatalogue, PricingCache, sync_catalogue
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.pricebook import InMemoryPriceBook
 from services.core.pricing import parse_pricing
-from services.runtime.errors import CatalogueUnavailable
-from services.runtime.pricebook_file import FilePriceBook
-from services.runtime.pricing_cache import OpenRouterCatalogue, PricingCache, sync_catalogue
 from tests.conftest import OWN_FIXTURES, load_json
 
 CATALOGUE_2026 = (OWN_FIXTURES / "catalogue_2026_shape.json").read_text()

@@ -9,8 +9,8 @@ from decimal import Decimal
 import pytest
 
 from services.core.pricebook import InMemoryPriceBook
-from services.runtime.invoice import InvoiceError, parse_money, parse_when, read_invoice
-from services.runtime.reconcile import canonical_totals, compare, parse_month
+from services.core.provider_invoice import InvoiceError, parse_money, parse_when, read_invoice
+from services.jobs.reconcile import canonical_totals, compare, parse_month
 
 NOV = parse_month("2026-11")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.runtime.schemas import SCHEMA_DIR, generate
+from services.adapters.schemas import SCHEMA_DIR, generate
 
 
 def test_committed_schemas_match_the_models() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.runtime.errors import ConfigError
-from services.runtime.settings import Settings
+from services.adapters.errors import ConfigError
+from services.adapters.settings import Settings
 
 
 def test_defaults_work_locally(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,7 @@
 """A provider's invoice export read and summed per model: its columns, amounts and dates.
 
 Plain functions over the CSV's text (no database, no click), unit-tested; ``billing
-reconcile`` (``services.runtime.reconcile``) compares the sums with our totals.
+reconcile`` (``services.jobs.reconcile``) compares the sums with our totals.
 
 Errors: ``InvoiceError`` (a ``ValueError``): the export cannot be read; its message names the
 line and the column.

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from services.runtime.errors import DatabaseError
+from services.adapters.errors import DatabaseError
 
 log = logging.getLogger("billing.database")
 

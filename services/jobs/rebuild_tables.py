@@ -1,6 +1,6 @@
 """The live read-model tables beside their rebuilt copies: compared, then swapped in.
 
-``billing rebuild`` (``services.projector.rebuild``, whose docstring tells the whole story)
+``billing rebuild`` (``services.jobs.rebuild``, whose docstring tells the whole story)
 fills ``<table>_rebuild`` next to each live table; this module holds what it does with the
 pair. Comparing: counts, sums and the ``EXCEPT ALL`` difference both ways on every column
 that says what a row holds (``IGNORED`` leaves out when it was written), with a few

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from services.adapters.errors import DatabaseError
 from services.core.errors import PriceNotFound
 from services.core.events import (
     ReportedCharge,
@@ -44,7 +45,6 @@ from services.core.money import EXACT, fmt
 from services.core.pricebook import PriceLookup
 from services.core.rating import price, rate
 from services.core.usage import Usage
-from services.runtime.errors import DatabaseError
 
 _LOCK = 0x62696C6C_72707263  # "billrprc": one re-rate at a time
 Source = Literal["db", "kafka"]
@@ -293,7 +293,7 @@ async def facts_from_topic(
 ) -> AsyncIterator[list[tuple[UsageRecorded, Current]]]:
     """The usage topic from its start; the log's end is where nothing new came for
     ``idle_seconds`` (end offsets are not trusted: some brokers under-report them)."""
-    from services.runtime.kafka import make_consumer
+    from services.adapters.kafka import make_consumer
 
     consumer = make_consumer(
         bootstrap, topic, group_id=f"billing-reprice-{report.run_id}", enable_auto_commit=False
@@ -367,8 +367,8 @@ async def reprice(
     applied_progress: AppliedProgress | None = None,
 ) -> Report:
     """Re-rate ``window``; a dry run emits nothing and needs no broker (from the database)."""
-    from services.runtime.database import connect, init_connection
-    from services.runtime.kafka import make_producer
+    from services.adapters.database import connect, init_connection
+    from services.adapters.kafka import make_producer
 
     if broker is None and (source == "kafka" or not dry_run):
         raise DatabaseError("set BILLING_KAFKA_BOOTSTRAP: this re-rate reads or emits events")

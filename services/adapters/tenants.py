@@ -10,7 +10,7 @@ from datetime import datetime
 
 import asyncpg
 
-from services.runtime.errors import RuntimeFault
+from services.adapters.errors import RuntimeFault
 
 KEY_PREFIX = "bk_"
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")

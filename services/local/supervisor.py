@@ -24,11 +24,11 @@ from pathlib import Path
 import click
 import httpx
 
-from services.runtime.broker import EmbeddedBroker
-from services.runtime.database import EmbeddedPostgres, connect, migrate
-from services.runtime.kafka import ensure_topics
-from services.runtime.settings import Settings
-from services.runtime.topics import Topics
+from services.adapters.database import EmbeddedPostgres, connect, migrate
+from services.adapters.kafka import ensure_topics
+from services.adapters.settings import Settings
+from services.adapters.topics import Topics
+from services.local.broker import EmbeddedBroker
 
 RESTART_BACKOFF_MAX = 10.0
 PR_SET_PDEATHSIG = 1
@@ -51,7 +51,7 @@ class Child:
         handle = self.log.open("ab")
         self.handle = handle
         self.process = subprocess.Popen(  # noqa: S603 - our own executable and arguments
-            [sys.executable, "-m", "services.runtime.cli", *self.args],
+            [sys.executable, "-m", "services.cli.main", *self.args],
             env=env,
             stdout=handle,
             stderr=subprocess.STDOUT,

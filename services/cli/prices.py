@@ -2,7 +2,7 @@
 
 The ``prices`` group (sync, override, set, history, list, show) records and reads price
 versions in the price book; ``reprice`` re-rates past usage at the prices now in effect.
-Both are added to ``main`` in ``services.runtime.cli``, which also uses ``_load_json`` from
+Both are added to ``main`` in ``services.cli.main``, which also uses ``_load_json`` from
 here for ``billing quote``; nothing here imports ``cli`` at run time, so there is no cycle.
 """
 
@@ -20,16 +20,16 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
+from services.adapters.errors import CatalogueUnavailable, DatabaseError
 from services.core.corrections import parse_changes, record_correction
 from services.core.errors import BillingError
 from services.core.money import fmt
 from services.core.pricebook import prices_in_effect
 from services.core.pricing import parse_pricing
 from services.core.quote import error_json, parse_time
-from services.runtime.errors import CatalogueUnavailable, DatabaseError
 
 if TYPE_CHECKING:
-    from services.runtime.cli import Context
+    from services.cli.main import Context
 
 # The CLI imports this module whenever it starts: the catalogue client, the database and the
 # broker are imported by the commands that need them (``billing quote --batch`` stays fast).
@@ -58,8 +58,8 @@ def prices() -> None:
 @click.pass_obj
 def prices_sync(obj: Context, file_: IO[str] | None) -> None:
     """Fetch OpenRouter's catalogue and record every changed price as a new version."""
-    from services.runtime.pricing_cache import sync_catalogue
-    from services.runtime.wiring import openrouter_catalogue
+    from services.adapters.pricing_cache import sync_catalogue
+    from services.adapters.wiring import openrouter_catalogue
 
     settings = obj.settings
     try:
@@ -297,8 +297,8 @@ def reprice_cmd(
     """
     import asyncio
 
-    from services.runtime.reprice import Broker, Window, count_in_db, reprice
-    from services.runtime.topics import Topics
+    from services.adapters.topics import Topics
+    from services.jobs.reprice import Broker, Window, count_in_db, reprice
 
     settings = obj.settings
     if not settings.database_url:
@@ -322,7 +322,7 @@ def reprice_cmd(
     url = settings.database_url
 
     async def run() -> Any:
-        from services.runtime.database import connect
+        from services.adapters.database import connect
 
         total = None
         if source == "db" and sys.stderr.isatty():

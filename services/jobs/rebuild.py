@@ -33,7 +33,7 @@ Equality (``--dry-run`` and the report): every column but ``projected_at`` and
 zero (left behind when a revision moved a request to another key) count as absent.
 
 Here: reading the log, the fold and the command; the comparison and the swap itself are in
-``services.projector.tables``.
+``services.jobs.rebuild_tables``.
 
 RebuildError        the rebuild was refused or could not finish; nothing was swapped
 """
@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from services.projector.tables import (
+from services.jobs.rebuild_tables import (
     LIVE,
     SUFFIX,
     SUMMARY_KEY_SQL,
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     import asyncpg
     from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
-    from services.runtime.cli import Context
+    from services.cli.main import Context
 
 FENCED = (*LIVE, "billing_adjustments")
 """Every table a projector batch writes: locked EXCLUSIVE (writers wait) during the swap."""
@@ -150,9 +150,9 @@ async def rebuild(
     transaction (tests use it to move the projector on meanwhile)."""
     from aiokafka import AIOKafkaConsumer
 
+    from services.adapters.kafka import FETCH_MAX_WAIT_MS
     from services.projector.apply import SUMMARY_KEY, stored_offsets
     from services.projector.service import CONSUMER
-    from services.runtime.kafka import FETCH_MAX_WAIT_MS
 
     if tuple(SUMMARY_KEY_SQL) != SUMMARY_KEY:
         raise RebuildError(f"the summary key is now {SUMMARY_KEY}: update SUMMARY_KEY_SQL")
@@ -556,9 +556,9 @@ def rebuild_cmd(
     import asyncpg
     from aiokafka.errors import KafkaError
 
-    from services.runtime.database import connect, init_connection, migrate
-    from services.runtime.errors import DatabaseError
-    from services.runtime.topics import Topics
+    from services.adapters.database import connect, init_connection, migrate
+    from services.adapters.errors import DatabaseError
+    from services.adapters.topics import Topics
 
     settings = obj.settings
     if not settings.kafka_bootstrap or not settings.database_url:

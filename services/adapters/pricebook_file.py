@@ -18,11 +18,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from services.adapters.errors import PriceBookCorrupt
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.errors import BillingError
 from services.core.pricebook import InMemoryPriceBook, PriceVersion
 from services.core.pricing import parse_pricing
-from services.runtime.errors import PriceBookCorrupt
 
 
 def _version_line(v: PriceVersion) -> dict[str, Any]:

@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.runtime.errors import ConfigError
-from services.runtime.paths import DEFAULT_DATA_DIR, price_book_path
+from services.adapters.errors import ConfigError
+from services.adapters.paths import DEFAULT_DATA_DIR, price_book_path
 
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "admin", "token", "xxx"})
 

@@ -48,7 +48,7 @@ from aiokafka.errors import (
     for_code,
 )
 
-from services.runtime.errors import RuntimeFault
+from services.adapters.errors import RuntimeFault
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from services.adapters.database import connect, init_connection
 from services.core.errors import BillingError
 from services.core.pricebook import InMemoryPriceBook, PriceVersion
 from services.core.pricing import parse_pricing
-from services.runtime.database import connect, init_connection
 
 log = logging.getLogger("billing.pricebook")
 T = TypeVar("T")

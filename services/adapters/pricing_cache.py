@@ -19,10 +19,10 @@ from typing import Any, Protocol
 
 import httpx
 
+from services.adapters.errors import CatalogueUnavailable, RuntimeFault
 from services.core.catalogue import SyncReport, apply_catalogue, parse_catalogue
 from services.core.errors import PricingError
 from services.core.pricebook import PriceBook, PriceVersion
-from services.runtime.errors import CatalogueUnavailable, RuntimeFault
 
 log = logging.getLogger("billing.prices")
 

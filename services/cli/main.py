@@ -12,16 +12,16 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 import orjson
 
+from services.adapters.errors import ConfigError, DatabaseError, PriceBookCorrupt
+from services.adapters.paths import DEFAULT_DATA_DIR, price_book_path
+from services.adapters.pricebook_file import FilePriceBook
+from services.cli.prices import _load_json, prices, reprice_cmd
 from services.core.errors import BillingError
 from services.core.pricebook import PriceBook, PriceLookup
 from services.core.quote import error_json, quote
-from services.runtime.cli_prices import _load_json, prices, reprice_cmd
-from services.runtime.errors import ConfigError, DatabaseError, PriceBookCorrupt
-from services.runtime.paths import DEFAULT_DATA_DIR, price_book_path
-from services.runtime.pricebook_file import FilePriceBook
 
 if TYPE_CHECKING:
-    from services.runtime.settings import Settings
+    from services.adapters.settings import Settings
 
 # Settings (pydantic), the HTTP client and the web stack are imported by the commands that
 # need them: ``billing quote --batch`` starts in a fraction of the time without them.
@@ -36,7 +36,7 @@ class Context:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            from services.runtime.settings import Settings
+            from services.adapters.settings import Settings
 
             try:
                 self._settings = Settings(data_dir=self.data_dir)
@@ -50,7 +50,7 @@ class Context:
         if self._book is None:
             try:
                 if os.environ.get("BILLING_DATABASE_URL"):
-                    from services.runtime.wiring import open_price_book
+                    from services.adapters.wiring import open_price_book
 
                     self._book = open_price_book(self.settings)
                 else:
@@ -165,7 +165,7 @@ def run_batch(source: IO[bytes], sink: IO[bytes], book: PriceLookup) -> int:
 @click.option("--check", is_flag=True, help="Exit 1 if the committed schemas are stale.")
 def schemas_cmd(check: bool) -> None:
     """Regenerate the events' JSON Schemas in schemas/ from the models."""
-    from services.runtime import schemas
+    from services.adapters import schemas
 
     if check:
         stale = [n for n, t in schemas.generate().items() if _read(schemas.SCHEMA_DIR / n) != t]
@@ -187,7 +187,7 @@ def migrate_cmd(obj: Context) -> None:
     """Apply pending migrations to $BILLING_DATABASE_URL (or the embedded database)."""
     import asyncio
 
-    from services.runtime.database import EmbeddedPostgres, migrate
+    from services.adapters.database import EmbeddedPostgres, migrate
 
     url = obj.settings.database_url
     embedded = None
@@ -207,8 +207,8 @@ def topics_cmd(obj: Context) -> None:
     """Create the pipeline's topics (explicitly, with $BILLING_PARTITIONS partitions)."""
     import asyncio
 
-    from services.runtime.kafka import ensure_topics
-    from services.runtime.topics import Topics
+    from services.adapters.kafka import ensure_topics
+    from services.adapters.topics import Topics
 
     settings = obj.settings
     if not settings.kafka_bootstrap:
@@ -236,10 +236,10 @@ def gateway_cmd(obj: Context, host: str, port: int) -> None:
 @click.pass_obj
 def pricer_cmd(obj: Context, log_level: str) -> None:
     """Run the pricer (faust worker): billing.usage.v1 → billing.costs.v1."""
+    from services.adapters.topics import Topics
+    from services.adapters.wiring import pricing_cache
     from services.pricer.app import build_app, run_worker
     from services.pricer.unpriced import UnpricedStore
-    from services.runtime.topics import Topics
-    from services.runtime.wiring import pricing_cache
 
     settings = obj.settings
     bootstrap, database_url = _require_services(settings)
@@ -264,8 +264,8 @@ def projector_cmd(obj: Context) -> None:
     import logging
     import signal
 
+    from services.adapters.topics import Topics
     from services.projector.service import Projector
-    from services.runtime.topics import Topics
 
     settings = obj.settings
     bootstrap, database_url = _require_services(settings)
@@ -311,13 +311,13 @@ def _require_services(settings: Settings) -> tuple[str, str]:
 @click.pass_obj
 def up_cmd(obj: Context, port: int, with_demo: bool) -> None:
     """Start broker and database if missing, then gateway, pricer and projector."""
-    from services.runtime.supervisor import Stack, run
+    from services.local.supervisor import Stack, run
 
     settings = obj.settings
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     after = None
     if with_demo:
-        from services.runtime.demo_pipeline import run_demo
+        from services.local.demo_pipeline import run_demo
 
         def after(stack: Stack) -> None:
             run_demo(stack.url, token, should_stop=lambda: stack.stopping)
@@ -329,8 +329,8 @@ def _with_database(obj: Context, work: Any) -> Any:
     """Run ``work(connection)`` against the configured database (migrated first)."""
     import asyncio
 
-    from services.runtime.database import connect, migrate
-    from services.runtime.tenants import TenantError
+    from services.adapters.database import connect, migrate
+    from services.adapters.tenants import TenantError
 
     url = obj.settings.database_url
     if not url:
@@ -360,7 +360,7 @@ def tenants() -> None:
 @click.pass_obj
 def tenants_create(obj: Context, tenant_id: str) -> None:
     """Create a tenant."""
-    from services.runtime.tenants import create_tenant
+    from services.adapters.tenants import create_tenant
 
     _with_database(obj, lambda c: create_tenant(c, tenant_id))
     click.echo(f"tenant {tenant_id} created")
@@ -377,7 +377,7 @@ def keys() -> None:
 @click.pass_obj
 def keys_create(obj: Context, tenant: str, name: str) -> None:
     """Create a key and print it (it cannot be shown again)."""
-    from services.runtime.tenants import create_key
+    from services.adapters.tenants import create_key
 
     key_id, key = _with_database(obj, lambda c: create_key(c, tenant, name))
     click.echo(key)
@@ -389,7 +389,7 @@ def keys_create(obj: Context, tenant: str, name: str) -> None:
 @click.pass_obj
 def keys_list(obj: Context, tenant: str | None) -> None:
     """Keys (never their secrets): id, tenant, name, created, revoked."""
-    from services.runtime.tenants import list_keys
+    from services.adapters.tenants import list_keys
 
     for key in _with_database(obj, lambda c: list_keys(c, tenant)):
         revoked = key.revoked_at.isoformat() if key.revoked_at else "-"
@@ -404,7 +404,7 @@ def keys_list(obj: Context, tenant: str | None) -> None:
 @click.pass_obj
 def keys_revoke(obj: Context, key_id: str) -> None:
     """Revoke a key (requests with it are refused within seconds)."""
-    from services.runtime.tenants import revoke_key
+    from services.adapters.tenants import revoke_key
 
     _with_database(obj, lambda c: revoke_key(c, key_id))
     click.echo(f"key {key_id} revoked")
@@ -419,7 +419,7 @@ def fake_upstream_cmd(host: str, port: int, latency_ms: int, completion_tokens: 
     """Serve a fake OpenRouter / Gemini upstream (tests and benchmarks; loopback)."""
     import uvicorn
 
-    from services.runtime.fake_upstream import FakeConfig, create_fake_upstream
+    from services.local.fake_upstream import FakeConfig, create_fake_upstream
 
     config = FakeConfig(latency_ms=latency_ms, completion_tokens=completion_tokens)
     uvicorn.run(create_fake_upstream(config), host=host, port=port, log_level="warning")
@@ -429,7 +429,7 @@ def fake_upstream_cmd(host: str, port: int, latency_ms: int, completion_tokens: 
 @click.pass_obj
 def demo(obj: Context) -> None:
     """Price a handful of real-shaped requests from every supported format and print a table."""
-    from services.runtime.demo import run_demo
+    from services.local.demo import run_demo
 
     run_demo(obj.book)
 
@@ -437,11 +437,11 @@ def demo(obj: Context) -> None:
 main.add_command(prices)
 main.add_command(reprice_cmd)
 
-from services.runtime.reconcile import reconcile_cmd  # noqa: E402
+from services.jobs.reconcile import reconcile_cmd  # noqa: E402
 
 main.add_command(reconcile_cmd)
 
-from services.projector.rebuild import rebuild_cmd  # noqa: E402
+from services.jobs.rebuild import rebuild_cmd  # noqa: E402
 
 main.add_command(rebuild_cmd)
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from services.adapters.pricebook_file import FilePriceBook
+from services.adapters.pricing_cache import OpenRouterCatalogue, PricingCache
+from services.adapters.settings import Settings
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.pricebook import PriceBook
-from services.runtime.pricebook_file import FilePriceBook
-from services.runtime.pricing_cache import OpenRouterCatalogue, PricingCache
-from services.runtime.settings import Settings
 
 
 def open_price_book(settings: Settings) -> PriceBook:
     """PostgreSQL when a database is configured (shared by every service), else the file."""
     if not settings.database_url:
         return FilePriceBook.open(settings.price_book_path)
-    from services.runtime.pricebook_postgres import PostgresPriceBook
+    from services.adapters.pricebook_postgres import PostgresPriceBook
 
     book = PostgresPriceBook(settings.database_url)
     if book.last_version == 0:  # a new database: start from the bundled offline prices

@@ -2,10 +2,10 @@
 
 ``billing reconcile --month YYYY-MM --invoice FILE.csv`` is the second of the design's two
 checks; the first, per request, is ``GET /internal/billing/drift`` and the projector's
-``billing_reported_cost_*`` metrics. Reading the CSV (``services.runtime.invoice``) and
+``billing_reported_cost_*`` metrics. Reading the CSV (``services.core.provider_invoice``) and
 comparing are plain functions (unit-tested); the command only reads the database and prints.
 
-Errors: ``InvoiceError`` (a ``ValueError``, ``services.runtime.invoice``): the export cannot
+Errors: ``InvoiceError`` (a ``ValueError``, ``services.core.provider_invoice``): the export cannot
 be read; its message names the line and the column. The command turns it, and every other
 reason no comparison could be made, into ``ReconcileError`` (exit status 2).
 """
@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from services.core.money import EXACT, ZERO, to_decimal
-from services.runtime.invoice import BYOK_COLUMN, Invoice, InvoiceError, read_invoice
+from services.core.provider_invoice import BYOK_COLUMN, Invoice, InvoiceError, read_invoice
 
 if TYPE_CHECKING:
     import asyncpg
 
-    from services.runtime.cli import Context
+    from services.cli.main import Context
 
 _ROUNDED = DecimalContext(prec=60)  # for display and ratios only, never for sums
 
@@ -278,8 +278,8 @@ def _our_totals(
 
     import asyncpg
 
-    from services.runtime.database import connect
-    from services.runtime.errors import DatabaseError
+    from services.adapters.database import connect
+    from services.adapters.errors import DatabaseError
 
     try:
         url = obj.settings.database_url

@@ -55,7 +55,7 @@ PROXY_REFUSED = Counter(
     ["reason"],
 )
 
-# Reconciliation (services/runtime/reconcile.py): the projector checks every request it
+# Reconciliation (services/jobs/reconcile.py): the projector checks every request it
 # inserts for the first time against the charge the upstream reported (revisions are not
 # checked again, so each request counts once; GET /internal/billing/drift reads the current
 # revisions). Observed only after the batch committed: a retried batch counts once.

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from services.runtime.errors import RuntimeFault
+from services.adapters.errors import RuntimeFault
 
 HOST = "127.0.0.1"
 _PROBE_INTERVAL = 0.02
