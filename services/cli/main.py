@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -12,12 +11,15 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 import orjson
 
-from services.adapters.errors import ConfigError, DatabaseError, PriceBookCorrupt
-from services.adapters.paths import DEFAULT_DATA_DIR, price_book_path
-from services.adapters.pricebook_file import FilePriceBook
-from services.cli.prices import _load_json, prices, reprice_cmd
+from services.adapters.errors import DatabaseError
+from services.adapters.paths import DEFAULT_DATA_DIR
+from services.cli.context import Context
+from services.cli.prices import _load_json, prices
+from services.cli.rebuild import rebuild_cmd
+from services.cli.reconcile import reconcile_cmd
+from services.cli.reprice import reprice_cmd
 from services.core.errors import BillingError
-from services.core.pricebook import PriceBook, PriceLookup
+from services.core.pricebook import PriceLookup
 from services.core.quote import error_json, quote
 
 if TYPE_CHECKING:
@@ -25,39 +27,6 @@ if TYPE_CHECKING:
 
 # Settings (pydantic), the HTTP client and the web stack are imported by the commands that
 # need them: ``billing quote --batch`` starts in a fraction of the time without them.
-
-
-class Context:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self._book: PriceBook | None = None
-        self._settings: Settings | None = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            from services.adapters.settings import Settings
-
-            try:
-                self._settings = Settings(data_dir=self.data_dir)
-            except ConfigError as exc:
-                raise click.ClickException(str(exc)) from exc
-        return self._settings
-
-    @property
-    def book(self) -> PriceBook:
-        """The shared PostgreSQL price book when a database is configured, else the file."""
-        if self._book is None:
-            try:
-                if os.environ.get("BILLING_DATABASE_URL"):
-                    from services.adapters.wiring import open_price_book
-
-                    self._book = open_price_book(self.settings)
-                else:
-                    self._book = FilePriceBook.open(price_book_path(self.data_dir))
-            except (PriceBookCorrupt, DatabaseError) as exc:
-                raise click.ClickException(str(exc)) from exc
-        return self._book
 
 
 @click.group()
@@ -434,16 +403,8 @@ def demo(obj: Context) -> None:
     run_demo(obj.book)
 
 
-main.add_command(prices)
-main.add_command(reprice_cmd)
-
-from services.jobs.reconcile import reconcile_cmd  # noqa: E402
-
-main.add_command(reconcile_cmd)
-
-from services.jobs.rebuild import rebuild_cmd  # noqa: E402
-
-main.add_command(rebuild_cmd)
+for command in (prices, reprice_cmd, reconcile_cmd, rebuild_cmd):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -8,19 +8,16 @@ here for ``billing quote``; nothing here imports ``cli`` at run time, so there i
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
 import sys
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from services.adapters.errors import CatalogueUnavailable, DatabaseError
+from services.adapters.errors import CatalogueUnavailable
 from services.core.corrections import parse_changes, record_correction
 from services.core.errors import BillingError
 from services.core.money import fmt
@@ -29,7 +26,7 @@ from services.core.pricing import parse_pricing
 from services.core.quote import error_json, parse_time
 
 if TYPE_CHECKING:
-    from services.cli.main import Context
+    from services.cli.context import Context
 
 # The CLI imports this module whenever it starts: the catalogue client, the database and the
 # broker are imported by the commands that need them (``billing quote --batch`` stays fast).
@@ -247,137 +244,3 @@ def _cli_time(value: str | None) -> datetime:
         return parse_time(value, "--at")
     except BillingError as exc:
         raise click.BadParameter(str(exc)) from None
-
-
-@click.command("reprice")
-@click.option("--since", required=True, help="RFC 3339: re-rate usage that occurred from then…")
-@click.option("--until", required=True, help="…until then (exclusive).")
-@click.option("--model", help="Only requests priced as this model.")
-@click.option("--tenant", help="Only this tenant's requests.")
-@click.option("--dry-run", is_flag=True, help="Emit nothing; print (or --out) the diff.")
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the diff there: .json (whole report) or .csv.",
-)
-@click.option(
-    "--source",
-    type=click.Choice(["db", "kafka"]),
-    default="db",
-    show_default=True,
-    help="Read the usage facts from PostgreSQL or from the usage topic.",
-)
-@click.option("--reason", default="price correction", show_default=True, help="For the audit.")
-@click.option(
-    "--wait",
-    "wait_seconds",
-    type=float,
-    default=600.0,
-    show_default=True,
-    help="Seconds to wait for the projector to apply the revisions (0: do not wait).",
-)
-@click.pass_obj
-def reprice_cmd(
-    obj: Context,
-    since: str,
-    until: str,
-    model: str | None,
-    tenant: str | None,
-    dry_run: bool,
-    out: Path | None,
-    source: str,
-    reason: str,
-    wait_seconds: float,
-) -> None:
-    """Re-rate the usage of [--since, --until) at the prices now in effect for its time.
-
-    Every request whose cost changes gets a new revision on the cost topic (with its
-    previous total and delta); the projector moves the transaction and the summary and
-    books an adjustment. Running it again changes nothing.
-    """
-    import asyncio
-
-    from services.adapters.topics import Topics
-    from services.jobs.reprice import Broker, Window, count_in_db, reprice
-
-    settings = obj.settings
-    if not settings.database_url:
-        raise click.ClickException("set BILLING_DATABASE_URL (the facts and read models)")
-    try:
-        window = Window(
-            parse_time(since, "--since"),
-            parse_time(until, "--until"),
-            (obj.book.resolve(model) or model) if model else None,
-            tenant,
-        )
-    except (BillingError, ValueError) as exc:
-        raise click.BadParameter(str(exc)) from None
-    obj.book.reload()  # the newest corrections, whoever recorded them
-    topics = Topics.named(settings.topic_prefix)
-    broker = (
-        Broker(settings.kafka_bootstrap, topics.usage, topics.costs)
-        if settings.kafka_bootstrap
-        else None
-    )
-    url = settings.database_url
-
-    async def run() -> Any:
-        from services.adapters.database import connect
-
-        total = None
-        if source == "db" and sys.stderr.isatty():
-            connection = await connect(url)
-            try:
-                total = await count_in_db(connection, window)
-            finally:
-                await connection.close()
-        with _progress(total, "re-rating") as bar:
-            return await reprice(
-                url,
-                obj.book,
-                window,
-                reason=reason,
-                broker=broker,
-                dry_run=dry_run,
-                source=source,  # type: ignore[arg-type]  # click.Choice
-                wait_seconds=wait_seconds or None,
-                progress=bar,
-                applied_progress=_applied if sys.stderr.isatty() else None,
-            )
-
-    try:
-        report = asyncio.run(run())
-    except DatabaseError as exc:
-        raise click.ClickException(str(exc)) from exc
-    for row in report.rows():
-        click.echo(
-            f"{row['tenant_id']:<24} {row['model']:<40} {row['requests_changed']:>9} "
-            f"{row['old_total']:>16} {row['new_total']:>16} {row['delta']:>16}"
-        )
-    summary = {k: v for k, v in report.to_json().items() if k != "diff"}
-    click.echo(json.dumps(summary | {"dry_run": dry_run}))
-    if out is not None:
-        report.write(out)
-    if not dry_run and report.applied is not None and report.applied < report.emitted:
-        click.echo(
-            f"the projector applied {report.applied} of {report.emitted} revisions within "
-            f"{wait_seconds:g}s; they will land when it catches up",
-            err=True,
-        )
-        sys.exit(3)
-
-
-@contextlib.contextmanager
-def _progress(total: int | None, label: str) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on stderr when it is a terminal and the total is known."""
-    if total is None or not sys.stderr.isatty():
-        yield None
-        return
-    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
-        yield bar.update
-
-
-def _applied(applied: int, expected: int) -> None:
-    click.echo(f"\rapplied by the projector: {applied}/{expected}", err=True, nl=False)
-    if applied >= expected:
-        click.echo(err=True)

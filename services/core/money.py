@@ -8,6 +8,7 @@ float it may already be wrong, and nothing on a money path may round through bin
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 
 ZERO = Decimal(0)
@@ -70,3 +71,28 @@ def fmt(amount: Decimal) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text
+
+
+# -- exact arithmetic ---------------------------------------------------------------------------
+# Python's default context rounds to 28 significant digits, and amounts here carry up to 30
+# decimal places: ``Decimal("1.000000000000000000000000000007") - 0`` is already rounded.
+# Every sum, difference and product of money goes through these, so no call site can forget
+# the exact context (each traps ``Inexact`` instead of rounding).
+
+
+def total(amounts: Iterable[Decimal | int]) -> Decimal:
+    """The exact sum of ``amounts`` (0 for none)."""
+    result = ZERO
+    for amount in amounts:
+        result = EXACT.add(result, amount)
+    return result
+
+
+def difference(minuend: Decimal | int, subtrahend: Decimal | int) -> Decimal:
+    """``minuend − subtrahend``, exactly."""
+    return EXACT.subtract(minuend, subtrahend)
+
+
+def product(amount: Decimal | int, factor: Decimal | int) -> Decimal:
+    """``amount × factor``, exactly (a price times a token count)."""
+    return EXACT.multiply(amount, factor)
