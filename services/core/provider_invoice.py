@@ -14,10 +14,10 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from decimal import Decimal, localcontext
+from decimal import Decimal
 from typing import Any
 
-from services.core.money import EXACT, ZERO, to_decimal
+from services.core.money import ZERO, to_decimal, total
 
 MODEL_COLUMNS = ("model", "model_permaslug")
 COST_COLUMNS = ("cost_total", "cost", "total_cost", "total", "usage", "amount")
@@ -152,9 +152,8 @@ def read_invoice(lines: Iterable[str], start: datetime, end: datetime) -> Invoic
         if header is None:
             raise InvoiceError("the file is empty (expected a header line such as model,cost)")
         invoice = Invoice(detect_layout(header))
-        with localcontext(EXACT):  # sums are exact
-            for fields in reader:
-                _add_row(invoice, fields, reader.line_num, start, end)
+        for fields in reader:
+            _add_row(invoice, fields, reader.line_num, start, end)
     except csv.Error as exc:
         raise InvoiceError(f"line {reader.line_num}: not valid CSV ({exc})") from None
     return invoice
@@ -191,7 +190,7 @@ def _add_row(
         if inference > 0:  # BYOK: the provider's charge is what we price, not the fee
             amount = inference
             invoice.byok_rows += 1
-    invoice.totals[model] = invoice.totals.get(model, ZERO) + amount
+    invoice.totals[model] = total((invoice.totals.get(model, ZERO), amount))
     invoice.rows += 1
 
 

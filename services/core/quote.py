@@ -19,7 +19,7 @@ from services.core.errors import (
     QuoteRequestError,
     VariablePricing,
 )
-from services.core.money import fmt
+from services.core.money import difference, fmt
 from services.core.pricebook import PriceLookup
 from services.core.pricing import parse_pricing
 from services.core.usage import parse_usage
@@ -101,7 +101,7 @@ def quote(request: Mapping[str, Any], book: PriceLookup) -> dict[str, Any]:
     if charge is not None and parsed.reported is not None:
         answer["reported_cost"] = fmt(charge)
         answer["reported_is_byok"] = parsed.reported.is_byok
-        answer["drift"] = fmt(breakdown.total_cost - charge)
+        answer["drift"] = fmt(difference(breakdown.total_cost, charge))
     return answer
 
 

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 from services.core.cost import CostBreakdown, compute_cost
 from services.core.events import Breakdown, UsagePriced, UsageRecorded
+from services.core.money import difference
 from services.core.pricebook import PriceLookup, PriceVersion
 from services.core.usage import Usage
 
@@ -50,7 +51,7 @@ def rate(
         revision=revision,
         priced_at=priced_at,
         previous_total_cost=previous_total,
-        delta_cost=breakdown.total_cost - previous_total,
+        delta_cost=difference(breakdown.total_cost, previous_total),
         reason=reason,
         event_type="UsagePriced",
         schema_version=1,

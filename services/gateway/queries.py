@@ -13,7 +13,8 @@ import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from services.adapters.metrics import REPORTED_COST_TOLERANCE
-from services.core.money import EXACT, fmt
+from services.core import money
+from services.core.money import fmt
 from services.gateway.auth import TenantKey, require_admin, require_tenant
 from services.projector.apply import COST_COLUMNS, COUNT_COLUMNS
 
@@ -169,8 +170,10 @@ async def summary(
             group["api_key"] = group["api_key"] or None  # stored as '' when there was none
     totals: dict[str, Any] = {}
     for c in (*COUNT_COLUMNS, *COST_COLUMNS):
-        total = sum((r[c] for r in rows), Decimal(0) if c in COST_COLUMNS else 0)
-        totals[c] = fmt(total) if isinstance(total, Decimal) else total
+        if c in COST_COLUMNS:
+            totals[c] = fmt(money.total(r[c] for r in rows))
+        else:
+            totals[c] = sum(r[c] for r in rows)
     return {
         "tenant_id": tenant_id,
         "since": since.isoformat() if since else None,
@@ -221,15 +224,14 @@ async def drift(
         f" FROM billing_transactions WHERE {condition} GROUP BY model",
         *args,
     )
-    with localcontext(EXACT):  # sums of 30-place amounts need more than 28 digits
-        rows = sorted(rows, key=lambda r: (-abs(r["computed"] - r["reported"]), r["model"]))
-        overall = _drift_group(
-            {
-                key: sum((r[key] for r in rows), Decimal(0) if key in _DRIFT_SUMS else 0)
-                for key in (*_DRIFT_COUNTS, *_DRIFT_SUMS)
-            }
-        )
-        worst = [_drift_group(r, r["model"]) for r in rows[:top]]
+    rows = sorted(
+        rows, key=lambda r: (-abs(money.difference(r["computed"], r["reported"])), r["model"])
+    )
+    overall = _drift_group(
+        {key: sum(r[key] for r in rows) for key in _DRIFT_COUNTS}
+        | {key: money.total(r[key] for r in rows) for key in _DRIFT_SUMS}
+    )
+    worst = [_drift_group(r, r["model"]) for r in rows[:top]]
     return {
         "since": start.isoformat(),
         "until": end.isoformat(),
@@ -243,6 +245,11 @@ async def drift(
 
 _DRIFT_COUNTS = ("transactions", "with_reported_cost", "within_tolerance")
 _DRIFT_SUMS = ("computed", "reported", "unreported")
+
+
+def _gap(r: Mapping[str, Any]) -> Decimal:
+    """Computed minus reported, exactly."""
+    return money.difference(r["computed"], r["reported"])
 
 
 def _drift_group(r: Mapping[str, Any], model: str | None = None) -> dict[str, Any]:
@@ -264,7 +271,7 @@ def _drift_group(r: Mapping[str, Any], model: str | None = None) -> dict[str, An
         "sums": {
             "computed": fmt(r["computed"]),
             "reported": fmt(r["reported"]),
-            "difference": fmt(r["computed"] - r["reported"]),
+            "difference": fmt(_gap(r)),
             "computed_without_reported_cost": fmt(r["unreported"]),
         },
     }
