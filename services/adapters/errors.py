@@ -1,29 +1,35 @@
-"""Errors raised by the runtime adapters.
+"""Errors raised by the adapters.
 
-RuntimeFault                 root of this package's exceptions
+AdapterError                 root of this package's exceptions
 ├── ConfigError              settings that must not be used (e.g. a placeholder secret)
 ├── CatalogueUnavailable     the live model catalogue could not be fetched or read
-└── PriceBookCorrupt         the price-book file holds a line that cannot be read
+├── PriceBookCorrupt         the price-book file holds a line that cannot be read
+├── DatabaseError            PostgreSQL cannot be reached, started or migrated
+└── PublishError             the broker did not acknowledge every event of a publish
 """
 
 from __future__ import annotations
 
 
-class RuntimeFault(Exception):
-    """Root of the runtime package's exceptions."""
+class AdapterError(Exception):
+    """Root of the adapters' exceptions."""
 
 
-class ConfigError(RuntimeFault):
+class ConfigError(AdapterError):
     """Settings that are refused."""
 
 
-class CatalogueUnavailable(RuntimeFault):
+class CatalogueUnavailable(AdapterError):
     """The OpenRouter catalogue could not be fetched or parsed."""
 
 
-class PriceBookCorrupt(RuntimeFault):
+class PriceBookCorrupt(AdapterError):
     """A price-book file line that is neither valid nor a torn final write."""
 
 
-class DatabaseError(RuntimeFault):
+class DatabaseError(AdapterError):
     """PostgreSQL cannot be reached, started or migrated."""
+
+
+class PublishError(AdapterError):
+    """Not every event of a publish was acknowledged in time (some may have been)."""

@@ -24,7 +24,7 @@ that the embedded Tansu 0.6.0 broker works too. Measured against it on this mach
 - With the broker SIGKILLed, ``send_and_wait`` fails after ``request_timeout_ms`` (5 s here)
   with ``NodeNotReadyError`` (or ``UnknownTopicOrPartitionError`` for a topic it never sent to).
 
-TopicSetupFailed (RuntimeFault)   topics could not be created or have the wrong partition count
+TopicSetupFailed (AdapterError)   topics could not be created or have the wrong partition count
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from aiokafka.errors import (
     for_code,
 )
 
-from services.adapters.errors import RuntimeFault
+from services.adapters.errors import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ GROUP_TIMINGS: Mapping[str, int] = {
 }
 
 
-class TopicSetupFailed(RuntimeFault):
+class TopicSetupFailed(AdapterError):
     """Topics could not be created, or exist with another partition count."""
 
 

@@ -11,6 +11,10 @@ INGESTED = Counter(
     "billing_ingested_events_total", "UsageRecorded events acknowledged by the broker"
 )
 INGEST_REJECTED = Counter("billing_ingest_rejected_items_total", "Ingest items refused as invalid")
+TENANTS_CREATED = Counter(
+    "billing_tenants_created_total",
+    "Tenants created because usage arrived for them (BILLING_UNKNOWN_TENANTS=create)",
+)
 PRICED = Counter("billing_priced_events_total", "UsagePriced events emitted by the pricer")
 UNPRICED = Counter("billing_unpriced_events_total", "Usage held back because no price was known")
 DEAD_LETTERED = Counter(

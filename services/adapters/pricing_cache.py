@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from services.adapters.errors import CatalogueUnavailable, RuntimeFault
+from services.adapters.errors import AdapterError, CatalogueUnavailable
 from services.core.catalogue import SyncReport, apply_catalogue, parse_catalogue
 from services.core.errors import PricingError
 from services.core.pricebook import PriceBook, PriceVersion
@@ -165,7 +165,7 @@ class PricingCache:
                 "price refresh failed, serving the last good prices (retry in %.0fs): %s",
                 self.retry_after,
                 self.last_error,
-                exc_info=not isinstance(exc, CatalogueUnavailable | RuntimeFault),
+                exc_info=not isinstance(exc, CatalogueUnavailable | AdapterError),
             )
             return None
         self.last_success = datetime.now(UTC)

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         default="us-central1",
         validation_alias=AliasChoices("VERTEX_REGION", "BILLING_VERTEX_REGION"),
     )
+    unknown_tenants: Literal["create", "reject"] = "create"
+    """Usage ingested for a tenant id that is not a tenant: ``create`` makes it one
+    (counted in ``billing_tenants_created_total``: a typo shows there), ``reject`` refuses
+    the item with an error naming the tenant. Needs a database; without one, usage is
+    taken as reported."""
     catalogue_sync: bool = True
     """Refresh prices from the live catalogue in the background (off: snapshot and book only)."""
     catalogue_ttl_seconds: float = Field(default=900.0, gt=0)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 import asyncpg
 
-from services.adapters.errors import RuntimeFault
+from services.adapters.errors import AdapterError, DatabaseError
 
 KEY_PREFIX = "bk_"
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
-class TenantError(RuntimeFault):
+class TenantError(AdapterError):
     """A tenant or key operation that cannot be done (unknown tenant, bad name, ...)."""
 
 
@@ -87,3 +89,84 @@ async def authenticate(connection: asyncpg.Connection, key: str) -> tuple[str, s
         key_hash(key),
     )
     return (row["tenant_id"], row["key_id"]) if row else None
+
+
+# -- the port the gateway uses ------------------------------------------------------------------
+
+
+class TenantStore(Protocol):
+    """What the gateway asks of tenants and keys (PostgreSQL, or in memory for tests)."""
+
+    async def authenticate(self, key: str) -> tuple[str, str] | None:
+        """(tenant id, key id) for an active key; ``None`` for anything else."""
+        ...
+
+    async def unknown(self, tenant_ids: Iterable[str], *, create: bool) -> set[str]:
+        """Which of ``tenant_ids`` are not tenants; with ``create``, make them tenants and
+        return the ones this call created."""
+        ...
+
+
+class PostgresTenantStore:
+    """:class:`TenantStore` over a pool; known tenant ids are remembered (a tenant is never
+    deleted), so a batch of usage for known tenants costs no round trip."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._known: set[str] = set()
+
+    async def authenticate(self, key: str) -> tuple[str, str] | None:
+        async with self.pool.acquire() as connection:
+            return await authenticate(connection, key)
+
+    async def unknown(self, tenant_ids: Iterable[str], *, create: bool) -> set[str]:
+        asked = set(tenant_ids) - self._known
+        if not asked:
+            return set()
+        try:
+            return await self._unknown(asked, create)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DatabaseError(f"cannot look up tenants: {exc!r}") from exc
+
+    async def _unknown(self, asked: set[str], create: bool) -> set[str]:
+        async with self.pool.acquire() as connection:
+            if create:
+                rows = await connection.fetch(
+                    "INSERT INTO tenants (tenant_id) SELECT unnest($1::text[])"
+                    " ON CONFLICT DO NOTHING RETURNING tenant_id",
+                    sorted(asked),
+                )
+                self._known |= asked
+                return {r["tenant_id"] for r in rows}
+            rows = await connection.fetch(
+                "SELECT tenant_id FROM tenants WHERE tenant_id = ANY($1::text[])", sorted(asked)
+            )
+        found = {r["tenant_id"] for r in rows}
+        self._known |= found
+        return asked - found
+
+
+class InMemoryTenantStore:
+    """:class:`TenantStore` in a dict (tests): ``add_key`` returns a usable key."""
+
+    def __init__(self) -> None:
+        self.tenants: set[str] = set()
+        self._keys: dict[bytes, tuple[str, str]] = {}
+
+    def add_key(self, tenant_id: str, key_id: str) -> str:
+        self.tenants.add(tenant_id)
+        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(16)}"
+        self._keys[key_hash(key)] = (tenant_id, key_id)
+        return key
+
+    def revoke(self, key: str) -> None:
+        self._keys.pop(key_hash(key), None)
+
+    async def authenticate(self, key: str) -> tuple[str, str] | None:
+        return self._keys.get(key_hash(key))
+
+    async def unknown(self, tenant_ids: Iterable[str], *, create: bool) -> set[str]:
+        missing = set(tenant_ids) - self.tenants
+        if create:
+            self.tenants |= missing
+        return missing

@@ -112,7 +112,7 @@ def _section(obj: Mapping[str, Any], key: str, *where: str) -> Mapping[str, Any]
         return value
     if value is None:
         return _EMPTY
-    raise UsageError(_at(where, key), f"must be an object, got {type(value).__name__}")
+    raise UsageError(_at(where, key), f"must be an object, got {_json_type(value)}")
 
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -375,8 +375,10 @@ def parse_usage(obj: object, fmt: str | None = None) -> ParsedUsage:
     Accepts the bare usage object or one nested under ``usage`` / ``usageMetadata`` (so a
     whole response body works too).
     """
+    if obj is None:
+        raise UsageError("usage", "is required (an object of token counts)")
     if not isinstance(obj, Mapping):
-        raise UsageError("usage", f"must be an object, got {type(obj).__name__}")
+        raise UsageError("usage", f"must be an object, got {_json_type(obj)}")
     body: Mapping[str, Any] = obj
     path = "usage"
     nested = obj.get("usage")
@@ -387,7 +389,7 @@ def parse_usage(obj: object, fmt: str | None = None) -> ParsedUsage:
         path = "usage.usage"
     if nested is not None:
         if not isinstance(nested, Mapping):
-            raise UsageError(path, f"must be an object, got {type(nested).__name__}")
+            raise UsageError(path, f"must be an object, got {_json_type(nested)}")
         body = nested
     if fmt is None:
         fmt = detect_format(body)
@@ -396,3 +398,18 @@ def parse_usage(obj: object, fmt: str | None = None) -> ParsedUsage:
         known = ", ".join(USAGE_FORMATS)
         raise UsageError("format", f"unknown usage format {fmt!r}; one of {known}")
     return parser(body, path)
+
+
+def _json_type(value: object) -> str:
+    """How a JSON document names the type of ``value`` (an error message's words)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float | Decimal):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return type(value).__name__

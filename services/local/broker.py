@@ -5,7 +5,7 @@ tests and the benchmarks. Storage is in memory, so everything is lost when it st
 ARCHITECTURE.md for what else Tansu gets wrong). Synchronous on purpose: pytest fixtures, the
 CLI and the supervisor all call it outside an event loop or from inside one.
 
-BrokerError (RuntimeFault)     the embedded broker cannot be used
+BrokerError (AdapterError)     the embedded broker cannot be used
 ├── BrokerBinaryMissing        the tansu executable is absent or not executable
 └── BrokerStartFailed          the broker exited, its port was taken, or it never answered
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from services.adapters.errors import RuntimeFault
+from services.adapters.errors import AdapterError
 
 HOST = "127.0.0.1"
 _PROBE_INTERVAL = 0.02
@@ -42,7 +42,7 @@ _TANSU_ENV = (
 )
 
 
-class BrokerError(RuntimeFault):
+class BrokerError(AdapterError):
     """The embedded broker cannot be used."""
 
 
