@@ -1,4 +1,8 @@
-"""``billing reconcile``: our totals for a month against a provider's invoice."""
+"""``billing reconcile``: our totals for a month against a provider's invoice.
+
+Every reason no comparison could be made (bad input, an unreadable export, the job's
+``ReconcileError``) leaves with exit status 2; a model off the invoice, with 1.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +10,22 @@ import asyncio
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import click
 
 from services.cli.context import Context
-from services.core.money import EXACT, ZERO, to_decimal
+from services.core.money import ZERO, to_decimal, total
 from services.core.provider_invoice import BYOK_COLUMN, Invoice, InvoiceError, read_invoice
-from services.jobs.reconcile import (
-    _ROUNDED,
-    Line,
-    ReconcileError,
-    canonical_totals,
-    compare,
-    our_totals,
-    parse_month,
-)
+from services.core.reconciliation import ROUNDED, Line, canonical_totals, compare, parse_month
+from services.jobs.reconcile import ReconcileError, fetch_totals
+
+
+class NoComparison(click.ClickException):
+    """No comparison could be made: bad input, no database (exit status 2)."""
+
+    exit_code = 2
 
 
 @click.command("reconcile")
@@ -101,7 +104,7 @@ def reconcile_cmd(
             raise ValueError("--tolerance-pct must not be negative")
     except ValueError as exc:
         message = str(exc) if str(exc).startswith("--") else f"--tolerance-pct: {exc}"
-        raise ReconcileError(message) from None
+        raise NoComparison(message) from None
     invoice = _read(invoice_path, start, end)
     ours = _our_totals(obj, start, end, tenant, provider)
     theirs, unknown = canonical_totals(invoice.totals, _resolver(obj))
@@ -141,51 +144,33 @@ def _read(path: Path, start: datetime, end: datetime) -> Invoice:
         with path.open(encoding="utf-8-sig", newline="") as source:
             return read_invoice(source, start, end)
     except OSError as exc:
-        raise ReconcileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise NoComparison(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise ReconcileError(f"{path} is not UTF-8 text (export it as CSV UTF-8)") from None
+        raise NoComparison(f"{path} is not UTF-8 text (export it as CSV UTF-8)") from None
     except InvoiceError as exc:
-        raise ReconcileError(f"{path.name}: {exc}") from None
+        raise NoComparison(f"{path.name}: {exc}") from None
 
 
 def _our_totals(
     obj: Context, start: datetime, end: datetime, tenant: str | None, provider: str | None
 ) -> dict[str, Decimal]:
-
-    import asyncpg
-
-    from services.adapters.database import connect
-    from services.adapters.errors import DatabaseError
-
     try:
         url = obj.settings.database_url
     except click.ClickException as exc:
-        raise ReconcileError(exc.message) from None
+        raise NoComparison(exc.message) from None
     if not url:
-        raise ReconcileError("set BILLING_DATABASE_URL (the transactions live there)")
-
-    async def fetch() -> dict[str, Decimal]:
-        connection = await connect(url)
-        try:
-            return await our_totals(connection, start, end, tenant, provider)
-        finally:
-            await connection.close()
-
+        raise NoComparison("set BILLING_DATABASE_URL (the transactions live there)")
     try:
-        return asyncio.run(fetch())
-    except DatabaseError as exc:
-        raise ReconcileError(str(exc)) from None
-    except asyncpg.UndefinedTableError:
-        raise ReconcileError("the database has no billing tables (run `billing migrate`)") from None
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise ReconcileError(f"database error: {exc}") from None
+        return asyncio.run(fetch_totals(url, start, end, tenant, provider))
+    except ReconcileError as exc:
+        raise NoComparison(str(exc)) from None
 
 
 def _resolver(obj: Context) -> Callable[[str], str | None]:
     try:
         book = obj.book
     except click.ClickException as exc:
-        raise ReconcileError(exc.message) from None
+        raise NoComparison(exc.message) from None
     return book.resolve
 
 
@@ -197,16 +182,15 @@ def _print_table(lines: list[Line]) -> None:
             f"{line.model:<{width}} {_money(line.ours):>16} {_money(line.theirs):>16}"
             f" {_money(line.difference):>16} {_percent(line.percent):>9}  {line.status}"
         )
-    with localcontext(EXACT):
-        total = Line(
-            "total",
-            sum((line.ours or ZERO for line in lines), ZERO),
-            sum((line.theirs or ZERO for line in lines), ZERO),
-            ZERO,
-        )
+    overall = Line(
+        "total",
+        total(line.ours or ZERO for line in lines),
+        total(line.theirs or ZERO for line in lines),
+        ZERO,
+    )
     click.echo(
-        f"{'total':<{width}} {_money(total.ours):>16} {_money(total.theirs):>16}"
-        f" {_money(total.difference):>16} {_percent(total.percent):>9}"
+        f"{'total':<{width}} {_money(overall.ours):>16} {_money(overall.theirs):>16}"
+        f" {_money(overall.difference):>16} {_percent(overall.percent):>9}"
     )
 
 
@@ -215,7 +199,7 @@ def _money(amount: Decimal | None) -> str:
     if amount is None:
         return "-"
     try:
-        return format(amount.quantize(Decimal("0.000001"), context=_ROUNDED), "f")
+        return format(amount.quantize(Decimal("0.000001"), context=ROUNDED), "f")
     except InvalidOperation:  # too large to show with six places: show it whole
         return format(amount, "f")
 
@@ -223,4 +207,4 @@ def _money(amount: Decimal | None) -> str:
 def _percent(value: Decimal | None) -> str:
     if value is None:
         return "n/a"
-    return format(value.quantize(Decimal("0.01"), context=_ROUNDED), "+f") + "%"
+    return format(value.quantize(Decimal("0.01"), context=ROUNDED), "+f") + "%"

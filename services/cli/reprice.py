@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from services.adapters.errors import DatabaseError
+from services.adapters.errors import AdapterError
 from services.cli.context import Context
 from services.core.errors import BillingError
 from services.core.quote import parse_time
@@ -66,7 +66,9 @@ def reprice_cmd(
     import asyncio
 
     from services.adapters.topics import Topics
-    from services.jobs.reprice import Broker, Window, count_in_db, reprice
+    from services.core.rerating import Window
+    from services.jobs.reprice import Broker, reprice
+    from services.jobs.reprice_sources import count_in_db
 
     settings = obj.settings
     if not settings.database_url:
@@ -115,7 +117,7 @@ def reprice_cmd(
 
     try:
         report = asyncio.run(run())
-    except DatabaseError as exc:
+    except AdapterError as exc:  # the database, or the broker not acknowledging
         raise click.ClickException(str(exc)) from exc
     for row in report.rows():
         click.echo(
@@ -125,7 +127,7 @@ def reprice_cmd(
     summary = {k: v for k, v in report.to_json().items() if k != "diff"}
     click.echo(json.dumps(summary | {"dry_run": dry_run}))
     if out is not None:
-        report.write(out)
+        out.write_text(report.render(out.suffix))
     if not dry_run and report.applied is not None and report.applied < report.emitted:
         click.echo(
             f"the projector applied {report.applied} of {report.emitted} revisions within "

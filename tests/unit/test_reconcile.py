@@ -10,7 +10,7 @@ import pytest
 
 from services.core.pricebook import InMemoryPriceBook
 from services.core.provider_invoice import InvoiceError, parse_money, parse_when, read_invoice
-from services.jobs.reconcile import canonical_totals, compare, parse_month
+from services.core.reconciliation import canonical_totals, compare, parse_month
 
 NOV = parse_month("2026-11")
 
