@@ -73,8 +73,8 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.adapters.database import EmbeddedPostgres
 from services.local.broker import EmbeddedBroker
+from services.local.postgres import EmbeddedPostgres
 
 BILLING = shutil.which("billing", path=os.path.dirname(sys.executable)) or "billing"
 DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/postgres"

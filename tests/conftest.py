@@ -15,9 +15,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.adapters.database import EmbeddedPostgres, migrate
+from services.adapters.database import migrate
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.pricebook import InMemoryPriceBook
+from services.local.postgres import EmbeddedPostgres
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 OWN_FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -1,7 +1,7 @@
 """PostgreSQL: where it is (configured or embedded), and the numbered migrations.
 
-``BILLING_DATABASE_URL`` wins; without it an embedded server (the ``pgserver`` wheel,
-PostgreSQL 16) is started under the data directory and reached over its unix socket.
+``BILLING_DATABASE_URL`` wins; without it ``billing up`` starts an embedded server under
+the data directory (``services.local.postgres``: the local stack, not an adapter).
 Migrations are the plain SQL files in ``migrations/``, applied in order, each in its own
 transaction, under an advisory lock so that several services starting at once apply each
 file exactly once; ``schema_migrations`` records what was applied.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,33 +86,6 @@ async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
         return await asyncpg.connect(url, **kwargs)
     except (OSError, asyncpg.PostgresError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
-
-
-class EmbeddedPostgres:
-    """A PostgreSQL server of the ``pgserver`` wheel, kept in ``data_dir``."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.pgdata = data_dir.resolve() / "postgres"
-        self._server: Any = None
-
-    def start(self) -> str:
-        """Start (or attach to) the server; return its connection URL."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR as root
-            import pgserver
-
-            self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._server = pgserver.get_server(self.pgdata, cleanup_mode=None)
-            except Exception as exc:  # pgserver raises plain exceptions with pg_ctl's output
-                raise DatabaseError(f"embedded PostgreSQL did not start: {exc}") from exc
-        return str(self._server.get_uri())
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.cleanup_mode = "stop"
-            self._server.cleanup()
-            self._server = None
 
 
 async def init_connection(connection: asyncpg.Connection) -> None:

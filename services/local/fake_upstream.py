@@ -3,9 +3,10 @@
 It speaks OpenRouter's chat completions (JSON and SSE, with ``usage`` including ``cost``,
 ``cost_details`` and ``is_byok``, as OpenRouter always sends it) and Gemini's
 ``generateContent`` / ``streamGenerateContent?alt=sse`` (with ``usageMetadata``, thoughts
-outside candidates). Token counts are derived from the request, deterministically; the
-reported cost is computed with the project's own price list, so a correct biller finds
-zero drift.
+outside candidates), and serves ``GET /api/v1/models``, the catalogue of the models it
+prices, so a gateway pointed at it (``OPENROUTER_BASE_URL``) syncs its prices cleanly.
+Token counts are derived from the request, deterministically; the reported cost is computed
+with the project's own price list, so a correct biller finds zero drift.
 
 Knobs, per request as headers (or for every request through ``FakeConfig``):
 ``x-fake-latency-ms`` (delay before the first byte), ``x-fake-status`` (answer this HTTP
@@ -27,7 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from services.core.catalogue import apply_catalogue, default_catalogue
+from services.core.catalogue import Catalogue, apply_catalogue, default_catalogue
 from services.core.errors import PriceNotFound
 from services.core.pricebook import InMemoryPriceBook
 from services.core.quote import quote
@@ -113,10 +114,25 @@ def _text(tokens: int) -> list[str]:
     return [WORDS[i % len(WORDS)] + " " for i in range(tokens)]
 
 
+def model_catalogue(catalogue: Catalogue) -> dict[str, Any]:
+    """The models the fake prices, as OpenRouter's ``GET /api/v1/models`` lists them (prices
+    as decimal strings per token): a gateway syncing from the fake finds the prices it bills
+    with, unchanged."""
+    data = []
+    for entry in catalogue.entries:
+        row: dict[str, Any] = {"id": entry.model, "name": entry.name or entry.model}
+        if entry.canonical_slug:
+            row["canonical_slug"] = entry.canonical_slug
+        data.append(row | {"pricing": entry.pricing.to_json()})
+    return {"data": data}
+
+
 def create_fake_upstream(config: FakeConfig | None = None) -> FastAPI:
     config = config or FakeConfig()
+    catalogue = default_catalogue()
     book = InMemoryPriceBook()
-    apply_catalogue(book, default_catalogue(), observed_at=datetime.now(UTC), source="snapshot")
+    apply_catalogue(book, catalogue, observed_at=datetime.now(UTC), source="snapshot")
+    models = model_catalogue(catalogue)
     app = FastAPI(title="fake LLM upstream")
 
     def openrouter_usage(model: str, plan: Plan) -> dict[str, Any]:
@@ -140,6 +156,11 @@ def create_fake_upstream(config: FakeConfig | None = None) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/api/v1/models")
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return models
 
     @app.post("/api/v1/chat/completions")
     @app.post("/v1/chat/completions")

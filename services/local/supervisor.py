@@ -5,32 +5,45 @@ The broker (embedded Tansu unless ``BILLING_KAFKA_BOOTSTRAP``) and PostgreSQL (e
 the topics created; then gateway, pricer and projector run as child processes, each logging
 to ``<data-dir>/logs/<name>.log`` and restarted (with backoff) if it dies. Ctrl-C or SIGTERM
 stops the children, then what was started for them.
+
+Before anything starts, the data dir is locked (one stack per data dir) and every port the
+stack will listen on is checked, so a clash fails at once with the port's name instead of a
+gateway restarting forever. Once ready, the stack writes ``<data-dir>/stack.json``
+(``services.local.state``) for the CLI commands run beside it, and removes it when it stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import fcntl
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 import click
 import httpx
 
-from services.adapters.database import EmbeddedPostgres, connect, migrate
+from services.adapters.database import connect, migrate
 from services.adapters.kafka import ensure_topics
 from services.adapters.settings import Settings
 from services.adapters.topics import Topics
 from services.local.broker import EmbeddedBroker
+from services.local.postgres import EmbeddedPostgres
+from services.local.state import StackState, read_state, remove_state, state_path, write_state
 
 RESTART_BACKOFF_MAX = 10.0
+GATEWAY_HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
 
 
@@ -84,14 +97,32 @@ class Stack:
         self.children: list[Child] = []
         self.env: dict[str, str] = {}
         self.stopping = False
+        self.state: StackState | None = None
+        self._lock_file: IO[str] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{GATEWAY_HOST}:{self.port}"
 
-    def start(self) -> None:
+    def listeners(self) -> list[tuple[str, str, int]]:
+        """(what, host, port) of every TCP port the stack listens on (the embedded broker
+        picks a free port itself; the embedded database listens on a unix socket)."""
+        metrics = self.settings.metrics_host
+        return [
+            ("gateway", GATEWAY_HOST, self.port),
+            ("pricer metrics", metrics, self.port + 1),
+            ("projector metrics", metrics, self.port + 2),
+        ]
+
+    def claim(self) -> None:
+        """Lock the data dir and check the ports: fail before anything is started."""
         self.logs.mkdir(parents=True, exist_ok=True)
         self._lock_data_dir()
+        check_ports(self.listeners())
+
+    def start(self) -> None:
+        if self._lock_file is None:
+            self.claim()
         bootstrap = self.settings.kafka_bootstrap
         if not bootstrap:
             self.broker = EmbeddedBroker(log_path=self.logs / "tansu.log")
@@ -145,16 +176,44 @@ class Stack:
         for child in self.children:
             child.start(self.env)
         self._wait_ready()
+        self.state = StackState(
+            pid=os.getpid(),
+            data_dir=str(self.data_dir),
+            database_url=database_url,
+            kafka_bootstrap=bootstrap,
+            gateway_url=self.url,
+            topic_prefix=self.settings.topic_prefix,
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        write_state(self.data_dir, self.state)
+
+    def exports(self) -> list[str]:
+        """Shell lines giving other tools (and other shells) the stack's addresses."""
+        if self.state is None:
+            return []
+        values = {
+            "BILLING_DATA_DIR": self.state.data_dir,
+            "BILLING_DATABASE_URL": self.state.database_url,
+            "BILLING_KAFKA_BOOTSTRAP": self.state.kafka_bootstrap,
+        }
+        if self.state.topic_prefix:
+            values["BILLING_TOPIC_PREFIX"] = self.state.topic_prefix
+        return [f"export {name}={shlex.quote(value)}" for name, value in values.items()]
 
     def _lock_data_dir(self) -> None:
         """One stack per data directory: a second would fight over ports and files."""
-        self._lock_file = (self.data_dir / "up.lock").open("w")
+        lock_file = (self.data_dir / "up.lock").open("w")
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            lock_file.close()
+            running = read_state(self.data_dir)
+            where = f" (pid {running.pid}, gateway {running.gateway_url})" if running else ""
             raise click.ClickException(
-                f"another `billing up` is running on {self.data_dir}"
+                f"another `billing up` is running on {self.data_dir}{where}; stop it, or "
+                "start a second stack with another --data-dir and --port"
             ) from None
+        self._lock_file = lock_file  # held (open) until this process exits
 
     def _wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -189,12 +248,33 @@ class Stack:
                 child.start(self.env)
 
     def stop(self) -> None:
+        if self.state is not None:  # first: no command should pick a stack that is going
+            remove_state(self.data_dir, self.state.pid)
+            self.state = None
         for child in reversed(self.children):
             child.stop()
         if self.broker is not None:
             self.broker.stop()
         if self.database is not None:
             self.database.stop()
+
+
+def check_ports(listeners: list[tuple[str, str, int]]) -> None:
+    """Fail, naming the port, if any of them cannot be listened on now."""
+    for what, host, port in listeners:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As the servers will: a port in TIME_WAIT is free, one with a listener is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                reason = "is in use" if exc.errno == errno.EADDRINUSE else f"failed: {exc}"
+                raise click.ClickException(
+                    f"port {port} ({what}) on {host} {reason}; nothing was started. "
+                    "Choose other ports with `billing up --port N` (the gateway listens "
+                    "on N, the pricer's and projector's metrics on N+1 and N+2)"
+                ) from None
 
 
 def _die_with_parent() -> None:
@@ -221,6 +301,7 @@ def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> Non
     def request_stop(*_: object) -> None:
         stack.stopping = True
 
+    stack.claim()
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
@@ -233,6 +314,13 @@ def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> Non
             f"projector http://127.0.0.1:{stack.port + 2}/metrics"
         )
         stack.echo(f"logs        {stack.logs}")
+        stack.echo(
+            f"state       {state_path(stack.data_dir)} (billing commands given this "
+            "data dir find the database and broker there)"
+        )
+        stack.echo("\nfor other tools and shells:")
+        for line in stack.exports():
+            stack.echo(f"  {line}")
         if after_start is not None:
             after_start(stack)
         stack.echo("\nrunning; Ctrl-C stops everything")

@@ -11,13 +11,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from services.cli.context import Context
+from services.local.state import StackState, read_state, write_state
 from tests.conftest import OWN_FIXTURES
 
 pytestmark = pytest.mark.e2e
@@ -299,25 +303,145 @@ def test_prices_override_wins_over_the_catalogue_from_its_time(tmp_path: Path) -
     assert refused.returncode == 1 and "pricing.completion" in refused.stdout
 
 
-def test_fake_upstream_serves_on_loopback(tmp_path: Path) -> None:
-    port = _free_port()
-    log = (tmp_path / "fake.log").open("w")
+@contextmanager
+def fake_upstream(*args: str) -> Iterator[tuple[str, list[str]]]:
+    """Run `billing fake-upstream` on a free port; yield its base URL and the lines it printed
+    before serving."""
     process = subprocess.Popen(
-        [BILLING, "fake-upstream", "--port", str(port), "--completion-tokens", "7"],
-        stdout=log,
+        [BILLING, "fake-upstream", "--port", "0", *args],
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        text=True,
     )
+    assert process.stdout is not None
     try:
-        url = f"http://127.0.0.1:{port}/api/v1/chat/completions"
-        body = {"model": "openai/gpt-5", "messages": [{"role": "user", "content": "hi"}]}
-        for _ in range(100):
-            try:
-                response = httpx.post(url, json=body, timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        assert response.json()["usage"]["completion_tokens"] == 7
+        printed = [process.stdout.readline() for _ in range(3)]
+        assert printed[0].startswith("fake upstream at http://127.0.0.1:"), printed
+        yield printed[0].split()[3].rstrip(";"), printed
     finally:
         process.terminate()
-        process.wait(timeout=10)
-        log.close()
+        process.communicate(timeout=10)
+
+
+def test_fake_upstream_prints_its_url_and_serves_on_loopback() -> None:
+    with fake_upstream("--completion-tokens", "7") as (base, printed):
+        assert f"export OPENROUTER_BASE_URL={base}/api/v1" in printed[1]
+        assert f"export VERTEX_BASE_URL={base}" in printed[2]
+        body = {"model": "openai/gpt-5", "messages": [{"role": "user", "content": "hi"}]}
+        # Listening before the URL is printed: the first request needs no retry.
+        response = httpx.post(f"{base}/api/v1/chat/completions", json=body, timeout=5)
+        assert response.json()["usage"]["completion_tokens"] == 7
+        models = httpx.get(f"{base}/api/v1/models", timeout=5).json()["data"]
+        assert "openai/gpt-5" in {m["id"] for m in models}
+
+
+def test_fake_upstream_names_a_port_in_use() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = billing("fake-upstream", "--port", str(port))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+
+
+def test_version_comes_from_the_installed_distribution() -> None:
+    result = billing("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"billing, version {version('llm-billing')}"
+
+
+PRICE_SET = (
+    "prices", "set", "openai/gpt-5", "--prompt", "9", "--completion", "9", "--per-million",
+    "--effective-from", "2026-01-01T00:00:00Z", "--reason", "data-dir test",
+)  # fmt: skip
+
+
+def _price_book(data_dir: Path) -> str:
+    """The data dir's price-book file ("" when there is none)."""
+    path = data_dir / "prices.jsonl"
+    return path.read_text() if path.exists() else ""
+
+
+def test_data_dir_is_taken_by_the_group_the_command_and_the_environment(tmp_path: Path) -> None:
+    on_command, on_group, from_env = tmp_path / "cmd", tmp_path / "group", tmp_path / "env"
+    assert billing(*PRICE_SET, "--data-dir", str(on_command)).returncode == 0
+    assert billing("--data-dir", str(on_group), *PRICE_SET).returncode == 0
+    assert billing(*PRICE_SET, env={"BILLING_DATA_DIR": str(from_env)}).returncode == 0
+    for data_dir in (on_command, on_group, from_env):
+        assert '"prompt":"0.000009"' in _price_book(data_dir), data_dir
+    # The command's own --data-dir wins over the group's and the environment's.
+    loser, winner = tmp_path / "loser", tmp_path / "winner"
+    result = billing(
+        "--data-dir", str(loser), *PRICE_SET, "--data-dir", str(winner),
+        env={"BILLING_DATA_DIR": str(loser)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert '"prompt":"0.000009"' in _price_book(winner) and not loser.exists()
+    quoted = billing("quote", "-m", "openai/gpt-5", "--data-dir", str(winner))
+    assert json.loads(quoted.stdout)["pricing"]["prompt"] == "0.000009"
+    for command in (["up"], ["tenants", "create"], ["keys", "list"], ["migrate"], ["reprice"]):
+        assert "--data-dir" in billing(*command, "--help").stdout, command
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def _write_state(data_dir: Path, pid: int, database_url: str) -> None:
+    state = StackState(
+        pid=pid,
+        data_dir=str(data_dir),
+        database_url=database_url,
+        kafka_bootstrap="127.0.0.1:9",
+        gateway_url="http://127.0.0.1:9",
+        topic_prefix="stack-",
+    )
+    write_state(data_dir, state)
+
+
+def test_the_state_of_a_running_stack_completes_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("BILLING_DATABASE_URL", "BILLING_KAFKA_BOOTSTRAP", "BILLING_TOPIC_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    tmp_path.mkdir(exist_ok=True)
+    _write_state(tmp_path, os.getpid(), "postgresql://stack@127.0.0.1:9/billing")
+    assert (tmp_path / "stack.json").stat().st_mode & 0o077 == 0  # may hold a password
+    settings = Context(tmp_path).settings
+    assert settings.database_url == "postgresql://stack@127.0.0.1:9/billing"
+    assert (settings.kafka_bootstrap, settings.topic_prefix) == ("127.0.0.1:9", "stack-")
+    # The environment wins, field by field.
+    monkeypatch.setenv("BILLING_DATABASE_URL", "postgresql://env@127.0.0.1:9/billing")
+    monkeypatch.setenv("BILLING_TOPIC_PREFIX", "")
+    settings = Context(tmp_path).settings
+    assert settings.database_url == "postgresql://env@127.0.0.1:9/billing"
+    assert (settings.kafka_bootstrap, settings.topic_prefix) == ("127.0.0.1:9", "")
+    assert Context(tmp_path).env_settings.kafka_bootstrap is None  # what `billing up` uses
+
+
+def test_a_stale_state_file_is_ignored(tmp_path: Path) -> None:
+    data_dir = tmp_path / "stale"
+    data_dir.mkdir()
+    _write_state(data_dir, _dead_pid(), "postgresql://stale@127.0.0.1:9/billing")
+    assert read_state(data_dir) is None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+    result = subprocess.run(
+        [BILLING, "tenants", "create", "acme", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "set BILLING_DATABASE_URL, or start `billing up`" in result.stderr
+    # ... and prices go to the file book, as with no stack at all, saying that the stack's
+    # database (left in the data dir by an earlier `billing up`) will not read them.
+    (data_dir / "postgres").mkdir()
+    priced = billing(*PRICE_SET, "--data-dir", str(data_dir))
+    assert priced.returncode == 0, priced.stderr
+    assert '"prompt":"0.000009"' in _price_book(data_dir)
+    assert "no `billing up` is running" in priced.stderr
+    assert "the stack's database does not read" in priced.stderr

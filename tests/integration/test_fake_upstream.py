@@ -9,6 +9,8 @@ from decimal import Decimal
 import pytest
 from fastapi.testclient import TestClient
 
+from services.adapters.pricing_cache import sync_catalogue
+from services.core.catalogue import parse_catalogue
 from services.core.pricebook import InMemoryPriceBook
 from services.core.quote import quote
 from services.core.usage import parse_usage
@@ -88,3 +90,19 @@ def test_gemini_counts_thoughts_outside_candidates(upstream: TestClient) -> None
     chunks = sse(streamed.text)
     assert chunks[-1]["usageMetadata"] == meta
     assert all("promptTokenCount" not in c["usageMetadata"] for c in chunks[:-1])
+
+
+def test_models_lists_every_priced_model_at_the_prices_it_bills_with(
+    upstream: TestClient, snapshot_book: InMemoryPriceBook
+) -> None:
+    response = upstream.get("/api/v1/models")
+    assert response.status_code == 200
+    document = json.loads(response.content, parse_float=Decimal)
+    catalogue = parse_catalogue(document)
+    assert catalogue.skipped == []
+    assert {e.model for e in catalogue.entries} == set(snapshot_book.models())
+    assert all("effective_from" not in row for row in document["data"])  # OpenRouter's shape
+    # A gateway syncing from the fake records nothing new: the same prices, to the digit.
+    report = sync_catalogue(snapshot_book, document, source="openrouter")
+    assert (report.new_versions, report.unchanged) == (0, len(catalogue.entries))
+    assert upstream.get("/v1/models").json() == response.json()

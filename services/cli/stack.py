@@ -1,0 +1,213 @@
+"""The stack's commands: ``billing up`` (everything, supervised), each service on its own
+(``gateway``, ``pricer``, ``projector``), their set-up (``migrate``, ``topics``) and the
+``fake-upstream`` for tests and benchmarks. Added to ``main`` in ``services.cli.main``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from services.adapters.errors import DatabaseError
+from services.cli.context import Context
+
+if TYPE_CHECKING:
+    from services.adapters.settings import Settings
+
+# The web stack, faust, the database driver and the supervisor are imported by the commands
+# that need them: ``billing quote --batch`` starts in a fraction of the time without them.
+
+
+@click.command("up")
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(1, 65533),
+    help="Gateway port; the pricer's and projector's metrics take the next two.",
+)
+@click.option("--demo", "with_demo", is_flag=True, help="Send a burst of usage and print totals.")
+@click.pass_obj
+def up_cmd(obj: Context, port: int, with_demo: bool) -> None:
+    """Start broker and database if missing, then gateway, pricer and projector."""
+    from services.local.supervisor import Stack, run
+
+    settings = obj.env_settings  # never another stack's state: this one is the stack
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    after = None
+    if with_demo:
+        from services.local.demo_pipeline import run_demo
+
+        def after(stack: Stack) -> None:
+            run_demo(stack.url, token, should_stop=lambda: stack.stopping)
+
+    run(Stack(settings, port, click.echo), after)
+
+
+@click.command("migrate")
+@click.pass_obj
+def migrate_cmd(obj: Context) -> None:
+    """Apply pending migrations to $BILLING_DATABASE_URL (or the embedded database)."""
+    import asyncio
+
+    from services.adapters.database import migrate
+    from services.local.postgres import EmbeddedPostgres
+
+    url = obj.settings.database_url
+    if url is None:
+        url = EmbeddedPostgres(obj.data_dir).start()
+    try:
+        applied = asyncio.run(migrate(url))
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"applied {', '.join(applied)}" if applied else "database is up to date")
+
+
+@click.command("topics")
+@click.pass_obj
+def topics_cmd(obj: Context) -> None:
+    """Create the pipeline's topics (explicitly, with $BILLING_PARTITIONS partitions)."""
+    import asyncio
+
+    from services.adapters.kafka import ensure_topics
+    from services.adapters.topics import Topics
+
+    settings = obj.settings
+    if not settings.kafka_bootstrap:
+        raise click.ClickException("set BILLING_KAFKA_BOOTSTRAP (or start `billing up`)")
+    topics = Topics.named(settings.topic_prefix)
+    asyncio.run(ensure_topics(settings.kafka_bootstrap, topics.partitions(settings.partitions)))
+    click.echo(f"topics ready: {', '.join(topics)} ({settings.partitions} partitions)")
+
+
+@click.command("gateway")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.pass_obj
+def gateway_cmd(obj: Context, host: str, port: int) -> None:
+    """Run the gateway HTTP service (quote API)."""
+    import uvicorn
+
+    from services.gateway.app import create_app
+
+    uvicorn.run(create_app(obj.settings), host=host, port=port, log_level="info")
+
+
+@click.command("pricer")
+@click.option("--log-level", default="info", show_default=True)
+@click.pass_obj
+def pricer_cmd(obj: Context, log_level: str) -> None:
+    """Run the pricer (faust worker): billing.usage.v1 → billing.costs.v1."""
+    from services.adapters.topics import Topics
+    from services.adapters.wiring import pricing_cache
+    from services.pricer.app import build_app, run_worker
+    from services.pricer.unpriced import UnpricedStore
+
+    settings = obj.settings
+    bootstrap, database_url = _require_services(settings)
+    app = build_app(
+        bootstrap=bootstrap,
+        data_dir=settings.data_dir.resolve() / "pricer",
+        topics=Topics.named(settings.topic_prefix),
+        prices=pricing_cache(settings),
+        unpriced=UnpricedStore(database_url),
+        app_id=f"{settings.topic_prefix}billing-pricer",
+    )
+    (settings.data_dir / "pricer").mkdir(parents=True, exist_ok=True)
+    _serve_metrics(settings)
+    run_worker(app, loglevel=log_level)
+
+
+@click.command("projector")
+@click.pass_obj
+def projector_cmd(obj: Context) -> None:
+    """Run the projector: billing.costs.v1 → PostgreSQL read models, exactly once."""
+    import asyncio
+    import logging
+    import signal
+
+    from services.adapters.topics import Topics
+    from services.projector.service import Projector
+
+    settings = obj.settings
+    bootstrap, database_url = _require_services(settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    projector = Projector(
+        bootstrap,
+        database_url,
+        topics=Topics.named(settings.topic_prefix),
+        group=f"{settings.topic_prefix}billing-projector",
+    )
+
+    _serve_metrics(settings)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await projector.run(stop)
+
+    asyncio.run(run())
+
+
+def _serve_metrics(settings: Settings) -> None:
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+
+
+def _require_services(settings: Settings) -> tuple[str, str]:
+    if not settings.kafka_bootstrap or not settings.database_url:
+        raise click.ClickException(
+            "set BILLING_KAFKA_BOOTSTRAP and BILLING_DATABASE_URL (or run everything with "
+            "`billing up`, which starts what is missing)"
+        )
+    return settings.kafka_bootstrap, settings.database_url
+
+
+@click.command("fake-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8090, show_default=True, type=int, help="0: any free port.")
+@click.option("--latency-ms", default=0, show_default=True, type=int)
+@click.option("--completion-tokens", default=24, show_default=True, type=int)
+def fake_upstream_cmd(host: str, port: int, latency_ms: int, completion_tokens: int) -> None:
+    """Serve a fake OpenRouter / Gemini upstream (tests and benchmarks; loopback)."""
+    import socket
+
+    import uvicorn
+
+    from services.local.fake_upstream import FakeConfig, create_fake_upstream
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise click.ClickException(
+            f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port"
+        ) from None
+    listener.listen(128)  # connections wait in the backlog until the server accepts them
+    bound = listener.getsockname()[1]
+    base = f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{bound}"
+    click.echo(f"fake upstream at {base}; point the gateway at it with")
+    click.echo(f"  export OPENROUTER_BASE_URL={base}/api/v1")
+    click.echo(f"  export VERTEX_BASE_URL={base}")
+    config = FakeConfig(latency_ms=latency_ms, completion_tokens=completion_tokens)
+    server = uvicorn.Server(uvicorn.Config(create_fake_upstream(config), log_level="warning"))
+    server.run(sockets=[listener])
+
+
+COMMANDS = (
+    up_cmd,
+    gateway_cmd,
+    pricer_cmd,
+    projector_cmd,
+    migrate_cmd,
+    topics_cmd,
+    fake_upstream_cmd,
+)
