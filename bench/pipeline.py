@@ -60,6 +60,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.adapters.database import init_connection, migrate
 from services.adapters.kafka import ensure_topics, make_consumer, make_producer
+from services.adapters.readmodels import TRANSACTION_COLUMNS
+from services.adapters.readmodels import transaction_row as _row
 from services.adapters.topics import Topics
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.events import ReportedCharge, UsageCounts, UsagePriced, UsageRecorded
@@ -67,7 +69,6 @@ from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.core.usage import parse_usage
 from services.local.broker import EmbeddedBroker
-from services.projector.apply import TRANSACTION_COLUMNS, _row
 
 BILLING = shutil.which("billing", path=os.path.dirname(sys.executable)) or "billing"
 DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/postgres"

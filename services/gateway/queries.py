@@ -13,10 +13,10 @@ import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from services.adapters.metrics import REPORTED_COST_TOLERANCE
+from services.adapters.readmodels import COST_COLUMNS, COUNT_COLUMNS
 from services.core import money
 from services.core.money import fmt
 from services.gateway.auth import TenantKey, require_admin, require_tenant
-from services.projector.apply import COST_COLUMNS, COUNT_COLUMNS
 
 router = APIRouter(prefix="/internal/billing", dependencies=[Depends(require_admin)])
 

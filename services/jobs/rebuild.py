@@ -3,7 +3,7 @@
 ``billing_transactions`` and ``tenant_billing_summary`` are folds of ``billing.costs.v1``:
 per ``request_id`` the highest revision wins (the first one in log order among equals, as
 the projector keeps it), and the summary is the sum of the winning rows by tenant × UTC day
-of ``occurred_at`` × model × ``coalesce(api_key_id, '')`` (``apply._summary_key``). The
+of ``occurred_at`` × model × ``coalesce(api_key_id, '')`` (``readmodels.summary_key``). The
 rebuild computes that fold from offset 0 of every partition into fresh tables
 (``*_rebuild``, ``LIKE … INCLUDING ALL``, filled by COPY and ``INSERT … SELECT``) and
 replaces the live tables with them in one transaction.
@@ -32,8 +32,8 @@ Equality (``--dry-run`` and the report): every column but ``projected_at`` and
 ``updated_at``, which say when a row was written; live summary rows whose every value is
 zero (left behind when a revision moved a request to another key) count as absent.
 
-Here: reading the log, the fold and the command; the comparison and the swap itself are in
-``services.jobs.rebuild_tables``.
+Here: the command and the fold; reading the log is in ``services.jobs.rebuild_reader``, the
+comparison and the swap itself are in ``services.jobs.rebuild_tables``.
 
 RebuildError        the rebuild was refused or could not finish; nothing was swapped
 """
@@ -41,46 +41,46 @@ RebuildError        the rebuild was refused or could not finish; nothing was swa
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from services.adapters.offsets import lock_offsets, store_offsets, stored_offsets
+from services.adapters.readmodels import (
+    PROJECTOR_CONSUMER,
+    SUMMARY_KEY,
+    SUMMARY_VALUES,
+    TRANSACTION_COLUMNS,
+)
+from services.jobs.rebuild_reader import STAGING, LogReader, Progress, topic_partitions
 from services.jobs.rebuild_tables import (
     LIVE,
     SUFFIX,
     SUMMARY_KEY_SQL,
     RebuildError,
     TableDiff,
-    _compare,
-    _swap,
+    compare,
+    swap,
 )
 
 # The CLI imports this module whenever it starts (``billing quote --batch`` must stay fast),
-# so asyncpg, aiokafka, pydantic and the projector are imported by the functions using them.
+# so asyncpg, aiokafka and pydantic are imported by the functions using them.
 if TYPE_CHECKING:
     import asyncpg
-    from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 
 FENCED = (*LIVE, "billing_adjustments")
 """Every table a projector batch writes: locked EXCLUSIVE (writers wait) during the swap."""
-STAGING = "rebuild_events"
 _KEY_EXPRS = ", ".join(SUMMARY_KEY_SQL.values())
 _WINNER_ORDER = "request_id, revision DESC, log_partition, log_offset"
 """Highest revision; among equals the first in log order, the one the projector kept."""
 
 _LOCK = 0x62696C6C_72626C64  # "billrbld": one rebuild at a time
-_CHUNK = 5000
 _WORK_MEM = "256MB"
 _CATCH_UP_ROUNDS = 3
 _CATCH_UP_UNLOCKED = 1000
 """Read without locks until fewer records than this remain, so the swap stays short."""
-STALL_SECONDS = 15.0
-"""Reading up to a committed offset that does not come for this long: the log is short."""
-
-Progress = Callable[[int, int | None], None]
-"""(records just read, estimated total or None)."""
 
 
 @dataclass(slots=True)
@@ -145,8 +145,6 @@ async def rebuild(
     from aiokafka import AIOKafkaConsumer
 
     from services.adapters.kafka import FETCH_MAX_WAIT_MS
-    from services.projector.apply import SUMMARY_KEY, stored_offsets
-    from services.projector.service import CONSUMER
 
     if tuple(SUMMARY_KEY_SQL) != SUMMARY_KEY:
         raise RebuildError(f"the summary key is now {SUMMARY_KEY}: update SUMMARY_KEY_SQL")
@@ -166,24 +164,25 @@ async def rebuild(
         max_partition_fetch_bytes=8 << 20,  # fewer round trips: the whole log is wanted
     )
     try:
-        await _refuse_other_topics(connection, CONSUMER, topic)
+        await _refuse_other_topics(connection, PROJECTOR_CONSUMER, topic)
         await consumer.start()
-        partitions = await _partitions(consumer, topic)
+        partitions = await topic_partitions(consumer, topic)
         await _create_tables(connection)
-        reader = _Reader(consumer, connection, topic, partitions, report, progress)
-        snapshot = await stored_offsets(connection, CONSUMER, topic)
+        reader = LogReader(consumer, connection, topic, partitions, progress)
+        snapshot = await stored_offsets(connection, PROJECTOR_CONSUMER, topic)
         if unknown := sorted(set(snapshot) - set(partitions)):
             raise RebuildError(f"projector offsets for partitions {unknown} {topic} does not have")
         if snapshot:
             for _ in range(_CATCH_UP_ROUNDS):
                 await reader.read({p: snapshot.get(p, 0) for p in partitions}, phase=1)
-                snapshot = await stored_offsets(connection, CONSUMER, topic)
+                snapshot = await stored_offsets(connection, PROJECTOR_CONSUMER, topic)
                 if reader.behind(snapshot) < _CATCH_UP_UNLOCKED:
                     break
         else:
             report.stop = "end of log"
             await reader.read(dict.fromkeys(partitions), phase=1, quiet=idle_seconds)
         await reader.flush()
+        report.records_read, report.undecodable = reader.records_read, reader.undecodable
         report.seconds["read"] = time.perf_counter() - started
         folding = time.perf_counter()
         await _fold_all(connection)
@@ -206,16 +205,13 @@ async def rebuild(
 
 async def _swap_transaction(
     connection: asyncpg.Connection,
-    reader: _Reader,
+    reader: LogReader,
     report: RebuildReport,
     keep_old: bool,
     lock_timeout: float,
 ) -> None:
     """Fence the projector, catch up to its offsets, compare, and (unless dry) swap."""
     import asyncpg
-
-    from services.projector.apply import _lock_offsets, stored_offsets
-    from services.projector.service import CONSUMER
 
     locked = time.perf_counter()
     topic, partitions = reader.topic, sorted(reader.next)
@@ -225,29 +221,28 @@ async def _swap_transaction(
     try:
         # The projector's order: offset rows (every partition, so a batch on any of them
         # waits), then the tables; EXCLUSIVE also fences a partition that appears meanwhile.
-        await _lock_offsets(connection, CONSUMER, {(topic, p): 0 for p in partitions})
+        await lock_offsets(connection, PROJECTOR_CONSUMER, {(topic, p): 0 for p in partitions})
         await connection.execute(f"LOCK TABLE {', '.join(FENCED)} IN EXCLUSIVE MODE")
-        committed = await stored_offsets(connection, CONSUMER, topic)
-        before = report.records_read
+        committed = await stored_offsets(connection, PROJECTOR_CONSUMER, topic)
+        before = reader.records_read
         await reader.read({p: committed.get(p, 0) for p in partitions}, phase=2)
         await reader.flush()
-        report.caught_up = report.records_read - before
+        report.caught_up = reader.records_read - before
+        report.records_read, report.undecodable = reader.records_read, reader.undecodable
         if report.caught_up:
             await _fold_touched(connection)
         report.offsets = {p: max(committed.get(p, 0), reader.next[p]) for p in partitions}
         await _count(connection, report)
-        report.diffs = [await _compare(connection, table) for table in LIVE]
+        report.diffs = [await compare(connection, table) for table in LIVE]
         if report.dry_run:
             return
         # Offsets move only where the rebuild read past the projector (it had none).
-        await connection.executemany(
-            "UPDATE consumer_offsets SET next_offset = $4, updated_at = now()"
-            " WHERE consumer = $1 AND topic = $2 AND partition = $3 AND next_offset < $4",
-            [(CONSUMER, topic, p, o) for p, o in report.offsets.items()],
+        await store_offsets(
+            connection, PROJECTOR_CONSUMER, {(topic, p): o for p, o in report.offsets.items()}
         )
         await connection.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-        report.kept = await _swap(connection, keep_old, stamp)
+        report.kept = await swap(connection, keep_old, stamp)
         swapped = True
     except asyncpg.LockNotAvailableError as exc:
         raise RebuildError(
@@ -263,136 +258,7 @@ async def _swap_transaction(
         report.seconds["locked"] = time.perf_counter() - locked
 
 
-# -- reading the log ----------------------------------------------------------------------------
-
-
-class _Reader:
-    """Reads partitions from offset 0 up to given offsets, staging every decoded event."""
-
-    def __init__(
-        self,
-        consumer: AIOKafkaConsumer,
-        connection: asyncpg.Connection,
-        topic: str,
-        partitions: Sequence[int],
-        report: RebuildReport,
-        progress: Progress | None,
-    ) -> None:
-        from services.projector.apply import TRANSACTION_COLUMNS
-
-        self.consumer = consumer
-        self.connection = connection
-        self.topic = topic
-        self.next = dict.fromkeys(partitions, 0)
-        """Per partition, the offset to read next (everything below it is staged)."""
-        self.report = report
-        self.progress = progress
-        self.rows: list[tuple[Any, ...]] = []
-        self.columns = (*TRANSACTION_COLUMNS, "log_partition", "log_offset", "phase")
-        self.started: set[int] = set()
-
-    def behind(self, offsets: Mapping[int, int]) -> int:
-        return sum(max(0, offsets.get(p, 0) - n) for p, n in self.next.items())
-
-    async def read(
-        self, stops: Mapping[int, int | None], *, phase: int, quiet: float | None = None
-    ) -> None:
-        """Read each partition up to ``stops[p]``, or, where that is None, until ``quiet``
-        seconds pass with nothing new. A bounded partition that stops short (no progress
-        for ``STALL_SECONDS``) is an error: the log no longer holds what the projector
-        applied."""
-        from aiokafka import TopicPartition
-
-        quiet = STALL_SECONDS if quiet is None else quiet
-
-        active = {p for p, stop in stops.items() if stop is None or self.next[p] < stop}
-        if not active:
-            return
-        tps = {p: TopicPartition(self.topic, p) for p in active}
-        self.consumer.assign(list(tps.values()))
-        for p, tp in tps.items():
-            self.consumer.seek(tp, self.next[p])
-        total = sum(s for s in stops.values() if s is not None) or None
-        moved_at = time.monotonic()
-        while active:
-            fetched = await self.consumer.getmany(
-                *(tps[p] for p in active), timeout_ms=200, max_records=_CHUNK
-            )
-            taken = 0
-            for tp, records in fetched.items():
-                taken += self._take(records, stops[tp.partition], phase)
-            if len(self.rows) >= _CHUNK:
-                await self.flush()
-            moved = False
-            for p in sorted(active):
-                stop = stops[p]
-                # The consumer's position also steps over offsets that hold no record.
-                position = await self.consumer.position(tps[p])
-                reached = position if stop is None else min(position, stop)
-                if reached > self.next[p]:
-                    self.next[p], moved = reached, True
-                if stop is not None and self.next[p] >= stop:
-                    active.discard(p)
-            if taken:
-                self.report.records_read += taken
-                if self.progress is not None:
-                    if total is None:  # reading to the end: the fetched high watermarks
-                        marks = [self.consumer.highwater(tp) for tp in tps.values()]
-                        total = sum(m for m in marks if m is not None) or None
-                    self.progress(taken, total)
-            if moved:
-                moved_at = time.monotonic()
-            elif time.monotonic() - moved_at > quiet:
-                if any(stops[p] is not None for p in active):
-                    stuck = ", ".join(f"{p} at {self.next[p]} of {stops[p]}" for p in active)
-                    raise RebuildError(
-                        f"{self.topic} ends before the offsets the projector applied "
-                        f"(partition {stuck}): the log no longer holds what the read models "
-                        "were built from"
-                    )
-                break
-
-    def _take(self, records: list[ConsumerRecord], stop: int | None, phase: int) -> int:
-        """Stage the records below ``stop``; return how many there were."""
-        from services.core.events import decode_priced
-        from services.projector.apply import _row
-
-        taken = 0
-        for record in records:
-            p, offset = record.partition, record.offset
-            if stop is not None and offset >= stop:
-                break
-            if offset < self.next[p]:
-                continue  # already staged (never expected after a seek)
-            if p not in self.started:
-                if offset != 0:
-                    raise RebuildError(
-                        f"{self.topic}[{p}] starts at offset {offset}, not 0 (retention?): "
-                        "the read models cannot be re-derived from what is left"
-                    )
-                self.started.add(p)
-            taken += 1
-            try:
-                event = decode_priced(record.value)
-            except Exception:  # the projector dead-letters these: never applied
-                self.report.undecodable += 1
-                continue
-            self.rows.append((*_row(event), p, offset, phase))
-        return taken
-
-    async def flush(self) -> None:
-        if self.rows:
-            await self.connection.copy_records_to_table(
-                STAGING, records=self.rows, columns=self.columns
-            )
-            self.rows = []
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
-    # All topics, never this one by name: Tansu would create a missing topic.
-    if topic not in await consumer.topics():
-        raise RebuildError(f"topic {topic} does not exist (is BILLING_TOPIC_PREFIX right?)")
-    return sorted(consumer.partitions_for_topic(topic) or ())
+# -- guarding and folding ----------------------------------------------------------------------
 
 
 async def _refuse_other_topics(connection: asyncpg.Connection, consumer: str, topic: str) -> None:
@@ -409,9 +275,6 @@ async def _refuse_other_topics(connection: asyncpg.Connection, consumer: str, to
         )
 
 
-# -- folding ------------------------------------------------------------------------------------
-
-
 async def _create_tables(connection: asyncpg.Connection) -> None:
     for table in LIVE:  # leftovers of an interrupted run are ours to drop
         await connection.execute(f"DROP TABLE IF EXISTS {table}{SUFFIX}")
@@ -425,8 +288,6 @@ async def _create_tables(connection: asyncpg.Connection) -> None:
 
 def _fold_sql() -> tuple[str, str, str]:
     """(transaction columns, summary columns, summary sums) as SQL lists."""
-    from services.projector.apply import SUMMARY_VALUES, TRANSACTION_COLUMNS
-
     return (
         ", ".join(TRANSACTION_COLUMNS),
         ", ".join((*SUMMARY_KEY_SQL, *SUMMARY_VALUES)),

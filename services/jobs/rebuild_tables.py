@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from services.adapters.readmodels import SUMMARY_VALUES
+
 if TYPE_CHECKING:
     import asyncpg
 
@@ -28,8 +30,8 @@ SUMMARY_KEY_SQL = {
     "model": "model",
     "api_key_id": "coalesce(api_key_id, '')",
 }
-"""``apply._summary_key`` (tenant, UTC day of occurred_at, model, api key or '') as SQL
-over billing_transactions, in ``apply.SUMMARY_KEY``'s order."""
+"""``readmodels.summary_key`` (tenant, UTC day of occurred_at, model, api key or '') as SQL
+over billing_transactions, in ``readmodels.SUMMARY_KEY``'s order."""
 
 
 class RebuildError(Exception):
@@ -76,10 +78,8 @@ class TableDiff:
 # -- comparing ----------------------------------------------------------------------------------
 
 
-async def _compare(connection: asyncpg.Connection, table: str, samples: int = 10) -> TableDiff:
+async def compare(connection: asyncpg.Connection, table: str, samples: int = 10) -> TableDiff:
     """Counts, sums and the EXCEPT ALL difference both ways, with a few rows shown."""
-    from services.projector.apply import SUMMARY_VALUES
-
     names = await connection.fetch(
         "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0"
         " AND NOT attisdropped ORDER BY attnum",
@@ -148,7 +148,7 @@ def _show(value: Any) -> str:
 # -- swapping -----------------------------------------------------------------------------------
 
 
-async def _swap(connection: asyncpg.Connection, keep_old: bool, stamp: str) -> list[str]:
+async def swap(connection: asyncpg.Connection, keep_old: bool, stamp: str) -> list[str]:
     """Put the rebuilt tables in the live ones' place (in the caller's transaction)."""
     kept: list[str] = []
     inbound: list[tuple[str, str, str]] = []

@@ -22,15 +22,17 @@ from aiokafka.errors import KafkaError
 from services.adapters import metrics
 from services.adapters.database import create_pool
 from services.adapters.kafka import make_consumer, make_producer
+from services.adapters.offsets import stored_offsets
+from services.adapters.readmodels import PROJECTOR_CONSUMER
 from services.adapters.topics import Topics, dead_letter_headers
+from services.core.backoff import Backoff
 from services.core.events import Position, UsagePriced, decode_priced
-from services.projector.apply import apply_batch, stored_offsets
+from services.projector.apply import apply_batch
 
 log = logging.getLogger("billing.projector")
 
 DEFAULT_TOPICS = Topics()
 GROUP = "billing-projector"
-CONSUMER = "projector"  # the name its offsets are stored under in consumer_offsets
 RETRYABLE = (
     OSError,
     asyncpg.PostgresConnectionError,
@@ -59,7 +61,9 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self.pool.acquire() as connection:
             for tp in assigned:
                 if tp.topic not in by_topic:
-                    by_topic[tp.topic] = await stored_offsets(connection, CONSUMER, tp.topic)
+                    by_topic[tp.topic] = await stored_offsets(
+                        connection, PROJECTOR_CONSUMER, tp.topic
+                    )
         for tp in assigned:
             stored = by_topic[tp.topic].get(tp.partition)
             if stored is None:
@@ -131,20 +135,22 @@ class Projector:
                 reason = f"undecodable UsagePriced: {exc}"[:1000]
                 await _dead_letter(producer, self.topics.dlq, record, reason)
         metrics.BATCH_SIZE.labels("projector").observe(len(records))
-        delay = 0.2
+        backoff = Backoff(0.2, self.retry_max_seconds)
         while True:
             started = time.perf_counter()
             try:
                 async with pool.acquire() as connection:
-                    result = await apply_batch(connection, CONSUMER, events, offsets, positions)
+                    result = await apply_batch(
+                        connection, PROJECTOR_CONSUMER, events, offsets, positions
+                    )
                 break
             except RETRYABLE as exc:
                 metrics.DB_RETRIES.inc()
+                delay = backoff.next()
                 log.warning("database unavailable (%r); retrying the batch in %.1fs", exc, delay)
                 if stop.is_set():
                     raise
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_seconds)
         metrics.DB_WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.PROJECTED.inc(result.inserted + result.revised)
         metrics.DUPLICATES.inc(result.duplicates)
@@ -184,12 +190,11 @@ async def _dead_letter(
 
 async def _wait_for_pool(url: str, stop: asyncio.Event) -> asyncpg.Pool | None:
     """Connect, retrying while the database is still starting (or briefly away)."""
-    delay = 0.2
+    backoff = Backoff(0.2, 5.0)
     while not stop.is_set():
         try:
             return await create_pool(url)
         except Exception as exc:  # DatabaseError wraps every connection failure
             log.warning("waiting for PostgreSQL: %s", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(backoff.next())
     return None

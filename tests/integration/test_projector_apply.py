@@ -11,12 +11,13 @@ import asyncpg
 import pytest
 
 from services.adapters.database import init_connection
+from services.adapters.offsets import stored_offsets
 from services.core.events import Position, UsageCounts, UsagePriced, UsageRecorded
 from services.core.pricebook import InMemoryPriceBook
 from services.core.pricing import parse_pricing
 from services.core.rating import rate
 from services.core.usage import parse_usage
-from services.projector.apply import apply_batch, stored_offsets
+from services.projector.apply import apply_batch
 
 pytestmark = pytest.mark.integration
 

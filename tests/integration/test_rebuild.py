@@ -20,12 +20,12 @@ import asyncpg
 import pytest
 
 from services.adapters.database import init_connection
+from services.adapters.readmodels import SUMMARY_VALUES, summary_key, transaction_row
 from services.core.events import UsagePriced
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
+from services.jobs import rebuild_reader
 from services.jobs.rebuild import SUMMARY_KEY_SQL, RebuildError, rebuild
-from services.projector import rebuild as rebuild_module
-from services.projector.apply import SUMMARY_VALUES, _row, _summary_key
 from tests.integration.pipeline import BILLING, Pipeline, produce
 from tests.integration.test_projector_apply import T0, recorded
 
@@ -405,7 +405,7 @@ async def test_refusals_change_nothing(
     assert status == 0, out
     live = await read_models(pipeline.database_url)
     tables = (await catalogue(pipeline.database_url))[2]
-    monkeypatch.setattr(rebuild_module, "STALL_SECONDS", 1.0)
+    monkeypatch.setattr(rebuild_reader, "STALL_SECONDS", 1.0)
     connection = await asyncpg.connect(pipeline.database_url)
     other = await asyncpg.connect(pipeline.database_url)
     await init_connection(connection)
@@ -439,7 +439,7 @@ async def test_refusals_change_nothing(
 async def test_the_summary_key_in_sql_is_the_projectors(
     database_url: str, snapshot_book: InMemoryPriceBook
 ) -> None:
-    """``SUMMARY_KEY_SQL`` computes ``apply._summary_key`` (UTC days, at their edges)."""
+    """``SUMMARY_KEY_SQL`` computes ``readmodels.summary_key`` (UTC days, at their edges)."""
     base = recorded(0, random.Random(0))
     connection = await asyncpg.connect(database_url)
     try:
@@ -451,7 +451,7 @@ async def test_the_summary_key_in_sql_is_the_projectors(
             ):
                 local = at.astimezone(timezone(timedelta(hours=hours)))
                 fact = base.model_copy(update={"occurred_at": local, "api_key_id": None})
-                row = _row(rate(fact, snapshot_book, priced_at=T0))
+                row = transaction_row(rate(fact, snapshot_book, priced_at=T0))
                 computed = await connection.fetchrow(
                     f"SELECT {', '.join(SUMMARY_KEY_SQL.values())} FROM (SELECT"
                     " $1::text AS tenant_id, $2::timestamptz AS occurred_at, $3::text AS model,"
@@ -461,6 +461,6 @@ async def test_the_summary_key_in_sql_is_the_projectors(
                     row[5],
                     row[2],
                 )
-                assert tuple(computed) == _summary_key(row)
+                assert tuple(computed) == summary_key(row)
     finally:
         await connection.close()
