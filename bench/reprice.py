@@ -61,26 +61,29 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.adapters.database import EmbeddedPostgres, init_connection, migrate
+from services.adapters.database import init_connection, migrate
 from services.adapters.kafka import ensure_topics, make_producer
 from services.adapters.pricebook_postgres import PostgresPriceBook
+from services.adapters.readmodels import (
+    COST_COLUMNS,
+    COUNT_COLUMNS,
+    SUMMARY_KEY,
+    SUMMARY_VALUES,
+    TRANSACTION_COLUMNS,
+)
+from services.adapters.readmodels import transaction_row as _row
 from services.adapters.topics import Topics
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.corrections import record_correction
 from services.core.events import ReportedCharge, UsageCounts, UsageRecorded, decode_priced
 from services.core.pricebook import PriceLookup
 from services.core.rating import rate
+from services.core.rerating import Report, Window
 from services.core.usage import Usage, check_usage
-from services.jobs.reprice import _FACT_COLUMNS, Broker, Report, Window, _where, reprice
+from services.jobs.reprice import Broker, reprice
+from services.jobs.reprice_sources import FACT_COLUMNS, where_of
 from services.local.broker import EmbeddedBroker
-from services.projector.apply import (
-    COST_COLUMNS,
-    COUNT_COLUMNS,
-    SUMMARY_KEY,
-    SUMMARY_VALUES,
-    TRANSACTION_COLUMNS,
-    _row,
-)
+from services.local.postgres import EmbeddedPostgres
 
 BILLING = shutil.which("billing", path=os.path.dirname(sys.executable)) or "billing"
 DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -280,8 +283,8 @@ class Cpu:
 
 async def scan(url: str, window: Window, batch: int, ordered: bool) -> tuple[int, float]:
     """The reference: the re-rate's columns and window through a cursor; (rows, seconds)."""
-    where, args = _where(window)
-    query = f"SELECT {_FACT_COLUMNS} FROM billing_transactions WHERE {where}"  # noqa: S608
+    where, args = where_of(window)
+    query = f"SELECT {FACT_COLUMNS} FROM billing_transactions WHERE {where}"  # noqa: S608
     if ordered:
         query += " ORDER BY occurred_at, request_id"
     started = time.perf_counter()

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import hmac
-import time
-from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
 
-from services.adapters.tenants import authenticate, key_hash
+from services.adapters.tenants import key_hash
+from services.gateway.keys import TenantKey
+from services.gateway.resources import resources_of
 
 
 def require_admin(request: Request) -> None:
     """Allow the request when no admin token is configured or the Bearer token matches."""
-    expected: str | None = request.app.state.admin_token
-    if expected is None:
+    token = resources_of(request).settings.admin_token
+    if token is None:
         return
+    expected = token.get_secret_value()
     header = request.headers.get("authorization", "")
     scheme, _, supplied = header.partition(" ")
     # Compare bytes: compare_digest refuses non-ASCII str, and a header is the client's to send.
@@ -26,33 +27,6 @@ def require_admin(request: Request) -> None:
             detail="a valid admin token is required (Authorization: Bearer ...)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-
-
-@dataclass(frozen=True, slots=True)
-class TenantKey:
-    tenant_id: str
-    key_id: str
-
-
-class KeyCache:
-    """Recent key look-ups, positive and negative, for a few seconds (revocation shows
-    within ``ttl``); bounded so a flood of random keys cannot grow it without limit."""
-
-    def __init__(self, ttl: float = 5.0, max_entries: int = 10_000) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._entries: dict[bytes, tuple[float, TenantKey | None]] = {}
-
-    def get(self, digest: bytes) -> tuple[bool, TenantKey | None]:
-        entry = self._entries.get(digest)
-        if entry is None or entry[0] < time.monotonic():
-            return False, None
-        return True, entry[1]
-
-    def put(self, digest: bytes, value: TenantKey | None) -> None:
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()
-        self._entries[digest] = (time.monotonic() + self.ttl, value)
 
 
 async def require_tenant(request: Request) -> TenantKey:
@@ -79,15 +53,14 @@ def _bearer(request: Request) -> str:
 
 
 async def _tenant_of(request: Request, key: str) -> TenantKey:
-    cache: KeyCache = request.app.state.key_cache
+    resources = resources_of(request)
+    cache = resources.key_cache
     digest = key_hash(key)
     hit, found = cache.get(digest)
     if not hit:
-        pool = getattr(request.app.state, "pool", None)
-        if pool is None:
+        if resources.tenants is None:
             raise HTTPException(503, "no database is configured for API keys")
-        async with pool.acquire() as connection:
-            match = await authenticate(connection, key)
+        match = await resources.tenants.authenticate(key)
         found = TenantKey(*match) if match else None
         cache.put(digest, found)
     if found is None:

@@ -25,12 +25,11 @@ from itertools import islice
 from pathlib import Path
 from typing import TypeAlias
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
-
 from services.adapters import metrics
+from services.adapters.errors import PublishError
+from services.adapters.publisher import EventPublisher
+from services.core.backoff import Backoff
 from services.core.events import UsageRecorded
-from services.gateway.ingest import publish
 from services.gateway.spool import Spool
 
 log = logging.getLogger("billing.emitter")
@@ -44,7 +43,7 @@ Pending: TypeAlias = UsageRecorded | Callable[[], UsageRecorded | None]
 class Emitter:
     def __init__(
         self,
-        producer: Callable[[], AIOKafkaProducer | None],
+        publisher: Callable[[], EventPublisher | None],
         topic: str,
         spool: Spool,
         *,
@@ -53,7 +52,7 @@ class Emitter:
         spool_max_bytes: int = 1 << 30,
         reject_when_full: bool = True,
     ) -> None:
-        self._producer = producer
+        self._publisher = publisher
         self.topic = topic
         self.spool = spool
         self.max_queue = max_queue
@@ -130,14 +129,14 @@ class Emitter:
         return events  # type: ignore[return-value]  # resolved above
 
     async def _publish(self, batch: list[UsageRecorded]) -> bool:
-        producer = self._producer()
-        if producer is None:
+        publisher = self._publisher()
+        if publisher is None:
             self.broker_up = False
             return False
         try:
-            await publish(producer, self.topic, batch, SEND_TIMEOUT_SECONDS)
-        except Exception as exc:  # KafkaError, TimeoutError, or a client bug: spool, don't drop
-            if not isinstance(exc, KafkaError | TimeoutError):
+            await publisher.publish(self.topic, batch, SEND_TIMEOUT_SECONDS)
+        except Exception as exc:  # PublishError, or a client bug: spool, don't drop
+            if not isinstance(exc, PublishError):
                 log.exception("unexpected error sending usage; spooling the batch")
             if self.broker_up:
                 log.warning("broker unavailable (%r): spooling to %s", exc, self.spool.directory)
@@ -149,7 +148,7 @@ class Emitter:
     async def _to_spool(self, batch: list[UsageRecorded]) -> None:
         """Write ``batch`` to the spool, retrying until it is on disk (a full or failing
         disk stops new requests meanwhile: :attr:`accepting` is false)."""
-        delay = 0.5
+        backoff = Backoff()
         while True:
             try:
                 await asyncio.to_thread(self.spool.append, batch)
@@ -157,8 +156,7 @@ class Emitter:
                 if not self.spool_failing:
                     log.error("cannot write the usage spool (%r); refusing new requests", exc)
                 self.spool_failing = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(backoff.next())
                 continue
             if self.spool_failing:
                 log.info("the usage spool is writable again")
@@ -169,7 +167,7 @@ class Emitter:
 
     async def _resend(self) -> None:
         """Re-send spooled segments, oldest first; the first success means the broker is back."""
-        delay = 0.5
+        backoff = Backoff()
         while True:
             await self._spooled.wait()
             self._spooled.clear()
@@ -181,10 +179,9 @@ class Emitter:
                     sent = False
                 if not sent:
                     self._spooled.set()
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    await asyncio.sleep(backoff.next())
                     break
-                delay = 0.5
+                backoff.reset()
                 if not self.broker_up:
                     log.info("broker is back: usage goes to it again")
                 self.broker_up = True
@@ -193,12 +190,12 @@ class Emitter:
         """Send one sealed segment, a batch at a time (never all of it in memory)."""
         batches = self.spool.read(segment, self.batch_max)
         while batch := await asyncio.to_thread(next, batches, None):
-            producer = self._producer()
-            if producer is None:
+            publisher = self._publisher()
+            if publisher is None:
                 return False
             try:
-                await publish(producer, self.topic, batch, SEND_TIMEOUT_SECONDS)
-            except (KafkaError, TimeoutError) as exc:
+                await publisher.publish(self.topic, batch, SEND_TIMEOUT_SECONDS)
+            except PublishError as exc:
                 log.debug("re-sending spool failed: %r", exc)
                 return False
             metrics.INGESTED.inc(len(batch))

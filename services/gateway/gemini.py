@@ -1,9 +1,21 @@
-"""The Gemini-native proxy: ``POST /v1beta/models/{model}:generateContent`` and
+"""The Gemini-native proxy: ``POST .../models/{model}:generateContent`` and
 ``:streamGenerateContent?alt=sse``, billed from ``usageMetadata`` as ``google/{model}``.
+
+Served on every path Google's ``google-genai`` SDK sends to a ``base_url`` (:data:`PATHS`):
+
+- the Gemini API: ``/v1/models/...`` (the SDK's default) and ``/v1beta/models/...``;
+- Vertex AI with a project (``vertexai=True``, credentials whose token is the tenant key):
+  ``/{v1,v1beta1}/projects/{project}/locations/{location}/publishers/google/models/...``;
+- Vertex AI express mode (``vertexai=True`` with an API key):
+  ``/{v1,v1beta1}/publishers/google/models/...``.
+
+The client's API version, project and location only pick the route: they are not
+forwarded, and all of these are billed alike and sent to the one upstream below.
 
 The request goes through the shared forwarder (:func:`services.gateway.proxy.forward`) with
 the :data:`GEMINI` dialect. Where it goes, and with which of the gateway's credentials, is
-decided once from the settings by :func:`gemini_target`; the first case that applies wins:
+decided once from the settings by :func:`services.gateway.gemini_target.gemini_target`;
+the first case that applies wins:
 
 1. ``VERTEX_BASE_URL`` set → ``{base}/v1beta/models/{model}:{action}``, the Gemini API's
    shape (Google's is ``https://generativelanguage.googleapis.com``; the fake upstream
@@ -30,67 +42,35 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import quote
 
-import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from services.adapters.settings import Settings
 from services.core.usage import Usage
-from services.gateway.auth import TenantKey, require_gemini_tenant
-from services.gateway.proxy import Call, Dialect, error, forward, forwarded_headers, parse_body
+from services.gateway.auth import require_gemini_tenant
+from services.gateway.capture import Call, Dialect
+from services.gateway.keys import TenantKey
+from services.gateway.proxy import error, forward, forwarded_headers, parse_body
+from services.gateway.resources import resources_of
 
 router = APIRouter()
 
 ACTIONS = frozenset({"generateContent", "streamGenerateContent"})
+_VERTEX_MODELS = "publishers/google/models/{model_action:path}"
+PATHS = (
+    *(f"/{version}/models/{{model_action:path}}" for version in ("v1", "v1beta")),
+    *(
+        f"/{version}/{scope}{_VERTEX_MODELS}"
+        for version in ("v1", "v1beta1")
+        for scope in ("projects/{project}/locations/{location}/", "")
+    ),
+)
+"""The path templates served (see the module docstring). Other publishers' models and
+tuned-model endpoints are not among them: they stay 404."""
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-@dataclass(frozen=True, slots=True)
-class GeminiTarget:
-    """Where the gateway sends Gemini requests, and with which of its own credentials."""
-
-    models_url: str
-    """Everything before ``/{model}:{action}``."""
-    headers: Mapping[str, str]
-    provider: str
-    """What the billed event names as the provider: ``google-ai-studio`` or ``vertex``."""
-
-    def url(self, model: str, action: str) -> str:
-        return f"{self.models_url}/{model}:{action}"
-
-
-def gemini_target(settings: Settings) -> GeminiTarget | None:
-    """The upstream the settings name (see the module docstring), or ``None`` if none."""
-    secret = settings.vertex_api_key
-    key = secret.get_secret_value() if secret else None
-    json_only = {"content-type": "application/json"}
-    if settings.vertex_base_url:
-        return GeminiTarget(
-            settings.vertex_base_url.rstrip("/") + "/v1beta/models",
-            json_only | ({"x-goog-api-key": key} if key else {}),
-            "google-ai-studio",
-        )
-    if settings.vertex_project:
-        region = quote(settings.vertex_region, safe="")
-        project = quote(settings.vertex_project, safe="")
-        host = ("" if region == "global" else f"{region}-") + "aiplatform.googleapis.com"
-        return GeminiTarget(
-            f"https://{host}/v1/projects/{project}/locations/{region}/publishers/google/models",
-            json_only | ({"authorization": f"Bearer {key}"} if key else {}),
-            "vertex",
-        )
-    if key:
-        return GeminiTarget(
-            "https://aiplatform.googleapis.com/v1/publishers/google/models",
-            json_only | {"x-goog-api-key": key},
-            "vertex",
-        )
-    return None
 
 
 def _usage(document: Mapping[str, Any]) -> Any:
@@ -130,7 +110,6 @@ GEMINI = Dialect(
 _DIALECTS = {"vertex": GEMINI, "google-ai-studio": replace(GEMINI, provider="google-ai-studio")}
 
 
-@router.post("/v1beta/models/{model_action:path}")
 async def generate_content(
     request: Request,
     model_action: str,
@@ -151,7 +130,8 @@ async def generate_content(
     body = parse_body(raw)
     if body is None:
         return error(400, "body must be a JSON object")
-    target: GeminiTarget | None = request.app.state.gemini_target
+    resources = resources_of(request)
+    target = resources.gemini_target
     if target is None:
         return error(
             503,
@@ -159,7 +139,7 @@ async def generate_content(
         )
     dialect = _DIALECTS[target.provider]
     call = Call(key, dialect, f"google/{model}", body, f"req-{uuid.uuid4()}", datetime.now(UTC))
-    client: httpx.AsyncClient = request.app.state.gemini_upstream
+    client = resources.gemini_upstream
     headers = forwarded_headers(request)
     upstream = client.build_request(
         "POST",
@@ -169,3 +149,7 @@ async def generate_content(
         headers=headers | dict(target.headers),
     )
     return await forward(request, call, upstream, client, stream=stream)
+
+
+for _path in PATHS:
+    router.add_api_route(_path, generate_content, methods=["POST"])

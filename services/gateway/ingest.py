@@ -9,7 +9,6 @@ retry is safe because every consumer deduplicates on ``request_id``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -17,19 +16,19 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from services.adapters import metrics
+from services.adapters.errors import DatabaseError, PublishError
 from services.core.errors import BillingError, FieldError
 from services.core.events import ReportedCharge, UsageCounts, UsageRecorded
 from services.core.money import to_decimal
 from services.core.quote import parse_time
 from services.core.usage import ReportedCost, parse_usage
 from services.gateway.auth import require_admin
+from services.gateway.resources import Deps, Resources
 
 log = logging.getLogger("billing.ingest")
 router = APIRouter(dependencies=[Depends(require_admin)])
@@ -54,6 +53,9 @@ ITEM_FIELDS = {
 }
 
 
+REQUIRED = ("request_id", "tenant_id", "provider", "provider_model_id", "usage")
+
+
 class ItemError(FieldError):
     """An ingest item that cannot be recorded."""
 
@@ -65,6 +67,9 @@ def to_event(item: object, now: datetime) -> UsageRecorded:
     unknown = sorted(str(k) for k in item if k not in ITEM_FIELDS)
     if unknown:
         raise ItemError(unknown[0], "is not a field of a usage record")
+    for name in REQUIRED:
+        if item.get(name) is None:
+            raise ItemError(name, "is required")
     fmt = item.get("format")
     if fmt is not None and not isinstance(fmt, str):
         raise ItemError("format", "must be a string")
@@ -100,23 +105,12 @@ def to_event(item: object, now: datetime) -> UsageRecorded:
         raise ItemError(".".join(str(p) for p in first["loc"]), first["msg"]) from None
 
 
-async def publish(
-    producer: AIOKafkaProducer, topic: str, events: list[UsageRecorded], timeout: float
-) -> None:
-    """Send every event and wait until the broker acknowledged all of them."""
-    pending = [
-        await producer.send(topic, e.model_dump_json().encode(), key=e.tenant_id.encode())
-        for e in events
-    ]
-    await asyncio.wait_for(asyncio.gather(*pending), timeout)
-
-
 @router.post("/v1/usage", status_code=202)
-async def ingest(request: Request) -> Any:
+async def ingest(request: Request, resources: Deps) -> Any:
     """Record one usage item or a batch (a JSON array of at most 1,000)."""
-    producer: AIOKafkaProducer | None = getattr(request.app.state, "producer", None)
-    if producer is None:
-        if not request.app.state.broker_configured:
+    publisher = resources.publisher
+    if publisher is None:
+        if not resources.broker_configured:
             raise HTTPException(503, "no broker is configured (set BILLING_KAFKA_BOOTSTRAP)")
         raise HTTPException(
             503,
@@ -132,24 +126,28 @@ async def ingest(request: Request) -> Any:
         raise HTTPException(413, f"at most {MAX_BATCH} items per request, got {len(items)}")
     now = datetime.now(UTC)
     results: list[dict[str, Any]] = []
-    events: list[UsageRecorded] = []
+    accepted: list[tuple[int, UsageRecorded]] = []
     for index, item in enumerate(items):
         try:
-            event = to_event(item, now)
+            accepted.append((index, to_event(item, now)))
         except BillingError as exc:
-            field = exc.field if isinstance(exc, FieldError) else None
-            results.append(
-                {"index": index, "status": "rejected", "error": str(exc), "field": field}
-            )
+            results.append(_rejected(index, exc))
+    unknown = await _unknown_tenants(resources, {e.tenant_id for _, e in accepted})
+    events: list[UsageRecorded] = []
+    for index, event in accepted:
+        if event.tenant_id in unknown:
+            results.append(_rejected(index, _no_tenant(event.tenant_id)))
             continue
         events.append(event)
         results.append({"index": index, "status": "accepted", "request_id": event.request_id})
+    results.sort(key=lambda r: r["index"])
     metrics.INGEST_REJECTED.inc(len(items) - len(events))
     if events:
         try:
-            state = request.app.state
-            await publish(producer, state.topics.usage, events, state.publish_timeout)
-        except (KafkaError, TimeoutError) as exc:
+            await publisher.publish(
+                resources.topics.usage, events, resources.settings.publish_timeout_seconds
+            )
+        except PublishError as exc:
             log.warning("broker unavailable, refusing %d items: %r", len(events), exc)
             raise HTTPException(
                 503,
@@ -161,4 +159,41 @@ async def ingest(request: Request) -> Any:
     return JSONResponse(
         {"accepted": len(events), "rejected": len(items) - len(events), "results": results},
         status_code=status,
+    )
+
+
+def _rejected(index: int, exc: BillingError) -> dict[str, Any]:
+    field = exc.field if isinstance(exc, FieldError) else None
+    return {"index": index, "status": "rejected", "error": str(exc), "field": field}
+
+
+async def _unknown_tenants(resources: Resources, tenant_ids: set[str]) -> set[str]:
+    """The tenants whose usage is refused: none when there is no database (usage is taken
+    as reported) or when unknown tenants are created (``BILLING_UNKNOWN_TENANTS``)."""
+    store = resources.tenants
+    if store is None or not tenant_ids:
+        return set()
+    create = resources.settings.unknown_tenants == "create"
+    try:
+        unknown = await store.unknown(tenant_ids, create=create)
+    except DatabaseError as exc:
+        if create:  # the usage matters more than the tenant row: take it, create it later
+            log.warning("tenants not checked (%s); taking the usage as reported", exc)
+            return set()
+        raise HTTPException(
+            503, "tenants cannot be checked now; retry later", {"Retry-After": "5"}
+        ) from exc
+    if not create:
+        return unknown
+    if unknown:
+        metrics.TENANTS_CREATED.inc(len(unknown))
+        log.info("created tenants %s for the usage reported for them", sorted(unknown))
+    return set()
+
+
+def _no_tenant(tenant_id: str) -> ItemError:
+    return ItemError(
+        "tenant_id",
+        f"no tenant {tenant_id!r} (create it with `billing tenants create`, or set "
+        "BILLING_UNKNOWN_TENANTS=create)",
     )

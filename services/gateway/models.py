@@ -6,11 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
-from services.adapters.pricing_cache import PricingCache
 from services.core.pricebook import PriceBook, prices_in_effect
 from services.gateway.auth import require_tenant
+from services.gateway.resources import Deps
 
 router = APIRouter()
 
@@ -35,7 +35,7 @@ def model_list(book: PriceBook, at: datetime) -> dict[str, Any]:
 
 
 @router.get("/v1/models", dependencies=[Depends(require_tenant)])
-async def list_models(request: Request) -> dict[str, Any]:
-    prices: PricingCache = request.app.state.prices
+async def list_models(resources: Deps) -> dict[str, Any]:
+    prices = resources.prices
     prices.poke()  # a due catalogue refresh or book reload starts in the background
     return model_list(prices.book, datetime.now(UTC))

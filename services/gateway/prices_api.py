@@ -18,6 +18,7 @@ from services.core.corrections import parse_changes, record_correction
 from services.core.errors import QuoteRequestError
 from services.core.quote import parse_time
 from services.gateway.auth import require_admin
+from services.gateway.resources import resources_of
 
 router = APIRouter(prefix="/internal/billing/prices", dependencies=[Depends(require_admin)])
 
@@ -44,7 +45,7 @@ async def correct_price(request: Request) -> Any:
     layer = body.get("layer", "override")
     if layer not in ("override", "catalogue"):
         raise QuoteRequestError("layer", "must be override or catalogue")
-    book = request.app.state.prices.book
+    book = resources_of(request).prices.book
     version, base = await asyncio.to_thread(
         record_correction,
         book,
@@ -63,7 +64,7 @@ async def correct_price(request: Request) -> Any:
 @router.get("/history")
 async def price_history(request: Request, model: str = Query(min_length=1)) -> Any:
     """Every version of ``model``'s price, oldest first, with who, why and when."""
-    book = request.app.state.prices.book
+    book = resources_of(request).prices.book
     versions = sorted(book.history(model), key=lambda v: v.version)
     if not versions:
         raise HTTPException(404, f"no price has ever been recorded for {model}")

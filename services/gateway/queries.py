@@ -16,7 +16,9 @@ from services.adapters.metrics import REPORTED_COST_TOLERANCE
 from services.adapters.readmodels import COST_COLUMNS, COUNT_COLUMNS
 from services.core import money
 from services.core.money import fmt
-from services.gateway.auth import TenantKey, require_admin, require_tenant
+from services.gateway.auth import require_admin, require_tenant
+from services.gateway.keys import TenantKey
+from services.gateway.resources import resources_of
 
 router = APIRouter(prefix="/internal/billing", dependencies=[Depends(require_admin)])
 
@@ -33,7 +35,7 @@ TRANSACTION_FIELDS = ", ".join(
 
 
 def _pool(request: Request) -> asyncpg.Pool:
-    pool = getattr(request.app.state, "pool", None)
+    pool = resources_of(request).pool
     if pool is None:
         raise HTTPException(503, "no database is configured (set BILLING_DATABASE_URL)")
     return pool

@@ -30,6 +30,7 @@ import faust
 from services.adapters import metrics
 from services.adapters.kafka import FETCH_MAX_WAIT_MS
 from services.adapters.pricing_cache import PricingCache
+from services.adapters.publisher import encode
 from services.adapters.topics import Topics, dead_letter_headers
 from services.core.events import Position
 from services.pricer.logic import Incoming, Outcome, price_batch
@@ -99,19 +100,11 @@ def build_app(
         # message (measured 8x slower); faust still flushes the producer before committing.
         produce = app.producer.send
         pending = [
-            await produce(
-                topics.costs, e.tenant_id.encode(), e.model_dump_json().encode(), None, None, None
-            )
-            for e in outcome.priced
+            await produce(topics.costs, *encode(e), None, None, None) for e in outcome.priced
         ]
         for recorded, reason in outcome.unpriced:
-            value = recorded.model_dump_json().encode()
             headers = [("reason", reason.encode())]
-            pending.append(
-                await produce(
-                    topics.unpriced, recorded.tenant_id.encode(), value, None, None, headers
-                )
-            )
+            pending.append(await produce(topics.unpriced, *encode(recorded), None, None, headers))
         for message, reason in outcome.dead:
             p = message.position
             headers = dead_letter_headers(p.topic, p.partition, p.offset, reason)

@@ -38,7 +38,7 @@ from openai import OpenAI
 from services.adapters.database import migrate
 from services.adapters.kafka import ensure_topics
 from services.adapters.readmodels import COST_COLUMNS, COUNT_COLUMNS
-from services.gateway.auth import KeyCache
+from services.gateway.keys import KeyCache
 from tests.conftest import _with_database
 from tests.e2e.test_cli import BILLING, _free_port
 from tests.integration.pipeline import Pipeline

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from services.adapters.settings import Settings
 from services.adapters.topics import Topics
 from services.core.events import UsageRecorded, decode_recorded
-from services.gateway.gemini import gemini_target
+from services.gateway.gemini_target import gemini_target
 from tests.integration.test_ingest import read_all
 from tests.integration.test_proxy import Setup, gateway_before_fake_upstream
 
@@ -132,6 +132,63 @@ def test_bad_requests_are_refused_before_the_upstream(setup: Setup) -> None:
     ok = client.post(f"/v1beta/models/models/{MODEL}:generateContent", json=BODY, headers=auth)
     assert ok.status_code == 200
     assert transport.requests[0].url.path == f"/v1beta/models/{MODEL}:generateContent"
+
+
+SDK_PREFIXES = (  # what google-genai posts to, before {model}:{action} (see test_genai_sdk)
+    "/v1/models",
+    "/v1beta/models",
+    "/v1/projects/acme-ml/locations/us-central1/publishers/google/models",
+    "/v1beta1/projects/acme-ml/locations/global/publishers/google/models",
+    "/v1/publishers/google/models",
+    "/v1beta1/publishers/google/models",
+)
+
+
+@pytest.mark.integration
+def test_every_sdk_path_is_billed_and_sent_like_the_v1beta_route(
+    setup: Setup, kafka_bootstrap: str
+) -> None:
+    client, transport, key, topics = setup
+    ids = []
+    for prefix in SDK_PREFIXES:
+        answer = client.post(
+            f"{prefix}/{MODEL}:generateContent", json=BODY, headers={"x-goog-api-key": key}
+        )
+        assert answer.status_code == 200, (prefix, answer.text)
+        ids.append(answer.headers["x-billing-request-id"])
+
+    events = billed(kafka_bootstrap, topics, len(SDK_PREFIXES))
+    assert set(events) == set(ids)
+    for event in events.values():
+        assert event.provider_model_id == f"google/{MODEL}"
+        assert (event.provider, event.usage_source) == ("google-ai-studio", "upstream")
+        assert event.tenant_id == "acme"
+    # the client's version, project and location pick the route, never the upstream URL
+    assert {str(r.url) for r in transport.requests} == {
+        f"http://gemini.test/v1beta/models/{MODEL}:generateContent"
+    }
+
+
+@pytest.mark.integration
+def test_every_sdk_path_refuses_like_the_v1beta_route(setup: Setup) -> None:
+    client, transport, key, _ = setup
+    auth = {"x-goog-api-key": key}
+    unknown = client.post(f"/v1beta/models/{MODEL}:countTokens", json=BODY, headers=auth)
+    no_sse = client.post(f"/v1beta/models/{MODEL}:streamGenerateContent", json=BODY, headers=auth)
+    for prefix in SDK_PREFIXES:
+        same_404 = client.post(f"{prefix}/{MODEL}:countTokens", json=BODY, headers=auth)
+        assert (same_404.status_code, same_404.json()) == (404, unknown.json())
+        same_400 = client.post(f"{prefix}/{MODEL}:streamGenerateContent", json=BODY, headers=auth)
+        assert (same_400.status_code, same_400.json()) == (400, no_sse.json())
+        assert client.post(f"{prefix}/{MODEL}:generateContent", json=BODY).status_code == 401
+        nested = f"{prefix}/publishers/google/models/{MODEL}:generateContent"
+        assert client.post(nested, json=BODY, headers=auth).status_code == 400
+    # only Google's models are billed as google/{model}: other publishers have no route
+    other = "/v1beta1/projects/p/locations/l/publishers/anthropic/models/claude-x:rawPredict"
+    assert client.post(other, json=BODY, headers=auth).status_code == 404
+    other = "/v1/publishers/anthropic/models/claude-x:generateContent"
+    assert client.post(other, json=BODY, headers=auth).status_code == 404
+    assert transport.requests == []
 
 
 @pytest.mark.integration

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -28,8 +29,10 @@ from services.adapters.tenants import create_key, create_tenant
 from services.adapters.topics import Topics
 from services.core.events import UsageRecorded, decode_recorded
 from services.gateway.app import create_app
-from services.gateway.auth import TenantKey
-from services.gateway.proxy import OPENAI, Call, forward
+from services.gateway.capture import OPENAI, Call
+from services.gateway.keys import TenantKey
+from services.gateway.proxy import forward
+from services.gateway.resources import InFlight
 from services.local.fake_upstream import create_fake_upstream
 from tests.integration.test_ingest import read_all
 
@@ -244,7 +247,10 @@ async def through_forward(
     """One request through ``forward`` to an upstream answered by the function ``upstream``."""
     emitter = CollectingEmitter()
     app = FastAPI()
-    app.state.emitter, app.state.emit_usage = emitter, True
+    # forward() reads only these of the gateway's resources.
+    app.state.resources = SimpleNamespace(
+        emitter=emitter, settings=SimpleNamespace(emit_usage=True), in_flight=InFlight(8)
+    )
     client = httpx.AsyncClient(transport=httpx.MockTransport(upstream), base_url="http://u")
 
     @app.post("/relay")
@@ -344,7 +350,7 @@ def test_past_its_capacity_the_gateway_refuses_at_once_and_recovers(
             kwargs={"json": body, "headers": auth | {"x-fake-latency-ms": "800"}},
         )
         slow.start()
-        in_flight = client.app.state.in_flight  # type: ignore[attr-defined]
+        in_flight = client.app.state.resources.in_flight  # type: ignore[attr-defined]
         for _ in range(100):
             if in_flight.count:
                 break

@@ -32,7 +32,7 @@ def client(seeded: str, tmp_path: Path) -> Iterator[TestClient]:  # noqa: F811
     )
     app = create_app(settings)
     with TestClient(app) as test_client:
-        app.state.key_cache.ttl = 0.2  # revocation visible quickly in the test
+        app.state.resources.key_cache.ttl = 0.2  # revocation visible quickly in the test
         yield test_client
 
 

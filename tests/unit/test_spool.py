@@ -1,4 +1,4 @@
-"""The usage spool and the emitter in front of it, with a fake producer (no broker)."""
+"""The usage spool and the emitter in front of it, with the in-memory publisher (no broker)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from aiokafka.errors import KafkaConnectionError
 
+from services.adapters.publisher import InMemoryPublisher
 from services.core.events import UsageCounts, UsageRecorded, decode_recorded
 from services.core.usage import Usage
 from services.gateway.emitter import Emitter
@@ -100,20 +100,9 @@ def test_one_gateway_owns_a_spool_directory(spool: Spool) -> None:
         other.open()
 
 
-class FakeProducer:
-    """Takes ``send`` like aiokafka's producer; ``down`` makes every send fail."""
-
-    def __init__(self) -> None:
-        self.down = False
-        self.sent: list[UsageRecorded] = []
-
-    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
-        if self.down:
-            raise KafkaConnectionError("broker away")
-        self.sent.append(decode_recorded(value))
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
+def sent(publisher: InMemoryPublisher) -> list[UsageRecorded]:
+    """The usage events the fake broker acknowledged, in order."""
+    return [decode_recorded(value) for value in publisher.values("usage")]
 
 
 async def wait_until(condition: object, timeout: float = 5.0) -> None:
@@ -127,25 +116,25 @@ async def wait_until(condition: object, timeout: float = 5.0) -> None:
 async def test_emitter_sends_while_the_broker_is_up_and_spools_while_it_is_not(
     tmp_path: Path,
 ) -> None:
-    producer = FakeProducer()
-    emitter = Emitter(lambda: producer, "usage", Spool(tmp_path / "spool"))  # type: ignore[arg-type,return-value]
+    publisher = InMemoryPublisher()
+    emitter = Emitter(lambda: publisher, "usage", Spool(tmp_path / "spool"))
     await emitter.start()
     emitter.submit(event(1))
-    await wait_until(lambda: len(producer.sent) == 1)
+    await wait_until(lambda: len(sent(publisher)) == 1)
     assert emitter.spool.empty
 
-    producer.down = True
+    publisher.down = True
     for n in range(2, 12):
         emitter.submit(event(n))
     await wait_until(lambda: emitter.depth == 0 and not emitter.spool.empty)
     assert not emitter.broker_up
-    assert ids(producer.sent) == ["req-1"]
+    assert ids(sent(publisher)) == ["req-1"]
 
-    producer.down = False  # the broker is back: the spool is re-sent, then deleted
+    publisher.down = False  # the broker is back: the spool is re-sent, then deleted
     await wait_until(lambda: emitter.spool.empty, timeout=10)
     emitter.submit(event(12))
-    await wait_until(lambda: len(producer.sent) == 12)
-    assert sorted(ids(producer.sent)) == sorted(f"req-{n}" for n in range(1, 13))
+    await wait_until(lambda: len(sent(publisher)) == 12)
+    assert sorted(ids(sent(publisher))) == sorted(f"req-{n}" for n in range(1, 13))
     await emitter.close()
 
 
@@ -160,11 +149,11 @@ async def test_shutdown_spools_what_it_could_not_send_and_the_next_run_sends_it(
     emitter.submit_later(lambda: None)  # an estimate that failed: nothing to send
     await emitter.close(timeout=0.1)
 
-    producer = FakeProducer()
-    second = Emitter(lambda: producer, "usage", Spool(tmp_path / "spool"))  # type: ignore[arg-type,return-value]
+    publisher = InMemoryPublisher()
+    second = Emitter(lambda: publisher, "usage", Spool(tmp_path / "spool"))
     await second.start()
     await wait_until(lambda: second.spool.empty)
-    assert sorted(ids(producer.sent)) == [f"req-{n}" for n in range(6)]
+    assert sorted(ids(sent(publisher))) == [f"req-{n}" for n in range(6)]
     await second.close()
 
 
@@ -194,15 +183,10 @@ async def test_a_full_queue_refuses_new_work(tmp_path: Path) -> None:
     assert emitter.depth == 4
 
 
-class HangingProducer:
-    """A broker that went away mid-send: ``send`` never returns."""
-
-    async def send(self, topic: str, value: bytes, key: bytes) -> None:
-        await asyncio.sleep(3600)
-
-
 async def test_shutdown_during_a_hanging_send_spools_that_batch(tmp_path: Path) -> None:
-    emitter = Emitter(lambda: HangingProducer(), "usage", Spool(tmp_path / "spool"))  # type: ignore[arg-type,return-value]
+    hanging = InMemoryPublisher()
+    hanging.hang = True  # a broker that went away mid-send: no acknowledgement comes
+    emitter = Emitter(lambda: hanging, "usage", Spool(tmp_path / "spool"))
     await emitter.start()
     emitter.submit(event(1))
     emitter.submit(event(2))
@@ -215,8 +199,8 @@ async def test_shutdown_during_a_hanging_send_spools_that_batch(tmp_path: Path) 
 
 
 async def test_an_estimate_that_raises_costs_only_itself(tmp_path: Path) -> None:
-    producer = FakeProducer()
-    emitter = Emitter(lambda: producer, "usage", Spool(tmp_path / "spool"))  # type: ignore[arg-type,return-value]
+    publisher = InMemoryPublisher()
+    emitter = Emitter(lambda: publisher, "usage", Spool(tmp_path / "spool"))
     await emitter.start()
 
     def broken() -> UsageRecorded:
@@ -225,9 +209,9 @@ async def test_an_estimate_that_raises_costs_only_itself(tmp_path: Path) -> None
     emitter.submit(event(1))
     emitter.submit_later(broken)
     emitter.submit(event(2))
-    await wait_until(lambda: len(producer.sent) == 2)
+    await wait_until(lambda: len(sent(publisher)) == 2)
     emitter.submit(event(3))  # the sender is still alive
-    await wait_until(lambda: len(producer.sent) == 3)
+    await wait_until(lambda: len(sent(publisher)) == 3)
     await emitter.close()
 
 

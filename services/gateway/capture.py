@@ -1,0 +1,210 @@
+"""What an LLM answer carried, as far as billing goes, and the usage event it becomes.
+
+The forwarder (``proxy.py``) passes every answer through a :class:`Seen` (a JSON body) or a
+:class:`StreamReader` (an SSE stream, line by line as it passes) and then calls
+:func:`bill`: the upstream's usage when it reported some, a tokenizer estimate when a
+successful answer carried none, nothing for a failed request without usage. What differs
+between upstream APIs — where usage and text live in a document, the usage format, the
+provider — is a :class:`Dialect`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from services.adapters import metrics
+from services.core.errors import BillingError
+from services.core.events import ReportedCharge, UsageCounts, UsageRecorded
+from services.core.usage import Usage, parse_usage
+from services.gateway.emitter import Emitter
+from services.gateway.keys import TenantKey
+
+log = logging.getLogger("billing.proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How one upstream API carries usage and text."""
+
+    provider: str
+    usage_format: str
+    route: str
+    usage_of: Callable[[Mapping[str, Any]], Any]
+    """The usage object of a body or stream chunk, or ``None`` when it has none."""
+    text_of: Callable[[Mapping[str, Any]], str]
+    """The generated text in a body or stream chunk (for estimating a cut stream)."""
+    estimate: Callable[[str, Mapping[str, Any], str], Usage]
+    """``(model, request body, generated text)`` → estimated usage (runs off the loop)."""
+
+
+def _openai_text(document: Mapping[str, Any]) -> str:
+    parts: list[str] = []
+    for choice in document.get("choices") or ():
+        if not isinstance(choice, Mapping):
+            continue
+        for key in ("delta", "message"):
+            message = choice.get(key)
+            if isinstance(message, Mapping):
+                for field in ("reasoning", "content"):
+                    value = message.get(field)
+                    if isinstance(value, str):
+                        parts.append(value)
+    return "".join(parts)
+
+
+def _estimate_openai(model: str, body: Mapping[str, Any], text: str) -> Usage:
+    from services.gateway.tokens import estimate_usage
+
+    return estimate_usage(model, body, text)
+
+
+OPENAI = Dialect(
+    provider="openrouter",
+    usage_format="openai",
+    route="/v1/chat/completions",
+    usage_of=lambda document: document.get("usage"),
+    text_of=_openai_text,
+    estimate=_estimate_openai,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One proxied request: who asked, for what, and what to send upstream."""
+
+    key: TenantKey
+    dialect: Dialect
+    model: str
+    """The model as the price book names it (``google/…`` for Gemini)."""
+    body: Mapping[str, Any]
+    request_id: str
+    started: datetime
+
+
+def usage_event(call: Call, usage: Any) -> UsageRecorded | None:
+    """The fact to bill from the upstream's usage, or ``None`` (logged and counted) when it
+    cannot be read — the caller estimates instead."""
+    try:
+        parsed = parse_usage({"usage": usage}, call.dialect.usage_format)
+        return _event(call, parsed.usage, parsed.format, ReportedCharge.of(parsed.reported))
+    except (BillingError, ValidationError) as exc:
+        log.error("unreadable usage from upstream for %s (estimating): %s", call.request_id, exc)
+        metrics.UNBILLABLE.labels(reason="unreadable_usage").inc()
+        return None
+
+
+def estimated_event(call: Call, text: str) -> UsageRecorded | None:
+    """The fact to bill when the upstream reported nothing: counted with a tokenizer, or
+    ``None`` (logged and counted) when even that fails."""
+    try:
+        usage = call.dialect.estimate(call.model, call.body, text)
+        return _event(call, usage, "normalised", None, source="estimated")
+    except Exception:
+        log.exception("could not estimate usage for %s: it is not billed", call.request_id)
+        metrics.UNBILLABLE.labels(reason="estimate_failed").inc()
+        return None
+
+
+def _event(
+    call: Call,
+    usage: Usage,
+    usage_format: str,
+    reported: ReportedCharge | None,
+    source: Literal["upstream", "estimated"] = "upstream",
+) -> UsageRecorded:
+    return UsageRecorded(
+        request_id=call.request_id,
+        tenant_id=call.key.tenant_id,
+        api_key_id=call.key.key_id,
+        provider=call.dialect.provider,
+        provider_model_id=call.model,
+        occurred_at=call.started,
+        recorded_at=datetime.now(UTC),
+        usage=UsageCounts.of(usage),
+        usage_source=source,
+        usage_format=usage_format,
+        reported=reported,
+        metadata={"route": call.dialect.route},
+    )
+
+
+@dataclass(slots=True)
+class Seen:
+    """What an answer carried, as far as billing goes."""
+
+    usage: Any = None
+    """The last usage object seen (a stream's final chunk carries it)."""
+    text: list[str] = field(default_factory=list)
+    error: bool = False
+    """An error object came with a 2xx status (some upstreams report failures so)."""
+
+    def observe(self, dialect: Dialect, document: Mapping[str, Any]) -> None:
+        try:
+            usage = dialect.usage_of(document)
+            text = dialect.text_of(document)
+        except (TypeError, AttributeError, ValueError) as exc:  # a malformed chunk
+            log.warning("ignoring a malformed upstream document: %r", exc)
+            return
+        if usage is not None:
+            self.usage = usage
+        if text:
+            self.text.append(text)
+        if document.get("error") is not None:
+            self.error = True
+
+
+class StreamReader:
+    """Follows an SSE stream as it passes, line by line."""
+
+    __slots__ = ("dialect", "tail", "seen")
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.tail = b""
+        self.seen = Seen()
+
+    def feed(self, chunk: bytes) -> None:
+        self.tail += chunk
+        *lines, self.tail = self.tail.split(b"\n")
+        for line in lines:
+            self._line(line)
+
+    def end(self) -> None:
+        if self.tail:
+            self._line(self.tail)
+            self.tail = b""
+
+    def _line(self, line: bytes) -> None:
+        line = line.strip()
+        if not line.startswith(b"data:") or line == b"data: [DONE]":
+            return
+        try:
+            document = json.loads(line[5:], parse_float=Decimal)
+        except ValueError:
+            return
+        if isinstance(document, dict):
+            self.seen.observe(self.dialect, document)
+
+
+def bill(emitter: Emitter, call: Call, seen: Seen, succeeded: bool) -> None:
+    """Bill from the upstream's usage; without readable usage, from an estimate — unless the
+    request failed, or its 2xx answer was an error with nothing generated."""
+    if seen.usage is not None:
+        event = usage_event(call, seen.usage)
+        if event is not None:
+            emitter.submit(event)
+            return
+    elif not succeeded:
+        return  # a failed request is billed only when the upstream reported usage
+    text = "".join(seen.text)
+    if seen.error and not text:
+        return
+    emitter.submit_later(lambda: estimated_event(call, text))

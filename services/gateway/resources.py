@@ -1,0 +1,198 @@
+"""Everything the gateway holds open, in one typed object handed to the routes.
+
+:meth:`Resources.open` opens them in order and closes them in reverse: the database pool,
+the tenant store, the upstream HTTP clients, the usage emitter and its spool, the pricing
+cache, and (in the background, retried while the broker is away) the event publisher.
+Routes receive the object through the :data:`Deps` dependency; nothing else reads
+``app.state``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
+
+import httpx
+from fastapi import Depends, Request
+
+from services.adapters.database import create_pool
+from services.adapters.kafka import make_producer
+from services.adapters.pricing_cache import PricingCache
+from services.adapters.publisher import EventPublisher, KafkaPublisher
+from services.adapters.settings import Settings
+from services.adapters.tenants import PostgresTenantStore, TenantStore
+from services.adapters.topics import Topics
+from services.adapters.wiring import pricing_cache
+from services.core.backoff import Backoff
+from services.gateway import tokens
+from services.gateway.emitter import Emitter
+from services.gateway.gemini_target import GeminiTarget, gemini_target
+from services.gateway.keys import KeyCache
+from services.gateway.spool import Spool
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = logging.getLogger("billing.gateway")
+
+
+@dataclass(slots=True)
+class Resources:
+    """What the routes use; ``publisher`` is ``None`` until the broker is reached."""
+
+    settings: Settings
+    prices: PricingCache
+    topics: Topics
+    emitter: Emitter
+    upstream: httpx.AsyncClient
+    """OpenRouter (or any OpenAI-compatible upstream), with ``base_url`` set."""
+    upstream_headers: dict[str, str]
+    gemini_upstream: httpx.AsyncClient
+    gemini_target: GeminiTarget | None
+    in_flight: InFlight
+    pool: asyncpg.Pool | None = None
+    tenants: TenantStore | None = None
+    publisher: EventPublisher | None = None
+    key_cache: KeyCache = field(default_factory=KeyCache)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @property
+    def broker_configured(self) -> bool:
+        return bool(self.settings.kafka_bootstrap)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        settings: Settings,
+        cache: PricingCache | None = None,
+        upstream_transport: httpx.AsyncBaseTransport | None = None,
+        publisher: EventPublisher | None = None,
+    ) -> AsyncIterator[Resources]:
+        """Open everything (``cache``, ``upstream_transport`` and ``publisher`` replace the
+        real ones in tests), yield, and close it all whatever happens."""
+        prices = cache or pricing_cache(settings)
+        prices.poke()  # the first catalogue refresh starts in the background
+        pool = await create_pool(settings.database_url) if settings.database_url else None
+        # One pooled connection per request in flight: past the default keep-alive limit
+        # (20) every extra response would close its connection and the next open a new one.
+        limits = httpx.Limits(
+            max_connections=settings.max_in_flight,
+            max_keepalive_connections=settings.max_in_flight,
+        )
+        timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=5.0)
+        key = settings.openrouter_api_key
+        topics = Topics.named(settings.topic_prefix)
+        resources: Resources
+        emitter = Emitter(
+            lambda: resources.publisher,
+            topics.usage,
+            Spool(settings.usage_spool_dir),
+            spool_max_bytes=settings.spool_max_bytes,
+            reject_when_full=settings.spool_full_policy == "reject",
+        )
+        resources = cls(
+            settings=settings,
+            prices=prices,
+            topics=topics,
+            emitter=emitter,
+            upstream=httpx.AsyncClient(
+                base_url=settings.openrouter_base_url,
+                timeout=timeout,
+                limits=limits,
+                transport=upstream_transport,
+            ),
+            upstream_headers={"content-type": "application/json"}
+            | ({"authorization": f"Bearer {key.get_secret_value()}"} if key else {}),
+            gemini_upstream=httpx.AsyncClient(
+                timeout=timeout, limits=limits, transport=upstream_transport
+            ),
+            gemini_target=gemini_target(settings),
+            in_flight=InFlight(settings.max_in_flight),
+            pool=pool,
+            tenants=PostgresTenantStore(pool) if pool is not None else None,
+            publisher=publisher,
+        )
+        try:
+            await emitter.start()
+            # Tokenizers for estimated usage load in the background (about half a second).
+            resources._tasks.append(asyncio.create_task(asyncio.to_thread(_warm_tokenizers)))
+            if publisher is None and settings.kafka_bootstrap:
+                resources._tasks.append(
+                    asyncio.create_task(resources._connect(settings.kafka_bootstrap))
+                )
+            yield resources
+        finally:
+            await resources._close()
+
+    async def _connect(self, bootstrap: str) -> None:
+        """Start the Kafka producer, retrying: the gateway serves quotes while the broker
+        is away, and proxied usage goes to the spool meanwhile."""
+        from aiokafka.errors import KafkaError
+
+        backoff = Backoff(0.5, 10.0)
+        while True:
+            producer = make_producer(bootstrap)
+            try:
+                await producer.start()
+            except KafkaError as exc:
+                await producer.stop()
+                delay = backoff.next()
+                log.warning("broker %s unavailable (%r); retrying in %.1fs", bootstrap, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.publisher = KafkaPublisher(producer)
+            log.info("connected to broker %s", bootstrap)
+            return
+
+    async def _close(self) -> None:
+        await self.emitter.close()
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.upstream.aclose()
+        await self.gemini_upstream.aclose()
+        if isinstance(self.publisher, KafkaPublisher):
+            await self.publisher.stop()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+class InFlight:
+    """Counts proxied requests being served, up to a limit (admission control)."""
+
+    __slots__ = ("limit", "count")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def enter(self) -> bool:
+        if self.count >= self.limit:
+            return False
+        self.count += 1
+        return True
+
+    def leave(self) -> None:
+        self.count -= 1
+
+
+def resources_of(request: Request) -> Resources:
+    """The gateway's resources (a FastAPI dependency: use :data:`Deps`)."""
+    resources: Resources = request.app.state.resources
+    return resources
+
+
+Deps = Annotated[Resources, Depends(resources_of)]
+
+
+def _warm_tokenizers() -> None:
+    try:
+        tokens.warm()
+    except Exception:  # estimates will fail (and say so) per request; serving goes on
+        log.exception("tokenizers for estimated usage could not be loaded")
