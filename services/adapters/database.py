@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,23 @@ async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
         return await asyncpg.connect(url, **kwargs)
     except (OSError, asyncpg.PostgresError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
+@asynccontextmanager
+async def connection_to(
+    url: str, *, migrated: bool = False, codecs: bool = False
+) -> AsyncIterator[asyncpg.Connection]:
+    """One connection for a command or a job, closed whatever happens; ``migrated`` applies
+    pending migrations first, ``codecs`` installs :func:`init_connection`'s codecs."""
+    if migrated:
+        await migrate(url)
+    connection = await connect(url)
+    try:
+        if codecs:
+            await init_connection(connection)
+        yield connection
+    finally:
+        await connection.close()
 
 
 async def init_connection(connection: asyncpg.Connection) -> None:

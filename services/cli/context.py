@@ -8,8 +8,9 @@ A ``billing up`` running on the same data dir is found through its state file
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -20,7 +21,11 @@ from services.core.pricebook import PriceBook
 from services.local.state import StackState, read_state
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from services.adapters.settings import Settings
+
+T = TypeVar("T")
 
 # Settings (pydantic), the HTTP client and the web stack are imported by the commands that
 # need them: ``billing quote --batch`` starts in a fraction of the time without them.
@@ -143,3 +148,24 @@ def add_data_dir_option(group: click.Group, skip: frozenset[str] = frozenset()) 
             add_data_dir_option(command, skip)
         elif not any(p.name == "data_dir" for p in command.params):
             command.params.append(data_dir_option())
+
+
+def on_database(
+    url: str,
+    work: Callable[[asyncpg.Connection], Awaitable[T]],
+    *,
+    migrated: bool = True,
+    codecs: bool = False,
+) -> T:
+    """Run ``work(connection)`` on one connection to ``url`` (migrated first unless told
+    otherwise) in a fresh event loop: the connect / try / close / ``asyncio.run`` of every
+    command that talks to the database."""
+    import asyncio
+
+    from services.adapters.database import connection_to
+
+    async def run() -> T:
+        async with connection_to(url, migrated=migrated, codecs=codecs) as connection:
+            return await work(connection)
+
+    return asyncio.run(run())

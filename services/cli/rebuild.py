@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from typing import Any
 
 import click
 
-from services.cli.context import Context
+from services.cli.context import Context, on_database
 from services.jobs.rebuild import RebuildReport, rebuild
 from services.jobs.rebuild_tables import RebuildError
 
@@ -70,7 +69,6 @@ def rebuild_cmd(
     import asyncpg
     from aiokafka.errors import KafkaError
 
-    from services.adapters.database import connect, init_connection, migrate
     from services.adapters.errors import DatabaseError
     from services.adapters.topics import Topics
 
@@ -81,26 +79,20 @@ def rebuild_cmd(
     topic = Topics.named(settings.topic_prefix).costs
     bar = _Bar() if sys.stderr.isatty() else None
 
-    async def run() -> RebuildReport:
-        await migrate(url)
-        connection = await connect(url)
-        try:
-            await init_connection(connection)
-            return await rebuild(
-                bootstrap,
-                connection,
-                topic,
-                dry_run=dry_run,
-                keep_old=keep_old,
-                idle_seconds=idle_seconds,
-                lock_timeout=lock_timeout,
-                progress=bar,
-            )
-        finally:
-            await connection.close()
+    async def run(connection: asyncpg.Connection) -> RebuildReport:
+        return await rebuild(
+            bootstrap,
+            connection,
+            topic,
+            dry_run=dry_run,
+            keep_old=keep_old,
+            idle_seconds=idle_seconds,
+            lock_timeout=lock_timeout,
+            progress=bar,
+        )
 
     try:
-        report = asyncio.run(run())
+        report = on_database(url, run, codecs=True)
     except (
         RebuildError,
         DatabaseError,

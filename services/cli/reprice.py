@@ -92,15 +92,12 @@ def reprice_cmd(
     url = settings.database_url
 
     async def run() -> Any:
-        from services.adapters.database import connect
+        from services.adapters.database import connection_to
 
         total = None
         if source == "db" and sys.stderr.isatty():
-            connection = await connect(url)
-            try:
+            async with connection_to(url) as connection:
                 total = await count_in_db(connection, window)
-            finally:
-                await connection.close()
         with _progress(total, "re-rating") as bar:
             return await reprice(
                 url,

@@ -11,16 +11,13 @@ from typing import Any
 import click
 
 from services.adapters.errors import DatabaseError
-from services.cli.context import Context
+from services.cli.context import Context, on_database
 
 # The database driver is imported by the commands: ``billing quote --batch`` stays fast.
 
 
 def _with_database(obj: Context, work: Any) -> Any:
     """Run ``work(connection)`` against the configured database (migrated first)."""
-    import asyncio
-
-    from services.adapters.database import connect, migrate
     from services.adapters.tenants import TenantError
 
     url = obj.settings.database_url
@@ -30,16 +27,8 @@ def _with_database(obj: Context, work: Any) -> Any:
             f"({obj.data_dir}): tenants and keys live in its database"
         )
 
-    async def run() -> Any:
-        await migrate(url)
-        connection = await connect(url)
-        try:
-            return await work(connection)
-        finally:
-            await connection.close()
-
     try:
-        return asyncio.run(run())
+        return on_database(url, work)
     except (TenantError, DatabaseError) as exc:
         raise click.ClickException(str(exc)) from exc
 

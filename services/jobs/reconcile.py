@@ -59,14 +59,11 @@ async def fetch_totals(
     ``ReconcileError`` saying what is wrong."""
     import asyncpg  # here: the CLI imports this module, and asyncpg is slow to load
 
-    from services.adapters.database import connect
+    from services.adapters.database import connection_to
 
     try:
-        connection = await connect(database_url)
-        try:
+        async with connection_to(database_url) as connection:
             return await our_totals(connection, start, end, tenant, provider)
-        finally:
-            await connection.close()
     except DatabaseError as exc:
         raise ReconcileError(str(exc)) from None
     except asyncpg.UndefinedTableError:
