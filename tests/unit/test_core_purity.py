@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from tests.unit.test_layers import library_roots
 
 FORBIDDEN = {"faust", "aiokafka", "asyncpg", "fastapi", "httpx", "uvicorn", "starlette", "click"}
 CORE = Path(__file__).resolve().parents[2] / "services" / "core"
 
 
-def _imported_roots(path: Path) -> set[str]:
-    roots: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            roots.add(node.module.split(".")[0])
-    return roots
-
-
 @pytest.mark.parametrize("path", sorted(CORE.rglob("*.py")), ids=lambda p: p.name)
 def test_core_module_imports_no_framework(path: Path) -> None:
-    assert not (_imported_roots(path) & FORBIDDEN)
+    assert not (library_roots(path) & FORBIDDEN)
 
 
 def test_the_check_sees_every_core_module() -> None:

@@ -96,7 +96,8 @@ LIBRARIES_KEPT_OUT = {
 """Libraries of another layer's job: the CLI's (click), the web server's, the pricer's."""
 
 
-def _library_roots(path: Path) -> set[str]:
+def library_roots(path: Path) -> set[str]:
+    """The top-level names a file imports (``aiokafka`` for ``from aiokafka.errors import``)."""
     roots: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -109,7 +110,7 @@ def _library_roots(path: Path) -> set[str]:
 @pytest.mark.parametrize("layer", sorted(LIBRARIES_KEPT_OUT))
 def test_layers_keep_out_other_layers_libraries(layer: str) -> None:
     wrong = {
-        str(path.relative_to(SERVICES)): sorted(_library_roots(path) & LIBRARIES_KEPT_OUT[layer])
+        str(path.relative_to(SERVICES)): sorted(library_roots(path) & LIBRARIES_KEPT_OUT[layer])
         for path in sorted((SERVICES / layer).rglob("*.py"))
     }
     assert {name: libs for name, libs in wrong.items() if libs} == {}
