@@ -5,7 +5,11 @@ AdapterError                 root of this package's exceptions
 ├── CatalogueUnavailable     the live model catalogue could not be fetched or read
 ├── PriceBookCorrupt         the price-book file holds a line that cannot be read
 ├── DatabaseError            PostgreSQL cannot be reached, started or migrated
-└── PublishError             the broker did not acknowledge every event of a publish
+├── PublishError             the broker did not acknowledge every event of a publish
+├── TopicSetupFailed         (kafka.py) topics could not be created as asked
+└── TenantError              (tenants.py) a tenant or key operation that cannot be done
+
+The local stack's ``BrokerError`` (``services.local.broker``) derives from it too.
 """
 
 from __future__ import annotations

@@ -59,10 +59,11 @@ PROXY_REFUSED = Counter(
     ["reason"],
 )
 
-# Reconciliation (services/jobs/reconcile.py): the projector checks every request it
-# inserts for the first time against the charge the upstream reported (revisions are not
-# checked again, so each request counts once; GET /internal/billing/drift reads the current
-# revisions). Observed only after the batch committed: a retried batch counts once.
+# Per-request reconciliation (the monthly one is `billing reconcile`): the projector
+# checks every request it inserts for the first time against the charge the upstream
+# reported (revisions are not checked again, so each request counts once; GET
+# /internal/billing/drift reads the current revisions). Observed only after the batch
+# committed: a retried batch counts once.
 REPORTED_COST_TOLERANCE = Decimal("0.0001")
 """|computed - reported| below this (USD) counts as "within" (as README's accuracy figures)."""
 REPORTED_COST_CHECKED = Counter(

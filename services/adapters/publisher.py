@@ -4,7 +4,7 @@ Every event of this system is keyed by its ``tenant_id`` (one tenant's events st
 on one partition, so a quota service keeps running totals without merging partitions) and
 carried as its JSON document. :func:`encode` says that once; :class:`EventPublisher` is the
 port the gateway, the jobs and the tests use, with a Kafka adapter and an in-memory fake
-that behave alike (both tested by tests/unit/test_publisher.py).
+that behave alike (one contract suite runs on both: tests/integration/test_ports.py).
 """
 
 from __future__ import annotations

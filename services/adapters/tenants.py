@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
@@ -15,7 +16,7 @@ import asyncpg
 from services.adapters.errors import AdapterError, DatabaseError
 
 KEY_PREFIX = "bk_"
-_TENANT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_TENANT = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
 
 
 class TenantError(AdapterError):
@@ -35,8 +36,13 @@ def key_hash(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def valid_tenant_id(tenant_id: str) -> bool:
+    """1-63 of a-z 0-9 . _ - (lower case), starting with a letter or digit."""
+    return _TENANT.match(tenant_id) is not None
+
+
 async def create_tenant(connection: asyncpg.Connection, tenant_id: str) -> None:
-    if not _TENANT.match(tenant_id):
+    if not valid_tenant_id(tenant_id):
         raise TenantError(f"{tenant_id!r}: a tenant id is 1-63 of a-z 0-9 . _ - (lower case)")
     done = await connection.execute(
         "INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING", tenant_id
@@ -111,8 +117,10 @@ class PostgresTenantStore:
     """:class:`TenantStore` over a pool; known tenant ids are remembered (a tenant is never
     deleted), so a batch of usage for known tenants costs no round trip."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, timeout: float = 2.0) -> None:
         self.pool = pool
+        self.timeout = timeout
+        """Seconds a look-up may take (a slow database must not stall ingest)."""
         self._known: set[str] = set()
 
     async def authenticate(self, key: str) -> tuple[str, str] | None:
@@ -124,8 +132,9 @@ class PostgresTenantStore:
         if not asked:
             return set()
         try:
-            return await self._unknown(asked, create)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            async with asyncio.timeout(self.timeout):
+                return await self._unknown(asked, create)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise DatabaseError(f"cannot look up tenants: {exc!r}") from exc
 
     async def _unknown(self, asked: set[str], create: bool) -> set[str]:

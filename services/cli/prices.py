@@ -1,9 +1,9 @@
-"""``billing prices …`` and ``billing reprice``: recording, inspecting and applying prices.
+"""``billing prices …``: recording and inspecting prices.
 
-The ``prices`` group (sync, override, set, history, list, show) records and reads price
-versions in the price book; ``reprice`` re-rates past usage at the prices now in effect.
-Both are added to ``main`` in ``services.cli.main``, which also uses ``_load_json`` from
-here for ``billing quote``; nothing here imports ``cli`` at run time, so there is no cycle.
+The group (sync, override, set, history, list, show) records and reads price versions in
+the price book (``billing reprice``, in ``services.cli.reprice``, applies them to past
+usage). ``services.cli.main`` adds it and also uses ``_load_json`` from here for
+``billing quote``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import click
 from services.adapters.errors import CatalogueUnavailable
 from services.core.corrections import parse_changes, record_correction
 from services.core.errors import BillingError
-from services.core.money import fmt
+from services.core.money import fmt, product
 from services.core.pricebook import prices_in_effect
 from services.core.pricing import parse_pricing
 from services.core.quote import error_json, parse_time
@@ -199,7 +199,7 @@ def prices_history(obj: Context, model: str, as_json: bool) -> None:
         p = v.pricing
         click.echo(
             f"{v.version:>7} {v.layer:<9} {v.effective_from_iso:<25} "
-            f"{fmt(p.prompt * million):>9} {fmt(p.completion * million):>9} "
+            f"{fmt(product(p.prompt, million)):>9} {fmt(product(p.completion, million)):>9} "
             f"{v.recorded_at.isoformat(timespec='seconds'):<25} {v.source:<24} {v.reason}"
         )
 
@@ -213,9 +213,12 @@ def prices_list(obj: Context, at: str | None) -> None:
     million = Decimal(1_000_000)
     click.echo(f"{'model':<48} {'$/M in':>10} {'$/M out':>10} {'version':>8}  effective from")
     for v in prices_in_effect(obj.book, when):
-        p = v.pricing
+        per_m_in, per_m_out = (
+            fmt(product(v.pricing.prompt, million)),
+            fmt(product(v.pricing.completion, million)),
+        )
         click.echo(
-            f"{v.model:<48} {fmt(p.prompt * million):>10} {fmt(p.completion * million):>10} "
+            f"{v.model:<48} {per_m_in:>10} {per_m_out:>10} "
             f"{v.version:>8}  {v.effective_from.isoformat()}"
         )
 

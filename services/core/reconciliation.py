@@ -62,8 +62,9 @@ class Line:
     @property
     def off(self) -> bool:
         """More than ``tolerance_pct`` away from theirs (any difference when theirs is 0)."""
-        allowed = product(self.tolerance_pct, abs(self.theirs or ZERO))
-        return product(abs(self.difference), 100) > allowed
+        # copy_abs, not abs(): abs() rounds to the current context's 28 digits.
+        allowed = product(self.tolerance_pct, (self.theirs or ZERO).copy_abs())
+        return product(self.difference.copy_abs(), 100) > allowed
 
     @property
     def status(self) -> str:

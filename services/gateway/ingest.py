@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from services.adapters import metrics
 from services.adapters.errors import DatabaseError, PublishError
+from services.adapters.tenants import valid_tenant_id
 from services.core.errors import BillingError, FieldError
 from services.core.events import ReportedCharge, UsageCounts, UsageRecorded
 from services.core.money import to_decimal
@@ -136,7 +137,7 @@ async def ingest(request: Request, resources: Deps) -> Any:
     events: list[UsageRecorded] = []
     for index, event in accepted:
         if event.tenant_id in unknown:
-            results.append(_rejected(index, _no_tenant(event.tenant_id)))
+            results.append(_rejected(index, _no_tenant(event.tenant_id, resources)))
             continue
         events.append(event)
         results.append({"index": index, "status": "accepted", "request_id": event.request_id})
@@ -169,31 +170,37 @@ def _rejected(index: int, exc: BillingError) -> dict[str, Any]:
 
 async def _unknown_tenants(resources: Resources, tenant_ids: set[str]) -> set[str]:
     """The tenants whose usage is refused: none when there is no database (usage is taken
-    as reported) or when unknown tenants are created (``BILLING_UNKNOWN_TENANTS``)."""
+    as reported); else ids no tenant can have, and, unless unknown tenants are created
+    (``BILLING_UNKNOWN_TENANTS``), ids that are not tenants."""
     store = resources.tenants
     if store is None or not tenant_ids:
         return set()
     create = resources.settings.unknown_tenants == "create"
+    invalid = {t for t in tenant_ids if not valid_tenant_id(t)}  # never a tenant: refused
     try:
-        unknown = await store.unknown(tenant_ids, create=create)
+        unknown = await store.unknown(tenant_ids - invalid, create=create)
     except DatabaseError as exc:
         if create:  # the usage matters more than the tenant row: take it, create it later
             log.warning("tenants not checked (%s); taking the usage as reported", exc)
-            return set()
+            return invalid
         raise HTTPException(
             503, "tenants cannot be checked now; retry later", {"Retry-After": "5"}
         ) from exc
     if not create:
-        return unknown
+        return unknown | invalid
     if unknown:
         metrics.TENANTS_CREATED.inc(len(unknown))
         log.info("created tenants %s for the usage reported for them", sorted(unknown))
-    return set()
+    return invalid
 
 
-def _no_tenant(tenant_id: str) -> ItemError:
-    return ItemError(
-        "tenant_id",
-        f"no tenant {tenant_id!r} (create it with `billing tenants create`, or set "
-        "BILLING_UNKNOWN_TENANTS=create)",
-    )
+def _no_tenant(tenant_id: str, resources: Resources) -> ItemError:
+    if not valid_tenant_id(tenant_id):
+        return ItemError(
+            "tenant_id",
+            f"{tenant_id!r:.80} cannot be a tenant id (1-63 of a-z 0-9 . _ -, lower case)",
+        )
+    hint = "create it with `billing tenants create`"
+    if resources.settings.unknown_tenants == "reject":
+        hint += ", or set BILLING_UNKNOWN_TENANTS=create"
+    return ItemError("tenant_id", f"no tenant {tenant_id!r} ({hint})")

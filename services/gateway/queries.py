@@ -226,9 +226,7 @@ async def drift(
         f" FROM billing_transactions WHERE {condition} GROUP BY model",
         *args,
     )
-    rows = sorted(
-        rows, key=lambda r: (-abs(money.difference(r["computed"], r["reported"])), r["model"])
-    )
+    rows = sorted(rows, key=lambda r: (_gap(r).copy_abs().copy_negate(), r["model"]))
     overall = _drift_group(
         {key: sum(r[key] for r in rows) for key in _DRIFT_COUNTS}
         | {key: money.total(r[key] for r in rows) for key in _DRIFT_SUMS}

@@ -1,8 +1,10 @@
 """Everything the gateway holds open, in one typed object handed to the routes.
 
-:meth:`Resources.open` opens them in order and closes them in reverse: the database pool,
-the tenant store, the upstream HTTP clients, the usage emitter and its spool, the pricing
-cache, and (in the background, retried while the broker is away) the event publisher.
+:meth:`Resources.open` opens the pricing cache (its first refresh starts in the
+background), the database pool and tenant store, the upstream HTTP clients, the usage
+emitter and its spool, and (in the background, retried while the broker is away) the event
+publisher; on the way out the emitter sends or spools what it holds before anything else
+is closed.
 Routes receive the object through the :data:`Deps` dependency; nothing else reads
 ``app.state``.
 """
@@ -59,6 +61,8 @@ class Resources:
     publisher: EventPublisher | None = None
     key_cache: KeyCache = field(default_factory=KeyCache)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _own_publisher: bool = False
+    """Whether ``publisher`` was made here (and is stopped here) or handed in."""
 
     @property
     def broker_configured(self) -> bool:
@@ -146,6 +150,7 @@ class Resources:
                 await asyncio.sleep(delay)
                 continue
             self.publisher = KafkaPublisher(producer)
+            self._own_publisher = True
             log.info("connected to broker %s", bootstrap)
             return
 
@@ -157,7 +162,7 @@ class Resources:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.upstream.aclose()
         await self.gemini_upstream.aclose()
-        if isinstance(self.publisher, KafkaPublisher):
+        if self._own_publisher and isinstance(self.publisher, KafkaPublisher):
             await self.publisher.stop()
         if self.pool is not None:
             await self.pool.close()

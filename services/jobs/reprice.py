@@ -37,8 +37,9 @@ Progress = Callable[[int], None]
 AppliedProgress = Callable[[int, int], None]
 """Told (applied, expected) while waiting for the projector."""
 SEND_TIMEOUT_SECONDS = 60.0
-"""A chunk of revisions not acknowledged by then fails the run (``PublishError``); the
-next run refuses to start until the projector applied what did arrive."""
+"""A chunk of revisions not acknowledged by then fails the run (``PublishError``). The
+chunk was already counted as emitted, so the next run refuses to start until the projector
+has applied that many; revisions that never reached the log keep it refusing (see README)."""
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -115,14 +116,17 @@ async def reprice(
                 pairs = chunk
             revised = rerate_all(pairs, book, priced_at, tagged, report)
             if producer is not None and broker is not None and revised:
-                await KafkaPublisher(producer).publish(
-                    broker.costs_topic, revised, SEND_TIMEOUT_SECONDS
-                )
+                # Counted before sending: a chunk that fails may still reach the log (the
+                # producer flushes on stop), and the next run must wait for it rather than
+                # reuse its revision numbers (the projector would keep these, not its own).
                 report.emitted += len(revised)
                 await connection.execute(
                     "UPDATE reprice_runs SET emitted = $2 WHERE run_id = $1",
                     report.run_id,
                     report.emitted,
+                )
+                await KafkaPublisher(producer).publish(
+                    broker.costs_topic, revised, SEND_TIMEOUT_SECONDS
                 )
             if progress is not None:
                 progress(len(chunk))

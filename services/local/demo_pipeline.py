@@ -17,7 +17,7 @@ import click
 import httpx
 
 from services.core.catalogue import apply_catalogue, default_catalogue
-from services.core.money import fmt
+from services.core.money import difference, fmt, total
 from services.core.pricebook import InMemoryPriceBook
 from services.core.quote import quote
 
@@ -120,7 +120,8 @@ def _expected(items: list[dict[str, Any]]) -> dict[str, Decimal]:
     totals: dict[str, Decimal] = dict.fromkeys(TENANTS, Decimal(0))
     for item in items:
         answer = quote(item, book)
-        totals[item["tenant_id"]] += Decimal(answer["breakdown"]["total_cost"])
+        cost = Decimal(answer["breakdown"]["total_cost"])
+        totals[item["tenant_id"]] = total((totals[item["tenant_id"]], cost))
     return totals
 
 
@@ -135,7 +136,7 @@ def _totals(client: httpx.Client) -> dict[str, dict[str, Any]]:
 
 def _added(before: dict[str, Any], after: dict[str, Any], key: str) -> Any:
     if key.endswith("_cost"):
-        return Decimal(after[key]) - Decimal(before[key])
+        return difference(Decimal(after[key]), Decimal(before[key]))
     return int(after[key]) - int(before[key])
 
 

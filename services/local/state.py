@@ -2,20 +2,23 @@
 
 ``billing up`` writes it once the stack is ready and removes it when it stops; the CLI reads
 it so that a command run beside the stack, on the same data dir, uses the stack's database
-and broker without any ``BILLING_*`` variable. A file whose process is gone (the stack was
-killed) is ignored. Standard library only: every CLI command reads it, ``billing quote
---batch`` included.
+and broker without any ``BILLING_*`` variable. A file whose stack is gone (killed: its
+process is dead, or nothing holds the data dir's lock) is ignored. Standard library only:
+every CLI command reads it, ``billing quote --batch`` included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STATE_FILE = "stack.json"
+LOCK_FILE = "up.lock"
+"""Held (flock) by the running ``billing up`` for as long as it lives."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +34,10 @@ class StackState:
 
 def state_path(data_dir: Path) -> Path:
     return data_dir / STATE_FILE
+
+
+def lock_path(data_dir: Path) -> Path:
+    return data_dir / LOCK_FILE
 
 
 def write_state(data_dir: Path, state: StackState) -> Path:
@@ -55,7 +62,7 @@ def read_state(data_dir: Path) -> StackState | None:
         state = StackState(**document)
     except (OSError, ValueError, TypeError):
         return None
-    return state if _alive(state.pid) else None
+    return state if _alive(state.pid) and _locked(data_dir) else None
 
 
 def remove_state(data_dir: Path, pid: int) -> None:
@@ -68,6 +75,22 @@ def remove_state(data_dir: Path, pid: int) -> None:
         return
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def _locked(data_dir: Path) -> bool:
+    """Whether a ``billing up`` holds the data dir's lock: a pid alone can be reused by
+    another process after a crash or a reboot."""
+    try:
+        handle = lock_path(data_dir).open("a")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # held exclusively: the stack is up
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def _alive(pid: object) -> bool:

@@ -40,7 +40,14 @@ from services.adapters.settings import Settings
 from services.adapters.topics import Topics
 from services.local.broker import EmbeddedBroker
 from services.local.postgres import EmbeddedPostgres
-from services.local.state import StackState, read_state, remove_state, state_path, write_state
+from services.local.state import (
+    StackState,
+    lock_path,
+    read_state,
+    remove_state,
+    state_path,
+    write_state,
+)
 
 RESTART_BACKOFF_MAX = 10.0
 GATEWAY_HOST = "127.0.0.1"
@@ -191,18 +198,20 @@ class Stack:
         """Shell lines giving other tools (and other shells) the stack's addresses."""
         if self.state is None:
             return []
-        values = {
-            "BILLING_DATA_DIR": self.state.data_dir,
-            "BILLING_DATABASE_URL": self.state.database_url,
-            "BILLING_KAFKA_BOOTSTRAP": self.state.kafka_bootstrap,
-        }
+        values = {"BILLING_DATA_DIR": self.state.data_dir}
+        # What the stack started itself; a database or broker given in the environment is
+        # already there (and its URL may hold a password: not echoed to the terminal).
+        if not self.settings.database_url:
+            values["BILLING_DATABASE_URL"] = self.state.database_url
+        if not self.settings.kafka_bootstrap:
+            values["BILLING_KAFKA_BOOTSTRAP"] = self.state.kafka_bootstrap
         if self.state.topic_prefix:
             values["BILLING_TOPIC_PREFIX"] = self.state.topic_prefix
         return [f"export {name}={shlex.quote(value)}" for name, value in values.items()]
 
     def _lock_data_dir(self) -> None:
         """One stack per data directory: a second would fight over ports and files."""
-        lock_file = (self.data_dir / "up.lock").open("w")
+        lock_file = lock_path(self.data_dir).open("w")
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -72,8 +72,8 @@ async def apply_batch(
             await store_offsets(connection, consumer, offsets)
     observe_reported_drift(batch.drifts)  # after the commit: a retried batch counts once
     # Fenced-out events count as duplicates too: they were applied by an earlier batch.
-    duplicates = len(events) - batch.inserted - batch.revised
-    return BatchResult(batch.inserted, batch.revised, duplicates)
+    fenced = len(events) - len(fresh)
+    return BatchResult(batch.inserted, batch.revised, batch.duplicates + fenced)
 
 
 async def _lock_rows(connection: asyncpg.Connection, request_ids: set[str]) -> dict[str, Row]:

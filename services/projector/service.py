@@ -135,7 +135,7 @@ class Projector:
                 reason = f"undecodable UsagePriced: {exc}"[:1000]
                 await _dead_letter(producer, self.topics.dlq, record, reason)
         metrics.BATCH_SIZE.labels("projector").observe(len(records))
-        backoff = Backoff(0.2, self.retry_max_seconds)
+        backoff = Backoff(min(0.2, self.retry_max_seconds), self.retry_max_seconds)
         while True:
             started = time.perf_counter()
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import httpx
 import pytest
 
 from services.cli.context import Context
-from services.local.state import StackState, read_state, write_state
+from services.local.state import StackState, lock_path, read_state, write_state
 from tests.conftest import OWN_FIXTURES
 
 pytestmark = pytest.mark.e2e
@@ -410,6 +411,11 @@ def test_the_state_of_a_running_stack_completes_the_settings(
     tmp_path.mkdir(exist_ok=True)
     _write_state(tmp_path, os.getpid(), "postgresql://stack@127.0.0.1:9/billing")
     assert (tmp_path / "stack.json").stat().st_mode & 0o077 == 0  # may hold a password
+    # A live pid is not enough (pids are reused after a crash): the stack holds its lock.
+    assert read_state(tmp_path) is None
+    lock = lock_path(tmp_path).open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as `billing up` does
+    assert read_state(tmp_path) is not None
     settings = Context(tmp_path).settings
     assert settings.database_url == "postgresql://stack@127.0.0.1:9/billing"
     assert (settings.kafka_bootstrap, settings.topic_prefix) == ("127.0.0.1:9", "stack-")
@@ -420,6 +426,8 @@ def test_the_state_of_a_running_stack_completes_the_settings(
     assert settings.database_url == "postgresql://env@127.0.0.1:9/billing"
     assert (settings.kafka_bootstrap, settings.topic_prefix) == ("127.0.0.1:9", "")
     assert Context(tmp_path).env_settings.kafka_bootstrap is None  # what `billing up` uses
+    lock.close()
+    assert read_state(tmp_path) is None  # the stack is gone
 
 
 def test_a_stale_state_file_is_ignored(tmp_path: Path) -> None:

@@ -3,9 +3,12 @@ client gets for missing fields, and the error shape of routes FastAPI answers it
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import pytest
@@ -88,6 +91,49 @@ async def test_unknown_tenants_are_rejected_by_name(tmp_path: Path, url: str) ->
     assert alone.status_code == 422
     assert [decode_recorded(v).request_id for v in publisher.values()] == ["r1", "r3"]
     assert await tenant_ids(url) == {"acme"}
+
+
+async def test_ids_no_tenant_can_have_are_refused_when_tenants_are_kept(
+    tmp_path: Path, url: str
+) -> None:
+    client, publisher = gateway(tmp_path, url, "create")
+    with client:
+        answer = client.post("/v1/usage", json=[item("r1", "Big Corp"), item("r2", "acme")])
+    body = answer.json()
+    assert (body["accepted"], body["rejected"]) == (1, 1)
+    assert body["results"][0]["field"] == "tenant_id"
+    assert "cannot be a tenant id" in body["results"][0]["error"]
+    assert await tenant_ids(url) == {"acme"}
+    assert [decode_recorded(v).request_id for v in publisher.values()] == ["r2"]
+
+
+async def test_a_database_that_does_not_answer_does_not_stall_ingest(
+    tmp_path: Path, url: str
+) -> None:
+    """With tenants created on the fly, usage is taken when the look-up fails or hangs."""
+    client, publisher = gateway(tmp_path, url, "create")
+    with client:
+        store = client.app.state.resources.tenants  # type: ignore[attr-defined]
+        store.timeout = 0.2
+        pool = store.pool
+        store.pool = SimpleNamespace(acquire=_Hanging)  # no connection ever comes
+        started = time.monotonic()
+        answer = client.post("/v1/usage", json=item("r9", "newco"))
+        elapsed = time.monotonic() - started
+        store.pool = pool
+    assert answer.status_code == 202 and answer.json()["accepted"] == 1
+    assert elapsed < 3
+    assert [decode_recorded(v).request_id for v in publisher.values()] == ["r9"]
+
+
+class _Hanging:
+    """A pool connection that never comes (a database that stopped answering)."""
+
+    async def __aenter__(self) -> None:
+        await asyncio.sleep(30)
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
 
 
 @pytest.fixture

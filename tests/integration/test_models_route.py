@@ -52,6 +52,19 @@ def test_the_openai_sdk_lists_the_priced_models(
     assert "google/gemini-2.5-flash" in by_id
 
 
+def test_the_openai_sdk_retrieves_one_model_or_gets_404(
+    gateway: tuple[TestClient, str, InMemoryPriceBook],
+) -> None:
+    client, key, book = gateway
+    sdk = openai.OpenAI(api_key=key, base_url="http://testserver/v1", http_client=client)
+    gpt = sdk.models.retrieve("openai/gpt-4o")
+    assert (gpt.id, gpt.owned_by) == ("openai/gpt-4o", "openai")
+    assert (gpt.model_extra or {})["pricing"] == dict(book.lookup("openai/gpt-4o").pricing_json)
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("nobody/no-such-model")
+    assert client.get("/v1/models/openai/gpt-4o").status_code == 401  # a key is required
+
+
 def test_a_tenant_key_is_required(gateway: tuple[TestClient, str, InMemoryPriceBook]) -> None:
     client, _, _ = gateway
     assert client.get("/v1/models").status_code == 401

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.adapters.database import connect, create_pool, migrate
 from services.adapters.errors import PublishError
@@ -113,6 +113,21 @@ async def test_kafka_publisher_turns_a_timeout_into_publish_error(kafka_bootstra
     try:
         with pytest.raises(PublishError):
             await KafkaPublisher(producer).publish("any", [event(1, "acme")], timeout=0)
+    finally:
+        await producer.stop()
+
+
+async def test_kafka_publisher_turns_a_broker_refusal_into_publish_error(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A record the client refuses to send (larger than it may send): a KafkaError."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=64)
+    await producer.start()
+    try:
+        with pytest.raises(PublishError, match="MessageSizeTooLarge"):
+            await KafkaPublisher(producer).publish(
+                f"{topic_prefix}usage", [event(1, "acme")], timeout=10
+            )
     finally:
         await producer.stop()
 

@@ -128,3 +128,13 @@ def test_quote_drift_is_exact() -> None:
     )
     assert answer["breakdown"]["total_cost"] == "1.000000000000000000000000000007"
     assert answer["drift"] == "1.000000000000000000000000000006"
+
+
+def test_reconciliation_tolerance_is_exact_past_28_digits() -> None:
+    """1% of 100 is 1: a difference of 1.000…001 (33 digits) is off, exactly 1 is not."""
+    from services.core.reconciliation import Line
+
+    over = Line("m", Decimal("101.000000000000000000000000000001"), Decimal(100), Decimal(1))
+    assert over.off and over.status == "OFF"
+    at = Line("m", Decimal(101), Decimal(100), Decimal(1))
+    assert not at.off
