@@ -475,6 +475,60 @@ async def serve_canned(port: int) -> None:
     await server.serve_forever()
 
 
+# -- the minimal forwarder (the reference for the gateway's CPU per request) -------------------
+
+
+def forwarder_app(upstream: str) -> Any:
+    """A minimal forwarder on the gateway's own stack (uvicorn, httpx to the upstream): a raw
+    ASGI app that reads the body, sends it upstream and passes the answer back chunk by chunk
+    — no auth, no billing, no framework. What the gateway costs beyond it is its own work."""
+    state: dict[str, httpx.AsyncClient] = {}
+    headers = {"content-type": "application/json"}
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    state["client"] = httpx.AsyncClient(base_url=upstream, limits=limits)
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await state["client"].aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        client = state["client"]
+        request = client.build_request("POST", "/chat/completions", content=body, headers=headers)
+        answer = await client.send(request, stream=True)
+        try:
+            relayed = [
+                (name.encode(), answer.headers[name].encode())
+                for name in ("content-type", "content-length")
+                if name in answer.headers
+            ]
+            await send({"type": "http.response.start", "status": answer.status_code,
+                        "headers": relayed})  # fmt: skip
+            async for chunk in answer.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            await answer.aclose()
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+def serve_forwarder(port: int, upstream: str) -> None:
+    import uvicorn
+
+    uvicorn.run(forwarder_app(upstream), host=HOST, port=port, log_level="warning")
+
+
 # -- the processes -----------------------------------------------------------------------------
 
 
@@ -620,6 +674,7 @@ class Targets:
     gateway2: int
     quiet: int  # the gateway with emission off
     canned: int
+    forwarder: int  # the minimal forwarder (the CPU-per-request reference)
     key: str
 
 
@@ -628,14 +683,16 @@ class Bench:
         self.args, self.stack, self.targets = args, stack, targets
         t = targets
         self.names = {t.upstream: "upstream", t.gateway: "gateway", t.gateway2: "gateway2",
-                      t.quiet: "quiet", t.canned: "canned"}  # fmt: skip
+                      t.quiet: "quiet", t.canned: "canned",
+                      t.forwarder: "forwarder"}  # fmt: skip
         self.billed: list[str] = []  # request ids answered 200 by an emitting gateway
         self.results: dict[str, Phase] = {}
         self.low: dict[str, float] = {}  # the sustainable rate, per kind
         self.profiles: dict[str, Path] = {}
+        self.cpu: dict[str, tuple[Phase, float]] = {}  # key: (phase, CPU ms per request)
 
     def request(self, port: int, stream: bool) -> bytes:
-        if port in (self.targets.upstream, self.targets.canned):
+        if port in (self.targets.upstream, self.targets.canned, self.targets.forwarder):
             return http_request("/api/v1/chat/completions", stream)
         return http_request("/v1/chat/completions", stream, self.targets.key)
 
@@ -707,6 +764,33 @@ class Bench:
         finally:
             pool.close()
 
+    async def cpu_per_request(
+        self, key: str, name: str, port: int, stream: bool, rate: float, seconds: float
+    ) -> Phase:
+        """CPU milliseconds the server on ``port`` spends per answered request at a rate
+        it sustains (its own process only: the upstream's CPU is not counted)."""
+        request, pool = self.request(port, stream), Pool(port, MAX_CONNECTIONS)
+        pid, phase = self.stack.pids[self.names[port]], Phase(name)
+        try:
+            warm = Phase("warm-up")
+            await open_loop(pool, request, rate, 1.0, warm)
+            await asyncio.sleep(0.3)
+            profile = self.profile(key, port, seconds)
+            before, started = cpu_seconds(pid), time.monotonic()
+            await open_loop(pool, request, rate, seconds, phase)
+            await asyncio.sleep(0.3)  # the emitter's last batch after the last answer
+            used = cpu_seconds(pid) - before
+            phase.cpu = {self.names[port]: used / (time.monotonic() - started)}
+            if profile is not None:
+                profile.wait()
+        finally:
+            pool.close()
+        self.stack.check_alive()
+        if self.emitting([port]):
+            self.billed += warm.request_ids + phase.request_ids
+        self.cpu[key] = (phase, 1000 * used / max(1, phase.ok))
+        return phase
+
     def profile(self, key: str, port: int, seconds: float) -> subprocess.Popen[bytes] | None:
         """py-spy on the emitting gateway during its fixed-rate phases (``--py-spy``)."""
         if not self.args.py_spy or port != self.targets.gateway:
@@ -716,6 +800,41 @@ class Bench:
         argv = [self.args.py_spy, "record", "--format", "raw", "--rate", "200", "--nonblocking",
                 "-d", str(int(seconds)), "-o", str(out), "-p", pid]  # fmt: skip
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def run_cpu_phases(bench: Bench) -> None:
+    """CPU per request at a fixed rate every target sustains: the fake upstream alone, the
+    minimal forwarder, the gateway (emission on)."""
+    t, a = bench.targets, bench.args
+    targets = (("direct", "direct upstream", t.upstream),
+               ("forwarder", "minimal forwarder", t.forwarder),
+               ("gateway", "gateway, emission on", t.gateway))  # fmt: skip
+    for stream, kind in ((False, "json"), (True, "sse")):
+        for mode, name, port in targets:
+            key = f"cpu-{mode}-{kind}"
+            print(f"{key} …", end=" ", flush=True)
+            phase = await bench.cpu_per_request(
+                key, f"{name}, {kind.upper()}", port, stream, a.cpu_rate, a.cpu_seconds
+            )
+            errors = sum(phase.errors.values())
+            print(f"{phase.rate:,.0f}/s, {bench.cpu[key][1]:.2f} ms CPU/request, {errors} errors")
+
+
+def report_cpu(bench: Bench) -> None:
+    a = bench.args
+    print(f"\nCPU per request: open loop at {a.cpu_rate:,.0f} req/s for {a.cpu_seconds:.0f} s "
+          f"(after 1 s warm-up); the server's own process, ms of CPU per answered request\n"
+          f"  {'':<42}{'req/s':>8}{'errors':>7}{'p50':>8}{'p99':>8}{'CPU ms':>8}")  # fmt: skip
+    for phase, ms in bench.cpu.values():
+        errors = sum(phase.errors.values())
+        print(f"  {phase.name:<42}{phase.rate:>8,.0f}{errors:>7}{cell(phase.ms(0.5))}"
+              f"{cell(phase.ms(0.99))}{ms:>8.2f}")  # fmt: skip
+    print(f"\n{'measurement':<46}{'project':>10}{'reference':>11}{'ratio':>7}  goal")
+    for kind in ("json", "sse"):
+        mine, ref = bench.cpu[f"cpu-gateway-{kind}"][1], bench.cpu[f"cpu-forwarder-{kind}"][1]
+        label = f"CPU ms/request, gateway, {kind.upper()}"
+        print(f"{label:<46}{mine:>10.2f}{ref:>11.2f}{mine / ref:>7.2f}  [minimal forwarder] "
+              f"<= 1.0 ms {verdict(mine <= 1.0)}, <= 3x {verdict(mine <= 3 * ref)}")  # fmt: skip
 
 
 async def run_phases(bench: Bench) -> None:
@@ -959,7 +1078,8 @@ async def main(args: argparse.Namespace) -> None:
         broker.start()
         run_id = secrets.token_hex(3)
         prefixes = {"on": f"bench-gw-{run_id}-on.", "off": f"bench-gw-{run_id}-off."}
-        ports = {p: free_port() for p in ("upstream", "gateway", "gateway2", "quiet", "canned")}
+        names = ("upstream", "gateway", "gateway2", "quiet", "canned", "forwarder")
+        ports = {p: free_port() for p in names}
         stack.env = {**os.environ, "BILLING_KAFKA_BOOTSTRAP": broker.bootstrap,
                      "BILLING_DATABASE_URL": urlunsplit(urlsplit(base)._replace(path=f"/{name}")),
                      "BILLING_DATA_DIR": str(workdir), "BILLING_CATALOGUE_SYNC": "false",
@@ -974,6 +1094,9 @@ async def main(args: argparse.Namespace) -> None:
                                  "--latency-ms", str(LATENCY_MS),
                                  "--completion-tokens", str(TOKENS)])  # fmt: skip
         stack.start("canned", [sys.executable, __file__, "--canned-server", str(ports["canned"])])
+        upstream_url = f"http://{HOST}:{ports['upstream']}/api/v1"
+        stack.start("forwarder", [sys.executable, __file__, "--forwarder", str(ports["forwarder"]),
+                                  "--upstream", upstream_url])  # fmt: skip
         for gateway in ("gateway", "gateway2", "quiet"):
             mode = "off" if gateway == "quiet" else "on"
             stack.start(gateway, [BILLING, "gateway", "--port", str(ports[gateway])],
@@ -981,6 +1104,8 @@ async def main(args: argparse.Namespace) -> None:
                         BILLING_SPOOL_DIR=str(workdir / f"spool-{gateway}"),
                         BILLING_EMIT_USAGE="false" if mode == "off" else "true")  # fmt: skip
         await stack.ready("upstream", f"http://{HOST}:{ports['upstream']}/docs")
+        await stack.ready("forwarder", f"http://{HOST}:{ports['forwarder']}/chat/completions",
+                          "POST", b'{"model": "openai/gpt-4o-mini", "messages": []}')  # fmt: skip
         for gateway in ("gateway", "gateway2", "quiet"):
             await stack.ready(gateway, f"http://{HOST}:{ports[gateway]}/readyz")
         bench = Bench(args, stack, Targets(**ports, key=key))
@@ -988,9 +1113,16 @@ async def main(args: argparse.Namespace) -> None:
         print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs (load average "
               f"{load:.1f} at start); fake upstream {LATENCY_MS} ms to first byte, {TOKENS} "
               f"completion tokens; broker Tansu {broker.bootstrap}; database {name}")  # fmt: skip
-        await run_phases(bench)
+        await run_cpu_phases(bench)
+        if not args.cpu_only:
+            await run_phases(bench)
         usage = await verify(bench, broker.bootstrap, prefixes)
-        report(bench, usage)
+        if not args.cpu_only:
+            report(bench, usage)
+        report_cpu(bench)
+        print(f"usage events: {usage['answered']:,} answered 200 by the emitting gateways, "
+              f"{usage['events']:,} on their topic: lost {usage['lost']}, duplicates "
+              f"{usage['duplicates']}")  # fmt: skip
         if args.keep:
             print(f"(logs and profiles kept in {workdir})")
     finally:
@@ -1016,8 +1148,18 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=64, help="closed-loop connections")
     parser.add_argument("--py-spy", help="path of py-spy: profile the gateway at fixed rates")
     parser.add_argument("--keep", action="store_true", help="keep the logs and profiles")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="only the CPU-per-request phases (~1 min)")  # fmt: skip
+    parser.add_argument("--cpu-rate", type=float, default=200.0,
+                        help="req/s of the CPU-per-request phases")  # fmt: skip
+    parser.add_argument("--cpu-seconds", type=float, help="seconds per such phase (10)")
     parser.add_argument("--canned-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--forwarder", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
+    if arguments.forwarder:
+        serve_forwarder(arguments.forwarder, arguments.upstream)
+        sys.exit(0)
     if arguments.canned_server:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_canned(arguments.canned_server))
@@ -1027,6 +1169,7 @@ if __name__ == "__main__":
     arguments.low_duration = arguments.low_duration or (5.0 if quick else 20.0)
     arguments.seconds = arguments.seconds or (3.0 if quick else 8.0)
     arguments.warmup = arguments.warmup or (1.0 if quick else 2.0)
+    arguments.cpu_seconds = arguments.cpu_seconds or (5.0 if quick else 10.0)
     try:
         asyncio.run(main(arguments))
     except KeyboardInterrupt:

@@ -53,6 +53,10 @@ RESENT = Counter("billing_spool_resent_events_total", "Spooled usage events the 
 SPOOL_REJECTED = Counter(
     "billing_spool_rejected_lines_total", "Spool lines that did not decode (kept in rejected.jsonl)"
 )
+PROXY_RETRIED = Counter(
+    "billing_proxy_retried_total",
+    "Proxied requests re-sent on a new connection: their pooled one had been closed upstream",
+)
 PROXY_REFUSED = Counter(
     "billing_proxy_refused_total",
     "Proxy requests refused with 503: the usage spool is full, or the gateway at capacity",

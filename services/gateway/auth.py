@@ -11,8 +11,9 @@ from services.gateway.keys import TenantKey
 from services.gateway.resources import resources_of
 
 
-def require_admin(request: Request) -> None:
-    """Allow the request when no admin token is configured or the Bearer token matches."""
+async def require_admin(request: Request) -> None:
+    """Allow the request when no admin token is configured or the Bearer token matches (a
+    coroutine, though it awaits nothing: FastAPI runs a plain function in a thread)."""
     token = resources_of(request).settings.admin_token
     if token is None:
         return

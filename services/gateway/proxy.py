@@ -137,7 +137,7 @@ async def _send(
 ) -> Response:
     emitter = resources.emitter
     try:
-        response = await client.send(upstream, stream=True)
+        response = await _open(resources, call, upstream, client)
     except httpx.TimeoutException:
         return error(504, "upstream timed out")
     except httpx.TransportError as exc:
@@ -186,6 +186,49 @@ async def _send(
                 await response.aclose()
 
     return StreamingResponse(relay(), status_code=response.status_code, headers=headers)
+
+
+class _Connection:
+    """Whether a request went out on a connection the pool already had (httpcore's trace)."""
+
+    __slots__ = ("opened", "used")
+
+    def __init__(self) -> None:
+        self.opened = self.used = False
+
+    async def trace(self, event: str, _: object) -> None:
+        if event.startswith("connection.connect_tcp"):
+            self.opened = True
+        elif event.startswith("http11.send_request_headers"):
+            self.used = True
+
+    @property
+    def reused(self) -> bool:
+        return self.used and not self.opened
+
+
+STALE = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+"""How a pooled connection the upstream has closed fails before any byte of an answer."""
+
+
+async def _open(
+    resources: Resources, call: Call, upstream: httpx.Request, client: httpx.AsyncClient
+) -> httpx.Response:
+    """Send ``upstream`` and wait for the answer's head. A reused keep-alive connection that
+    fails before any byte of the answer (the upstream closed it while idle: the request never
+    reached the model) is retried once on a new connection; a connect error or a failure
+    after the answer began is not."""
+    connection = _Connection()
+    upstream.extensions["trace"] = connection.trace
+    try:
+        return await client.send(upstream, stream=True)
+    except STALE as exc:
+        if not connection.reused:
+            raise
+        log.info("retrying %s on a new connection: %r", call.request_id, exc)
+    metrics.PROXY_RETRIED.inc()
+    del upstream.extensions["trace"]
+    return await resources.fresh_upstream.send(upstream, stream=True)
 
 
 def forwarded_headers(request: Request) -> dict[str, str]:
