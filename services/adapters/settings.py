@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     topic_prefix: str = ""
     """Prepended to every topic name (keeps pipelines apart on one broker)."""
     partitions: int = Field(default=6, ge=1, le=1000)
+    pricer_processes: int = Field(default=1, ge=1, le=64)
+    """How many pricer processes ``billing up`` runs (one consumer group: they share the
+    usage topic's partitions, so more than ``partitions`` would leave some idle)."""
     publish_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long ingest waits for the broker's acknowledgement before answering 503."""
     upstream_timeout_seconds: float = Field(default=120.0, gt=0)

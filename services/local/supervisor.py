@@ -3,7 +3,8 @@
 The broker (embedded Tansu unless ``BILLING_KAFKA_BOOTSTRAP``) and PostgreSQL (embedded
 ``pgserver`` unless ``BILLING_DATABASE_URL``) are started first; migrations are applied and
 the topics created; then gateway, pricer and projector run as child processes, each logging
-to ``<data-dir>/logs/<name>.log`` and restarted (with backoff) if it dies. Ctrl-C or SIGTERM
+to ``<data-dir>/logs/<name>.log`` and restarted (with backoff) if it dies
+(``BILLING_PRICER_PROCESSES`` pricers share the usage topic's partitions). Ctrl-C or SIGTERM
 stops the children, then what was started for them.
 
 Before anything starts, the data dir is locked (one stack per data dir) and every port the
@@ -119,6 +120,27 @@ class Stack:
             ("gateway", GATEWAY_HOST, self.port),
             ("pricer metrics", metrics, self.port + 1),
             ("projector metrics", metrics, self.port + 2),
+            *(
+                (f"pricer {n} metrics", metrics, self.pricer_metrics_port(n))
+                for n in range(2, self.settings.pricer_processes + 1)
+            ),
+        ]
+
+    def pricer_metrics_port(self, n: int) -> int:
+        """Pricer 1 serves metrics on port + 1, pricer n ≥ 2 on port + n + 1 (after the
+        projector's port + 2)."""
+        return self.port + 1 if n == 1 else self.port + n + 1
+
+    def pricers(self) -> list[Child]:
+        """``BILLING_PRICER_PROCESSES`` pricers in one consumer group (partitions shared)."""
+        return [
+            Child(
+                "pricer" if n == 1 else f"pricer-{n}",
+                ["pricer", "--log-level", "warning"],
+                self.logs / ("pricer.log" if n == 1 else f"pricer-{n}.log"),
+                env={"BILLING_METRICS_PORT": str(self.pricer_metrics_port(n))},
+            )
+            for n in range(1, self.settings.pricer_processes + 1)
         ]
 
     def claim(self) -> None:
@@ -167,12 +189,7 @@ class Stack:
         }
         self.children = [
             Child("gateway", ["gateway", "--port", str(self.port)], self.logs / "gateway.log"),
-            Child(
-                "pricer",
-                ["pricer", "--log-level", "warning"],
-                self.logs / "pricer.log",
-                env={"BILLING_METRICS_PORT": str(self.port + 1)},
-            ),
+            *self.pricers(),
             Child(
                 "projector",
                 ["projector"],
@@ -322,6 +339,9 @@ def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> Non
             f"metrics     pricer http://127.0.0.1:{stack.port + 1}/metrics, "
             f"projector http://127.0.0.1:{stack.port + 2}/metrics"
         )
+        for n in range(2, stack.settings.pricer_processes + 1):
+            port = stack.pricer_metrics_port(n)
+            stack.echo(f"            pricer {n} http://127.0.0.1:{port}/metrics")
         stack.echo(f"logs        {stack.logs}")
         stack.echo(
             f"state       {state_path(stack.data_dir)} (billing commands given this "
