@@ -13,7 +13,7 @@ Old versions are brought forward by :func:`upcast` before validation.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -21,15 +21,20 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
+    StringConstraints,
+    TypeAdapter,
     ValidationError,
     WithJsonSchema,
     model_validator,
+    with_config,
 )
+from typing_extensions import TypedDict
 
 from services.core.cost import CostBreakdown
 from services.core.errors import UsageError
@@ -241,10 +246,140 @@ def decode_recorded(value: bytes) -> UsageRecorded:
 
 def decode_priced(value: bytes) -> UsagePriced:
     """Decode a ``billing.costs.v1`` message."""
+    if isinstance(value, bytes | bytearray | str) and (event := _decode_priced_plain(value)):
+        return event
     return _decode(UsagePriced, value)
 
 
+# -- the plain path ------------------------------------------------------------------------------
+# The projector decodes every UsagePriced of the log, and pydantic calling the model's Python
+# validators (per money field, timestamp, identifier, and the usage check) is most of that
+# work. Events as this pipeline writes them (every field present, money as plain decimal
+# strings) are validated by _PlainPriced, a schema pydantic-core checks natively, then built
+# without validating again. It accepts a strict subset of what the model accepts: anything
+# else (an older version, unusual but valid spellings, invalid input) takes the full decode,
+# which raises for invalid input. A test holds the two paths equal.
+
+_PLAIN_MONEY = r"^-?\d{1,9}(\.\d{0,30})?$"  # what money.to_decimal takes by its spelling alone
+_NO_NUL = r"^[^\x00]*$"
+_Plain = Annotated[str, StringConstraints(pattern=_PLAIN_MONEY)]
+_Id = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=_NO_NUL)]
+_Int = Annotated[int, Field(strict=True)]
+_STRICT = ConfigDict(extra="forbid")
+
+
+@with_config(_STRICT)
+class _PlainCounts(TypedDict):
+    prompt_tokens: Count
+    uncached_input_tokens: Count
+    cache_read_tokens: Count
+    cache_write_tokens: Count
+    cache_write_1h_tokens: Count
+    completion_tokens: Count
+    reasoning_tokens: Count
+    web_search_requests: Count
+    images: Count
+    requests: Count
+
+
+@with_config(_STRICT)
+class _PlainCharge(TypedDict):
+    cost: _Plain | None
+    upstream_inference_cost: _Plain | None
+    is_byok: Annotated[bool, Field(strict=True)]
+
+
+@with_config(_STRICT)
+class _PlainBreakdown(TypedDict):
+    prompt_cost: _Plain
+    cache_read_cost: _Plain
+    cache_write_cost: _Plain
+    completion_cost: _Plain
+    internal_reasoning_cost: _Plain
+    request_cost: _Plain
+    web_search_cost: _Plain
+    image_cost: _Plain
+    total_cost: _Plain
+
+
+@with_config(_STRICT)
+class _PlainPriced(TypedDict):
+    event_type: Literal["UsagePriced"]
+    schema_version: Literal[1]
+    request_id: _Id
+    tenant_id: _Id
+    api_key_id: _Id | None
+    provider: _Id
+    provider_model_id: _Id
+    model: _Id
+    occurred_at: AwareDatetime
+    recorded_at: AwareDatetime
+    usage: _PlainCounts
+    usage_source: Literal["upstream", "estimated"]
+    reported: _PlainCharge | None
+    metadata: Annotated[
+        dict[
+            Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=_NO_NUL)],
+            Annotated[str, StringConstraints(max_length=2048, pattern=_NO_NUL)],
+        ],
+        Field(max_length=64),
+    ]
+    breakdown: _PlainBreakdown
+    total_cost: _Plain
+    currency: Literal["USD"]
+    price_version: _Int
+    pricing_tier: dict[str, _Int] | None
+    revision: Annotated[int, Field(ge=1, strict=True)]
+    priced_at: AwareDatetime
+    previous_total_cost: _Plain
+    delta_cost: _Plain
+    reason: Annotated[str, StringConstraints(max_length=1000, pattern=_NO_NUL)]
+
+
+_PLAIN_PRICED: Final = TypeAdapter(_PlainPriced)
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _built(model: type[_F], fields: Mapping[str, Any]) -> _F:
+    """``model`` holding ``fields`` (already checked), as ``model_validate`` would build it."""
+    built = _new(model)
+    _set(built, "__dict__", fields)
+    _set(built, "__pydantic_fields_set__", set(fields))
+    _set(built, "__pydantic_extra__", None)
+    _set(built, "__pydantic_private__", None)
+    return built
+
+
+def _decode_priced_plain(value: bytes) -> UsagePriced | None:
+    """The event, if ``value`` is a current-version UsagePriced in the plain spelling."""
+    try:
+        doc: dict[str, Any] = _PLAIN_PRICED.validate_json(value)  # type: ignore[assignment]
+    except ValidationError:
+        return None
+    counts = doc["usage"]
+    try:
+        check_usage(Usage(**counts))
+    except UsageError:
+        return None
+    doc["usage"] = _built(UsageCounts, counts)
+    doc["breakdown"] = _built(
+        Breakdown, {name: Decimal(text) for name, text in doc["breakdown"].items()}
+    )
+    if (reported := doc["reported"]) is not None:
+        for name in ("cost", "upstream_inference_cost"):
+            if reported[name] is not None:
+                reported[name] = Decimal(reported[name])
+        doc["reported"] = _built(ReportedCharge, reported)
+    for name in ("total_cost", "previous_total_cost", "delta_cost"):
+        doc[name] = Decimal(doc[name])
+    for name in ("occurred_at", "recorded_at", "priced_at"):
+        doc[name] = doc[name].astimezone(UTC)
+    return _built(UsagePriced, doc)
+
+
 _E = TypeVar("_E", UsageRecorded, UsagePriced)
+_F = TypeVar("_F", bound=BaseModel)
 
 EVENT_TYPES: Final[dict[str, type[BaseModel]]] = {
     "UsageRecorded": UsageRecorded,

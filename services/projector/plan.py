@@ -112,6 +112,12 @@ def plan(existing: Mapping[str, Row], events: Iterable[UsagePriced]) -> Plan:
 
 def _add(deltas: dict[SummaryKey, list[Any]], key: SummaryKey, values: Row, sign: int) -> None:
     """Add (``sign`` +1) or subtract (−1) one row's values at ``key``; in the exact context."""
-    current = deltas.setdefault(key, [0] * len(COUNT_COLUMNS) + [Decimal(0)] * len(COST_COLUMNS))
-    for index, value in enumerate(values):
-        current[index] += sign * value
+    current = deltas.get(key)
+    if current is None:
+        current = deltas[key] = [0] * len(COUNT_COLUMNS) + [Decimal(0)] * len(COST_COLUMNS)
+    if sign > 0:  # no sign * value: that is one more Decimal operation per column
+        for index, value in enumerate(values):
+            current[index] += value
+    else:
+        for index, value in enumerate(values):
+            current[index] -= value

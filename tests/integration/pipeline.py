@@ -131,7 +131,7 @@ async def wait_for_count(pipeline: Pipeline, count: int, timeout: float = 90.0) 
                 f"{done}/{count} projected in {timeout}s\n--- pricer\n{pipeline.log('pricer')}"
                 f"\n--- projector\n{pipeline.log('projector')}"
             )
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.1)
 
 
 class FlakyProxy:

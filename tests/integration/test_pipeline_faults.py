@@ -56,11 +56,13 @@ async def test_every_event_three_times_shuffled_is_billed_once(
 async def test_pricer_and_projector_killed_mid_stream_lose_and_double_nothing(
     pipeline: Pipeline, snapshot_book: InMemoryPriceBook
 ) -> None:
-    items = facts(4000, seed=9)
+    # Enough that both are still busy when the first rows show (each does >10k events/s),
+    # and killed at the first sign of progress.
+    items = facts(30_000, seed=9)
     await produce(pipeline.bootstrap, pipeline.topics.usage, encoded(items))
     pipeline.start("pricer")
     pipeline.start("projector")
-    await wait_for_count(pipeline, 300)
+    await wait_for_count(pipeline, 1)
     pipeline.kill("pricer")  # SIGKILL: no graceful commit, batches in flight
     pipeline.kill("projector")
     done, _, _ = await billed_totals(pipeline.database_url)
