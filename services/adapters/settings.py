@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     """How long ingest waits for the broker's acknowledgement before answering 503."""
     upstream_timeout_seconds: float = Field(default=120.0, gt=0)
     """How long the proxy waits on the LLM upstream (long generations take minutes)."""
+    gateway_workers: int = Field(default=1, ge=1, le=64)
+    """Gateway processes sharing its port (``billing gateway --workers``; ``billing up``
+    passes it on). Each worker takes its own spool directory (below ``spool_dir``) and,
+    with more than one, metrics are gathered across them (Prometheus multiprocess mode)."""
     max_in_flight: int = Field(default=512, ge=1)
     """Proxied requests one gateway process serves at once; beyond it new ones get 503 at
     once (overload is refused, not queued until everything is slow). Also the size of the

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -84,14 +86,60 @@ def topics_cmd(obj: Context) -> None:
 @click.command("gateway")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Processes sharing the port (default $BILLING_GATEWAY_WORKERS, else 1).",
+)
 @click.pass_obj
-def gateway_cmd(obj: Context, host: str, port: int) -> None:
-    """Run the gateway HTTP service (quote API)."""
+def gateway_cmd(obj: Context, host: str, port: int, workers: int | None) -> None:
+    """Run the gateway HTTP service: the proxies, ingest, quotes and the billing queries."""
     import uvicorn
 
     from services.gateway.app import create_app
 
-    uvicorn.run(create_app(obj.settings), host=host, port=port, log_level="info")
+    settings = obj.settings
+    workers = workers or settings.gateway_workers
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        return
+    # Each worker is a fresh interpreter that builds its app from the environment: hand it
+    # what this process resolved (the data dir, a running stack's addresses, the count).
+    os.environ.update(_worker_environment(settings, workers))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_fresh_metrics_dir(settings.data_dir, port))
+    uvicorn.run(
+        "services.gateway.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+    )
+
+
+def _worker_environment(settings: Settings, workers: int) -> dict[str, str]:
+    values = {
+        "BILLING_DATA_DIR": str(settings.data_dir.resolve()),
+        "BILLING_GATEWAY_WORKERS": str(workers),
+        "BILLING_TOPIC_PREFIX": settings.topic_prefix,
+        "BILLING_SPOOL_DIR": str(settings.usage_spool_dir.resolve()),
+    }
+    if settings.database_url:
+        values["BILLING_DATABASE_URL"] = settings.database_url
+    if settings.kafka_bootstrap:
+        values["BILLING_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+    return values
+
+
+def _fresh_metrics_dir(data_dir: Path, port: int) -> Path:
+    """An empty directory for the workers' metric files (stale files would be summed in)."""
+    import shutil
+
+    directory = data_dir.resolve() / "metrics" / f"gateway-{port}"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
 
 
 @click.command("pricer")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from services.core.quote import quote
 from services.gateway.auth import require_admin
@@ -20,8 +22,8 @@ router = APIRouter()
 
 @router.get("/healthz")
 async def healthz() -> dict[str, Any]:
-    """The process is up."""
-    return {"status": "ok"}
+    """The process is up (``pid``: which worker answered)."""
+    return {"status": "ok", "pid": os.getpid()}
 
 
 @router.get("/readyz")
@@ -46,7 +48,12 @@ async def readyz(resources: Deps) -> ORJSONResponse:
 async def metrics_route(resources: Deps) -> Response:
     """Prometheus text format."""
     resources.emitter.observe()
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    # Several workers: counters and histograms summed over all of them, gauges per pid.
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post("/internal/billing/quote", dependencies=[Depends(require_admin)])

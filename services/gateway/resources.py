@@ -34,7 +34,7 @@ from services.gateway import tokens
 from services.gateway.emitter import Emitter
 from services.gateway.gemini_target import GeminiTarget, gemini_target
 from services.gateway.keys import KeyCache
-from services.gateway.spool import Spool
+from services.gateway.spool import claim
 
 if TYPE_CHECKING:
     import asyncpg
@@ -94,10 +94,11 @@ class Resources:
         key = settings.openrouter_api_key
         topics = Topics.named(settings.topic_prefix)
         resources: Resources
+        spool = await asyncio.to_thread(claim, settings.usage_spool_dir, settings.gateway_workers)
         emitter = Emitter(
             lambda: resources.publisher,
             topics.usage,
-            Spool(settings.usage_spool_dir),
+            spool,
             spool_max_bytes=settings.spool_max_bytes,
             reject_when_full=settings.spool_full_policy == "reject",
         )

@@ -55,6 +55,8 @@ class Spool:
     # -- lifecycle -----------------------------------------------------------------------
 
     def open(self) -> None:
+        if self._lock_file is not None:
+            return  # already open (claimed by :func:`claim`)
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -222,3 +224,26 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def slot_directory(base: Path, slot: int) -> Path:
+    """Worker ``slot``'s spool: the base directory itself for slot 0 (a single gateway's
+    spool, as before workers existed), ``base/worker-N`` for the others."""
+    return base if slot == 0 else base / f"worker-{slot}"
+
+
+def claim(base: Path, slots: int) -> Spool:
+    """Open the first spool of ``slots`` no other process holds: each of N gateway workers
+    gets one, and a worker restarted after a crash takes over the one its predecessor left
+    (and re-sends what is in it)."""
+    for slot in range(slots):
+        spool = Spool(slot_directory(base, slot))
+        try:
+            spool.open()
+        except SpoolBusy:
+            continue
+        return spool
+    raise SpoolBusy(
+        f"all {slots} spools under {base} are in use: more gateway processes than "
+        "BILLING_GATEWAY_WORKERS share this BILLING_SPOOL_DIR"
+    )

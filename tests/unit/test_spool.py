@@ -14,7 +14,7 @@ from services.adapters.publisher import InMemoryPublisher
 from services.core.events import UsageCounts, UsageRecorded, decode_recorded
 from services.core.usage import Usage
 from services.gateway.emitter import Emitter
-from services.gateway.spool import Spool, SpoolBusy
+from services.gateway.spool import Spool, SpoolBusy, claim
 
 
 def event(n: int) -> UsageRecorded:
@@ -258,3 +258,18 @@ def test_a_short_write_leaves_the_segment_as_it_was(
     spool.append([event(3)])
     assert read_back(spool) == ["req-1", "req-3"]
     assert not (spool.directory / "rejected.jsonl").exists()
+
+
+def test_workers_claim_one_spool_each_and_a_successor_takes_over(tmp_path: Path) -> None:
+    base = tmp_path / "spool"
+    first, second = claim(base, 2), claim(base, 2)
+    assert (first.directory, second.directory) == (base, base / "worker-1")
+    with pytest.raises(SpoolBusy, match="all 2 spools"):
+        claim(base, 2)
+    second.append([event(1), event(2)])
+    second.close()  # the worker died: its lock is gone, its events are not
+    successor = claim(base, 2)
+    assert successor.directory == base / "worker-1"
+    assert read_back(successor) == ["req-1", "req-2"]
+    successor.close()
+    first.close()
