@@ -970,6 +970,10 @@ def report(bench: Bench, usage: dict[str, Any]) -> None:
         f"{usage['quiet']} events"
         + (" (BILLING_EMIT_USAGE=false is not honoured)" if usage["quiet"] else "")
     )
+    report_profiles(bench)
+
+
+def report_profiles(bench: Bench) -> None:
     for key, path in bench.profiles.items():
         if path.exists():
             parts, leaves = hot_spots(path)
@@ -999,6 +1003,9 @@ async def verify(bench: Bench, bootstrap: str, prefixes: dict[str, str]) -> dict
 COMPONENTS = (
     ("(httpcore/", "httpx + httpcore (the upstream client)"),
     ("(httpx/", "httpx + httpcore (the upstream client)"),
+    ("(aiohttp/", "aiohttp (the upstream client's transport)"),
+    ("(multidict/", "aiohttp (the upstream client's transport)"),
+    ("(yarl/", "aiohttp (the upstream client's transport)"),
     ("(h11/", "uvicorn + h11 (the HTTP server)"),
     ("(uvicorn/", "uvicorn + h11 (the HTTP server)"),
     ("(fastapi/", "FastAPI + Starlette + anyio"),
@@ -1123,6 +1130,8 @@ async def main(args: argparse.Namespace) -> None:
         print(f"usage events: {usage['answered']:,} answered 200 by the emitting gateways, "
               f"{usage['events']:,} on their topic: lost {usage['lost']}, duplicates "
               f"{usage['duplicates']}")  # fmt: skip
+        if args.cpu_only:
+            report_profiles(bench)
         if args.keep:
             print(f"(logs and profiles kept in {workdir})")
     finally:

@@ -102,7 +102,7 @@ def gateway_cmd(obj: Context, host: str, port: int, workers: int | None) -> None
     settings = obj.settings
     workers = workers or settings.gateway_workers
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
         return
     # Each worker is a fresh interpreter that builds its app from the environment: hand it
     # what this process resolved (the data dir, a running stack's addresses, the count).
@@ -115,6 +115,7 @@ def gateway_cmd(obj: Context, host: str, port: int, workers: int | None) -> None
         port=port,
         workers=workers,
         log_level="info",
+        access_log=False,
     )
 
 

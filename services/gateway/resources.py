@@ -35,6 +35,7 @@ from services.gateway.emitter import Emitter
 from services.gateway.gemini_target import GeminiTarget, gemini_target
 from services.gateway.keys import KeyCache
 from services.gateway.spool import claim
+from services.gateway.upstream import AiohttpTransport
 
 if TYPE_CHECKING:
     import asyncpg
@@ -84,12 +85,16 @@ class Resources:
         prices = cache or pricing_cache(settings)
         prices.poke()  # the first catalogue refresh starts in the background
         pool = await create_pool(settings.database_url) if settings.database_url else None
-        # One pooled connection per request in flight: past the default keep-alive limit
-        # (20) every extra response would close its connection and the next open a new one.
-        limits = httpx.Limits(
-            max_connections=settings.max_in_flight,
-            max_keepalive_connections=settings.max_in_flight,
-        )
+
+        # One pooled connection per request in flight, kept alive (past a keep-alive limit
+        # every extra response would close its connection and the next open a new one). On
+        # aiohttp's client: ~0.5-1 ms less CPU per proxied request than httpx's own
+        # (httpcore), measured with bench/gateway.py --cpu-only.
+        def transport(keep_alive: bool = True) -> httpx.AsyncBaseTransport:
+            if upstream_transport is not None:
+                return upstream_transport
+            return AiohttpTransport(max_connections=settings.max_in_flight, keep_alive=keep_alive)
+
         timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=5.0)
         key = settings.openrouter_api_key
         topics = Topics.named(settings.topic_prefix)
@@ -108,22 +113,13 @@ class Resources:
             topics=topics,
             emitter=emitter,
             upstream=httpx.AsyncClient(
-                base_url=settings.openrouter_base_url,
-                timeout=timeout,
-                limits=limits,
-                transport=upstream_transport,
+                base_url=settings.openrouter_base_url, timeout=timeout, transport=transport()
             ),
             upstream_headers={"content-type": "application/json"}
             | ({"authorization": f"Bearer {key.get_secret_value()}"} if key else {}),
-            gemini_upstream=httpx.AsyncClient(
-                timeout=timeout, limits=limits, transport=upstream_transport
-            ),
+            gemini_upstream=httpx.AsyncClient(timeout=timeout, transport=transport()),
             gemini_target=gemini_target(settings),
-            fresh_upstream=httpx.AsyncClient(
-                timeout=timeout,
-                limits=httpx.Limits(max_keepalive_connections=0),
-                transport=upstream_transport,
-            ),
+            fresh_upstream=httpx.AsyncClient(timeout=timeout, transport=transport(False)),
             in_flight=InFlight(settings.max_in_flight),
             pool=pool,
             tenants=PostgresTenantStore(pool) if pool is not None else None,

@@ -24,9 +24,13 @@ from services.gateway.capture import OPENAI, Call
 from services.gateway.keys import TenantKey
 from services.gateway.proxy import forward
 from services.gateway.resources import InFlight
+from services.gateway.upstream import AiohttpTransport
 from tests.integration.test_proxy import CHAT, CollectingEmitter
 
 pytestmark = pytest.mark.integration
+
+TRANSPORTS = ("httpcore", "aiohttp")
+"""The upstream clients' transports: httpx's own (httpcore) and the gateway's aiohttp one."""
 
 USAGE = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
 ANSWER = json.dumps({"choices": [{"message": {"content": "hi"}}], "usage": USAGE}).encode()
@@ -52,6 +56,9 @@ class Upstream:
                 )
                 await reader.readexactly(length)
                 self.received += 1
+                if self.mode == "silent":
+                    await asyncio.sleep(5)  # longer than the client waits
+                    return
                 if self.mode == "drop-all" or (self.mode == "drop-reused" and served_here):
                     return  # closed without a byte of an answer
                 if self.mode == "cut-answer":
@@ -71,12 +78,17 @@ class Upstream:
             writer.close()
 
 
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @asynccontextmanager
 async def gateway_before(
-    upstream: Upstream | None,
+    upstream: Upstream | None, transport: str
 ) -> AsyncIterator[tuple[httpx.AsyncClient, list[Any]]]:
-    """``forward`` in an app, its upstream clients on the real network to ``upstream`` (to a
-    port nobody listens on when ``None``)."""
+    """``forward`` in an app, its upstream clients (on ``transport``) on the real network to
+    ``upstream`` (to a port nobody listens on when ``None``)."""
     server = None
     if upstream is not None:
         server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
@@ -87,8 +99,18 @@ async def gateway_before(
         probe.close()
         await probe.wait_closed()
     emitter = CollectingEmitter()
-    pooled = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
-    fresh = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0))
+    if transport == "aiohttp":
+        pooled = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            transport=AiohttpTransport(max_connections=8),
+            timeout=httpx.Timeout(0.3, connect=5.0),
+        )
+        fresh = httpx.AsyncClient(transport=AiohttpTransport(max_connections=8, keep_alive=False))
+    else:
+        pooled = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=httpx.Timeout(0.3, connect=5.0)
+        )
+        fresh = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0))
     app = FastAPI()
     app.state.resources = SimpleNamespace(
         emitter=emitter,
@@ -105,9 +127,9 @@ async def gateway_before(
         outgoing = pooled.build_request("POST", "/chat/completions", json=CHAT)
         return await forward(request, call, outgoing, pooled, stream=False)
 
-    transport = httpx.ASGITransport(app=app)
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://g") as gateway:
+        asgi = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=asgi, base_url="http://g") as gateway:
             yield gateway, emitter.events
     finally:
         await pooled.aclose()
@@ -117,9 +139,11 @@ async def gateway_before(
             await server.wait_closed()
 
 
-async def test_a_stale_pooled_connection_is_retried_on_a_new_one_and_billed_once() -> None:
+async def test_a_stale_pooled_connection_is_retried_on_a_new_one_and_billed_once(
+    transport: str,
+) -> None:
     upstream = Upstream("drop-reused")
-    async with gateway_before(upstream) as (gateway, events):
+    async with gateway_before(upstream, transport) as (gateway, events):
         first = await gateway.post("/relay")
         assert first.status_code == 200 and len(events) == 1
         second = await gateway.post("/relay")  # goes out on the pooled connection first
@@ -130,28 +154,37 @@ async def test_a_stale_pooled_connection_is_retried_on_a_new_one_and_billed_once
     assert len(events) == 2  # each request billed once
 
 
-async def test_an_answer_cut_after_its_first_bytes_is_not_retried() -> None:
+async def test_an_answer_cut_after_its_first_bytes_is_not_retried(transport: str) -> None:
     upstream = Upstream("cut-answer")
-    async with gateway_before(upstream) as (gateway, events):
+    async with gateway_before(upstream, transport) as (gateway, events):
         relayed = await gateway.post("/relay")
     assert relayed.status_code == 502
     assert upstream.received == 1
     assert len(events) == 1 and events[0].usage_source == "estimated"  # its prompt
 
 
-async def test_a_new_connection_dropped_before_an_answer_is_not_retried() -> None:
+async def test_a_new_connection_dropped_before_an_answer_is_not_retried(transport: str) -> None:
     # The request may have reached the model: only a reused connection proves it did not.
     upstream = Upstream("drop-all")
-    async with gateway_before(upstream) as (gateway, events):
+    async with gateway_before(upstream, transport) as (gateway, events):
         relayed = await gateway.post("/relay")
     assert relayed.status_code == 502
     assert upstream.received == 1 and events == []
 
 
-async def test_a_connect_error_is_not_retried() -> None:
-    async with gateway_before(None) as (gateway, events):
+async def test_a_connect_error_is_not_retried(transport: str) -> None:
+    async with gateway_before(None, transport) as (gateway, events):
         relayed = await gateway.post("/relay")
     assert relayed.status_code == 502 and relayed.json()["error"]["message"] == (
         "upstream unreachable"
     )
     assert events == []
+
+
+async def test_an_upstream_that_does_not_answer_in_time_is_a_504(transport: str) -> None:
+    upstream = Upstream("silent")
+    async with gateway_before(upstream, transport) as (gateway, events):
+        relayed = await gateway.post("/relay")
+    assert relayed.status_code == 504, relayed.text
+    assert relayed.json()["error"]["message"] == "upstream timed out"
+    assert upstream.received == 1 and events == []
