@@ -216,6 +216,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _free_ports(count: int) -> int:
+    """A port N with N … N + count - 1 all free now (``billing up`` listens on N, N+1, N+2)."""
+    for _ in range(100):
+        base = _free_port()
+        if base + count > 65535:
+            continue
+        sockets = []
+        try:
+            for offset in range(count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
 @pytest.fixture
 def gateway(fake_openrouter: str, tmp_path: Path) -> Iterator[str]:
     port = _free_port()

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_cli import BILLING, _free_port, fake_upstream
+from tests.e2e.test_cli import BILLING, _free_ports, fake_upstream
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +51,7 @@ def run_up_demo(data_dir: Path) -> str:
         if k not in ("BILLING_DATABASE_URL", "BILLING_KAFKA_BOOTSTRAP")
     }
     env["BILLING_DATA_DIR"] = str(data_dir)
-    port = _free_port()
+    port = _free_ports(3)
     process = subprocess.Popen(
         [BILLING, "up", "--demo", "--port", str(port)],
         env=env,
@@ -81,7 +81,7 @@ def run_up_demo(data_dir: Path) -> str:
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate()
+        process.communicate()  # also closes its output pipe
     assert process.returncode == 0, rest
     assert "stopped" in rest
     assert (data_dir / "logs" / "pricer.log").exists()
@@ -114,7 +114,7 @@ def _bare_env() -> dict[str, str]:
 
 def _three_free_ports() -> int:
     for _ in range(50):
-        port = _free_port()
+        port = _free_ports(3)
         if port + 2 < 65536 and all(_is_free(port + n) for n in (1, 2)):
             return port
     raise AssertionError("no three consecutive free ports")
@@ -171,7 +171,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         finally:
             if process.poll() is None:
                 process.kill()
-                process.communicate()
+            process.communicate()  # also closes its output pipe
     assert process.returncode == 0, rest
     assert not (data_dir / "stack.json").exists()  # removed on a clean stop
 
