@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
@@ -132,6 +133,28 @@ def _with_database(url: str, name: str) -> str:
     base, _, query = url.partition("?")
     root = base.rsplit("/", 1)[0]
     return f"{root}/{name}" + (f"?{query}" if query else "")
+
+
+@contextlib.contextmanager
+def migrated_database(postgres_server: str, label: str) -> Iterator[str]:
+    """A fresh database with every migration applied, dropped afterwards (for fixtures that
+    are not async, such as module-scoped stacks of processes)."""
+    name = f"billing_{label}_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(postgres_server)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        url = _with_database(postgres_server, name)
+        asyncio.run(migrate(url))
+        yield url
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

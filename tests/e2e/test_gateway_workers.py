@@ -13,15 +13,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
-from services.adapters.database import migrate
 from services.adapters.kafka import ensure_topics
 from services.core.events import decode_recorded
 from services.gateway.spool import slot_directory
-from tests.conftest import _with_database
+from tests.conftest import migrated_database
 from tests.e2e.test_cli import BILLING, _free_port
 from tests.e2e.test_openai_sdk import UNSAFE_ENV, _spawn, _wait_until_ok
 from tests.integration.pipeline import Pipeline
@@ -87,46 +85,33 @@ def workers(
     postgres_server: str, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Workers]:
     workdir = tmp_path_factory.mktemp("workers")
-    name = f"billing_workers_{uuid.uuid4().hex[:12]}"
     prefix = f"w{uuid.uuid4().hex[:10]}."
-
-    async def create() -> str:
-        admin = await asyncpg.connect(postgres_server)
+    with migrated_database(postgres_server, "workers") as database_url:
+        pipeline = Pipeline(kafka_bootstrap, database_url, prefix, workdir)
         try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
+            asyncio.run(ensure_topics(kafka_bootstrap, pipeline.topics.partitions()))
+            env = {k: v for k, v in pipeline.env().items() if k not in UNSAFE_ENV}
+            for args in (["tenants", "create", "acme"], ["keys", "create", "--tenant", "acme"]):
+                done = subprocess.run([BILLING, *args], env=env, capture_output=True, text=True)
+                assert done.returncode == 0, done.stderr
+            key = done.stdout.strip()  # the key create printed
+            fake_port = _free_port()
+            _spawn(pipeline, "fake-upstream", ["fake-upstream", "--port", str(fake_port)], env)
+            _wait_until_ok(f"http://127.0.0.1:{fake_port}/api/v1/models", pipeline, "fake-upstream")
+            port = _free_port()
+            spool = workdir / "spool"
+            gateway_env = env | {
+                "OPENROUTER_BASE_URL": f"http://127.0.0.1:{fake_port}/api/v1",
+                "BILLING_SPOOL_DIR": str(spool),
+                "BILLING_DATA_DIR": str(workdir / "data"),
+            }
+            command = ["gateway", "--port", str(port), "--workers", "2"]
+            _spawn(pipeline, "gateway", command, gateway_env)
+            url = f"http://127.0.0.1:{port}"
+            _wait_until_ok(f"{url}/readyz", pipeline, "gateway")
+            yield Workers(pipeline, url, spool, key)
         finally:
-            await admin.close()
-        url = _with_database(postgres_server, name)
-        await migrate(url)
-        return url
-
-    pipeline = Pipeline(kafka_bootstrap, asyncio.run(create()), prefix, workdir)
-    try:
-        asyncio.run(ensure_topics(kafka_bootstrap, pipeline.topics.partitions()))
-        env = {k: v for k, v in pipeline.env().items() if k not in UNSAFE_ENV}
-        for args in (["tenants", "create", "acme"],):
-            made = subprocess.run([BILLING, *args], env=env, capture_output=True, text=True)
-            assert made.returncode == 0, made.stderr
-        created = subprocess.run(
-            [BILLING, "keys", "create", "--tenant", "acme"], env=env, capture_output=True, text=True
-        )
-        assert created.returncode == 0, created.stderr
-        fake_port = _free_port()
-        _spawn(pipeline, "fake-upstream", ["fake-upstream", "--port", str(fake_port)], env)
-        _wait_until_ok(f"http://127.0.0.1:{fake_port}/api/v1/models", pipeline, "fake-upstream")
-        port = _free_port()
-        spool = workdir / "spool"
-        gateway_env = env | {
-            "OPENROUTER_BASE_URL": f"http://127.0.0.1:{fake_port}/api/v1",
-            "BILLING_SPOOL_DIR": str(spool),
-            "BILLING_DATA_DIR": str(workdir / "data"),
-        }
-        _spawn(pipeline, "gateway", ["gateway", "--port", str(port), "--workers", "2"], gateway_env)
-        url = f"http://127.0.0.1:{port}"
-        _wait_until_ok(f"{url}/readyz", pipeline, "gateway")
-        yield Workers(pipeline, url, spool, created.stdout.strip())
-    finally:
-        pipeline.stop_all()
+            pipeline.stop_all()
 
 
 def test_two_workers_share_the_port_and_bill_every_request_once(workers: Workers) -> None:

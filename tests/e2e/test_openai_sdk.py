@@ -35,11 +35,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from services.adapters.database import migrate
 from services.adapters.kafka import ensure_topics
 from services.adapters.readmodels import COST_COLUMNS, COUNT_COLUMNS
 from services.gateway.keys import KeyCache
-from tests.conftest import _with_database
+from tests.conftest import migrated_database
 from tests.e2e.test_cli import BILLING, _free_port
 from tests.integration.pipeline import Pipeline
 
@@ -246,51 +245,32 @@ def stack(
     postgres_server: str, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("openai-sdk")
-    name = f"billing_sdk_{uuid.uuid4().hex[:12]}"
     prefix = f"t{uuid.uuid4().hex[:10]}."
-
-    async def create() -> str:
-        admin = await asyncpg.connect(postgres_server)
+    with migrated_database(postgres_server, "sdk") as database_url:
+        pipeline = Pipeline(kafka_bootstrap, database_url, prefix, workdir)
+        tap: Tap | None = None
         try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
+            asyncio.run(ensure_topics(kafka_bootstrap, pipeline.topics.partitions()))
+            env = {k: v for k, v in pipeline.env().items() if k not in UNSAFE_ENV}
+            fake_port = _free_port()
+            _spawn(pipeline, "fake-upstream", ["fake-upstream", "--port", str(fake_port)], env)
+            _wait_until_ok(f"http://127.0.0.1:{fake_port}/openapi.json", pipeline, "fake-upstream")
+            tap = Tap(fake_port)
+            gateway_port = _free_port()
+            gateway_env = env | {
+                "OPENROUTER_BASE_URL": f"http://127.0.0.1:{tap.port}/api/v1",
+                "BILLING_SPOOL_DIR": str(workdir / "spool"),
+            }
+            _spawn(pipeline, "gateway", ["gateway", "--port", str(gateway_port)], gateway_env)
+            pipeline.start("pricer")
+            pipeline.start("projector")
+            gateway = f"http://127.0.0.1:{gateway_port}"
+            _wait_until_ok(f"{gateway}/readyz", pipeline, "gateway")  # broker connected too
+            yield Stack(pipeline, gateway, tap, env)
         finally:
-            await admin.close()
-        url = _with_database(postgres_server, name)
-        await migrate(url)
-        return url
-
-    async def drop() -> None:
-        admin = await asyncpg.connect(postgres_server)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-    pipeline = Pipeline(kafka_bootstrap, asyncio.run(create()), prefix, workdir)
-    tap: Tap | None = None
-    try:
-        asyncio.run(ensure_topics(kafka_bootstrap, pipeline.topics.partitions()))
-        env = {k: v for k, v in pipeline.env().items() if k not in UNSAFE_ENV}
-        fake_port = _free_port()
-        _spawn(pipeline, "fake-upstream", ["fake-upstream", "--port", str(fake_port)], env)
-        _wait_until_ok(f"http://127.0.0.1:{fake_port}/openapi.json", pipeline, "fake-upstream")
-        tap = Tap(fake_port)
-        gateway_port = _free_port()
-        gateway_env = env | {
-            "OPENROUTER_BASE_URL": f"http://127.0.0.1:{tap.port}/api/v1",
-            "BILLING_SPOOL_DIR": str(workdir / "spool"),
-        }
-        _spawn(pipeline, "gateway", ["gateway", "--port", str(gateway_port)], gateway_env)
-        pipeline.start("pricer")
-        pipeline.start("projector")
-        gateway = f"http://127.0.0.1:{gateway_port}"
-        _wait_until_ok(f"{gateway}/readyz", pipeline, "gateway")  # broker connected too
-        yield Stack(pipeline, gateway, tap, env)
-    finally:
-        pipeline.stop_all()
-        if tap is not None:
-            tap.close()
-        asyncio.run(drop())
+            pipeline.stop_all()
+            if tap is not None:
+                tap.close()
 
 
 def _reported_cost(usage: Any) -> Decimal:

@@ -10,14 +10,16 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
 import pytest
+from aiokafka import ConsumerRecord
 
-from services.adapters.kafka import make_producer
+from services.adapters.kafka import make_consumer, make_producer
 from services.adapters.topics import Topics
 from services.core.events import UsageRecorded
 from services.core.pricebook import InMemoryPriceBook
@@ -118,6 +120,31 @@ async def billed_totals(database_url: str) -> tuple[int, dict[str, Decimal], dic
     finally:
         await connection.close()
     return int(count), {r[0]: r[1] for r in rows}, {r[0]: r[1] for r in summary}
+
+
+async def read_records(
+    bootstrap: str, topic: str, count: int, timeout: float = 20.0
+) -> list[ConsumerRecord]:
+    """The records of ``topic`` from its start, once ``count`` arrived or ``timeout`` passed
+    (then what did; callers assert on it). Nothing is committed: every call reads from 0."""
+    consumer = make_consumer(bootstrap, topic, group_id=f"{topic}.reader")
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(records) < count and asyncio.get_running_loop().time() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=300)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
+    """Wait until ``check()`` is true; ``TimeoutError`` after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.2)
 
 
 async def wait_for_count(pipeline: Pipeline, count: int, timeout: float = 90.0) -> None:

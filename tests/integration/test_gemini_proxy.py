@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +27,25 @@ GATEWAY_KEY = "gateway-vertex-key"
 KNOBS = {"x-fake-reasoning-tokens": "6", "x-fake-cached-tokens": "20"}
 
 
-@pytest.fixture
-def setup(
+def gemini_gateway(
     database_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
-) -> Iterator[Setup]:
-    with gateway_before_fake_upstream(
+) -> AbstractContextManager[Setup]:
+    """The gateway before the fake upstream, sending Gemini calls to it with its own key."""
+    return gateway_before_fake_upstream(
         database_url,
         kafka_bootstrap,
         topic_prefix,
         tmp_path,
         vertex_base_url="http://gemini.test/",
         vertex_api_key=SecretStr(GATEWAY_KEY),
-    ) as running:
+    )
+
+
+@pytest.fixture
+def setup(
+    database_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> Iterator[Setup]:
+    with gemini_gateway(database_url, kafka_bootstrap, topic_prefix, tmp_path) as running:
         yield running
 
 

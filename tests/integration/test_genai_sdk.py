@@ -22,17 +22,15 @@ from fastapi.testclient import TestClient
 from google import genai
 from google.genai import errors, types
 from google.oauth2.credentials import Credentials
-from pydantic import SecretStr
 
 from services.core.events import UsageRecorded
-from tests.integration.test_gemini_proxy import billed
-from tests.integration.test_proxy import Setup, gateway_before_fake_upstream
+from tests.integration.test_gemini_proxy import GATEWAY_KEY, billed, gemini_gateway
+from tests.integration.test_proxy import Setup
 
 pytestmark = pytest.mark.integration
 
 MODEL = "gemini-2.5-flash"
 BASE_URL = "http://testserver"
-GATEWAY_KEY = "gateway-gemini-key"
 PROMPT = "count the tokens " * 30
 KNOBS = {"x-fake-reasoning-tokens": "6", "x-fake-cached-tokens": "20"}
 
@@ -79,14 +77,7 @@ def setup(
     for name in list(os.environ):
         if name.startswith(("GOOGLE_", "GEMINI_")):
             monkeypatch.delenv(name)
-    with gateway_before_fake_upstream(
-        database_url,
-        kafka_bootstrap,
-        topic_prefix,
-        tmp_path,
-        vertex_base_url="http://gemini.test/",
-        vertex_api_key=SecretStr(GATEWAY_KEY),
-    ) as running:
+    with gemini_gateway(database_url, kafka_bootstrap, topic_prefix, tmp_path) as running:
         yield running
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from services.adapters.kafka import ensure_topics, make_consumer
+from services.adapters.kafka import ensure_topics
 from services.adapters.settings import Settings
 from services.adapters.topics import Topics
 from services.core.events import decode_recorded
 from services.gateway.app import create_app
 from services.local.broker import EmbeddedBroker
+from tests.integration.pipeline import read_records
 
 pytestmark = pytest.mark.integration
 
@@ -56,17 +57,8 @@ def wait_ready(client: TestClient, timeout: float = 20) -> None:
 
 
 async def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 20) -> list[bytes]:
-    consumer = make_consumer(bootstrap, topic, group_id=f"{topic}.reader")
-    await consumer.start()
-    values: list[bytes] = []
-    try:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(values) < expected and asyncio.get_running_loop().time() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=300)).values():
-                values.extend(r.value for r in batch)
-    finally:
-        await consumer.stop()
-    return values
+    """The values of ``topic``'s records (see ``read_records``)."""
+    return [r.value for r in await read_records(bootstrap, topic, expected, timeout)]
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from services.adapters.database import connect, create_pool, migrate
 from services.adapters.errors import PublishError
@@ -22,6 +22,7 @@ from services.adapters.tenants import (
 )
 from services.core.events import UsageCounts, UsageRecorded, decode_recorded
 from services.core.usage import Usage
+from tests.integration.pipeline import read_records
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 2, 12, tzinfo=UTC)
@@ -38,24 +39,6 @@ def event(n: int, tenant: str) -> UsageRecorded:
         recorded_at=NOW,
         usage=UsageCounts.of(usage),
     )
-
-
-async def _kafka_records(bootstrap: str, topic: str, count: int) -> list[tuple[bytes, bytes]]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(2)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        found: list[tuple[bytes, bytes]] = []
-        for _ in range(50):
-            batch = await consumer.getmany(timeout_ms=200)
-            found += [(r.key, r.value) for records in batch.values() for r in records]
-            if len(found) >= count:
-                break
-        return found
-    finally:
-        await consumer.stop()
 
 
 @pytest.fixture(params=["memory", "kafka"])
@@ -76,7 +59,7 @@ async def publisher_and_read(
     await producer.start()
 
     async def read_kafka(count: int) -> list[tuple[bytes, bytes]]:
-        return await _kafka_records(kafka_bootstrap, topic, count)
+        return [(r.key, r.value) for r in await read_records(kafka_bootstrap, topic, count)]
 
     try:
         yield KafkaPublisher(producer), topic, read_kafka

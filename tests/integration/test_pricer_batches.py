@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from collections.abc import Awaitable, Callable
 
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.adapters.kafka import ensure_topics, make_consumer
+from services.adapters.kafka import ensure_topics
 from services.adapters.pricing_cache import PricingCache
 from services.adapters.topics import Topics
 from services.core.pricebook import InMemoryPriceBook
@@ -30,6 +29,8 @@ from tests.integration.pipeline import (
     expected_totals,
     facts,
     produce,
+    read_records,
+    until,
     wait_for_count,
 )
 
@@ -47,26 +48,6 @@ async def committed(bootstrap: str, group: str, topic: str) -> int:
     finally:
         await admin.close()
     return sum(max(o.offset, 0) for o in offsets.values())
-
-
-async def read_all(bootstrap: str, topic: str, count: int, timeout: float = 20.0) -> list:  # type: ignore[type-arg]
-    consumer = make_consumer(bootstrap, topic, group_id=f"{topic}.reader")
-    await consumer.start()
-    records: list = []  # type: ignore[type-arg]
-    try:
-        async with asyncio.timeout(timeout):
-            while len(records) < count:
-                for batch in (await consumer.getmany(timeout_ms=300)).values():
-                    records += batch
-    finally:
-        await consumer.stop()
-    return records
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.2)
 
 
 async def test_a_batch_is_priced_held_dead_lettered_then_committed(
@@ -96,15 +77,15 @@ async def test_a_batch_is_priced_held_dead_lettered_then_committed(
         await until(all_committed)
     finally:
         await pricer.stop()
-    costs = await read_all(kafka_bootstrap, topics.costs, len(items))
+    costs = await read_records(kafka_bootstrap, topics.costs, len(items))
     assert sorted(json.loads(r.value)["request_id"] for r in costs) == sorted(
         i.request_id for i in items
     )
-    held = await read_all(kafka_bootstrap, topics.unpriced, 1)
+    held = await read_records(kafka_bootstrap, topics.unpriced, 1)
     assert [json.loads(r.value)["request_id"] for r in held] == ["no-price"]
     assert await store.count() == 1
     await store.close()
-    dead = await read_all(kafka_bootstrap, topics.dlq, len(GARBAGE))
+    dead = await read_records(kafka_bootstrap, topics.dlq, len(GARBAGE))
     sources = {dict(r.headers)["source-offset"] for r in dead}
     assert len(sources) == len(GARBAGE)
     assert {dict(r.headers)["source-topic"] for r in dead} == {topics.usage.encode()}

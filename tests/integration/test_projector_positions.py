@@ -22,8 +22,8 @@ from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.projector import service
 from services.projector.service import Projector
+from tests.integration.pipeline import until
 from tests.integration.test_projector_apply import T0, recorded
-from tests.integration.test_projector_service import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ async def project_until(
             count = await connection.fetchval("SELECT count(*) FROM billing_transactions")
             return bool(count == rows)
 
-        await wait_for(done)
+        await until(done)
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)

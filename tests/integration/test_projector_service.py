@@ -14,17 +14,10 @@ from services.adapters.topics import Topics
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.projector.service import Projector
+from tests.integration.pipeline import until
 from tests.integration.test_projector_apply import T0, recorded
 
 pytestmark = pytest.mark.integration
-
-
-async def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail("condition not reached in time")
-        await asyncio.sleep(0.2)
 
 
 async def test_projects_every_request_once_and_dead_letters_garbage(
@@ -58,7 +51,7 @@ async def test_projects_every_request_once_and_dead_letters_garbage(
                 await connection.fetchval("SELECT count(*) FROM billing_transactions") == 200
             )
 
-        await wait_for(all_projected)
+        await until(all_projected)
         expected = sum((e.total_cost for e in events), Decimal(0))
         assert (
             await connection.fetchval("SELECT sum(total_cost) FROM billing_transactions")
@@ -76,7 +69,7 @@ async def test_projects_every_request_once_and_dead_letters_garbage(
             )
             return bool(stored == len(deliveries) + 1)
 
-        await wait_for(offsets_cover_everything)
+        await until(offsets_cover_everything)
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
