@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -112,23 +111,6 @@ def _bare_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
 
 
-def _three_free_ports() -> int:
-    for _ in range(50):
-        port = _free_ports(3)
-        if port + 2 < 65536 and all(_is_free(port + n) for n in (1, 2)):
-            return port
-    raise AssertionError("no three consecutive free ports")
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """A `billing` command with no BILLING_* variable at all, as a new user types it."""
     return subprocess.run(
@@ -140,7 +122,8 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """`billing up --data-dir D` (no BILLING_* variables), its catalogue the fake upstream."""
     data_dir = tmp_path_factory.mktemp("up") / "stack"
-    port = _three_free_ports()
+    # N-1 free too: a test starts a second stack on N-1, whose metrics port N must clash.
+    port = _free_ports(4) + 1
     with fake_upstream() as (upstream, _):
         env = _bare_env() | {
             "OPENROUTER_BASE_URL": f"{upstream}/api/v1",
