@@ -24,6 +24,10 @@ PROJECTED = Counter("billing_projected_events_total", "UsagePriced events applie
 DUPLICATES = Counter(
     "billing_duplicates_skipped_total", "Events already reflected in the read models"
 )
+RETIRED_SKIPPED = Counter(
+    "billing_retired_events_skipped_total",
+    "Events of a retired month (BILLING_RETENTION_MONTHS): not applied, totals frozen",
+)
 BATCH_SIZE = Histogram(
     "billing_batch_size",
     "Messages per processed batch",

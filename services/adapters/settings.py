@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     (counted in ``billing_tenants_created_total``: a typo shows there), ``reject`` refuses
     the item with an error naming the tenant. Needs a database; without one, usage is
     taken as reported."""
+    retention_months: int | None = Field(default=None, ge=1, le=1200)
+    """Keep this many full months of ``billing_transactions`` before the current one; the
+    projector retires older months (their partitions detached or dropped, see
+    retention_action). Unset: keep everything. The summary and the log keep the totals."""
+    retention_action: Literal["detach", "drop"] = "detach"
+    """``detach``: a retired month's partition stays as a plain table for archiving;
+    ``drop``: it is deleted."""
     catalogue_sync: bool = True
     """Refresh prices from the live catalogue in the background (off: snapshot and book only)."""
     catalogue_ttl_seconds: float = Field(default=900.0, gt=0)

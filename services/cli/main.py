@@ -19,6 +19,7 @@ import orjson
 
 from services.adapters.paths import DEFAULT_DATA_DIR
 from services.cli.context import Context, add_data_dir_option
+from services.cli.partitions import partitions_cmd
 from services.cli.prices import _load_json, prices
 from services.cli.rebuild import rebuild_cmd
 from services.cli.reconcile import reconcile_cmd
@@ -165,7 +166,16 @@ def demo(obj: Context) -> None:
     run_demo(obj.book)
 
 
-for command in (*STACK_COMMANDS, tenants, keys, prices, reprice_cmd, reconcile_cmd, rebuild_cmd):
+for command in (
+    *STACK_COMMANDS,
+    tenants,
+    keys,
+    prices,
+    reprice_cmd,
+    reconcile_cmd,
+    rebuild_cmd,
+    partitions_cmd,
+):
     main.add_command(command)
 # Every command that reads the data dir takes --data-dir too: `billing up --data-dir D`
 # (as the README writes it) and `billing --data-dir D up` both work; the command's wins.

@@ -187,6 +187,8 @@ def projector_cmd(obj: Context) -> None:
         database_url,
         topics=Topics.named(settings.topic_prefix),
         group=f"{settings.topic_prefix}billing-projector",
+        retention_months=settings.retention_months,
+        retention_action=settings.retention_action,
     )
 
     _serve_metrics(settings)

@@ -19,7 +19,7 @@ at all (a fresh database) the log is read until no record arrived for ``idle_sec
 and the offsets reached are stored with the tables, so a projector started later goes on
 from there.
 
-The swap: foreign keys that point at a live table (``billing_adjustments.request_id``) are
+The swap: foreign keys that point at a live table (none since migration 005) are
 dropped, the live table is dropped (or kept as ``*_before_rebuild_<UTC time>``), the
 rebuilt one takes its name, its indexes the live indexes' names (so constraint names and
 the next rebuild stay the same), the live table's owner and grants, and the foreign keys
@@ -31,6 +31,11 @@ locks (a consistent pair), so the projector waits for it too; readers never do.
 Equality (``--dry-run`` and the report): every column but ``projected_at`` and
 ``updated_at``, which say when a row was written; live summary rows whose every value is
 zero (left behind when a revision moved a request to another key) count as absent.
+
+Monthly partitions (migration 005): the rebuilt ``billing_transactions`` is partitioned
+like the live one, with a partition for every month the live table or the log has; the
+swap renames them too. Retired months (``billing_retired_months``) stay frozen: their
+events are not folded (``retired`` in the report) and their summary rows are the live ones.
 
 Here: the command and the fold; reading the log is in ``services.jobs.rebuild_reader``, the
 comparison and the swap itself are in ``services.jobs.rebuild_tables``.
@@ -47,6 +52,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from services.adapters.offsets import lock_offsets, store_offsets, stored_offsets
+from services.adapters.partitions import create_partitions, partition_months, retired_before
 from services.adapters.readmodels import (
     PROJECTOR_CONSUMER,
     SUMMARY_KEY,
@@ -61,6 +67,7 @@ from services.jobs.rebuild_tables import (
     RebuildError,
     TableDiff,
     compare,
+    name_rebuilt_indexes,
     swap,
 )
 
@@ -98,6 +105,10 @@ class RebuildReport:
     """Events below their request's winning revision."""
     duplicates: int = 0
     """Events at the winning revision after the first (redeliveries)."""
+    retired: int = 0
+    """Events of retired months: not folded (those months are frozen)."""
+    horizon: datetime | None = None
+    """Where the retired months end (None: none retired)."""
     offsets: dict[int, int] = field(default_factory=dict)
     diffs: list[TableDiff] = field(default_factory=list)
     swapped: bool = False
@@ -121,6 +132,7 @@ class RebuildReport:
             "summary_rows": self.summary_rows,
             "revisions_superseded": self.superseded,
             "duplicates": self.duplicates,
+            "retired_events": self.retired,
             "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
             "kept": self.kept,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
@@ -185,7 +197,9 @@ async def rebuild(
         report.records_read, report.undecodable = reader.records_read, reader.undecodable
         report.seconds["read"] = time.perf_counter() - started
         folding = time.perf_counter()
-        await _fold_all(connection)
+        report.horizon = await retired_before(connection)
+        report.retired = await _drop_retired(connection, report.horizon)
+        await _fold_all(connection, report.horizon)
         report.seconds["fold"] = time.perf_counter() - folding
         if before_lock is not None:
             await before_lock()
@@ -223,6 +237,8 @@ async def _swap_transaction(
         # waits), then the tables; EXCLUSIVE also fences a partition that appears meanwhile.
         await lock_offsets(connection, PROJECTOR_CONSUMER, {(topic, p): 0 for p in partitions})
         await connection.execute(f"LOCK TABLE {', '.join(FENCED)} IN EXCLUSIVE MODE")
+        if await retired_before(connection) != report.horizon:
+            raise RebuildError("the projector retired a month during the rebuild: run it again")
         committed = await stored_offsets(connection, PROJECTOR_CONSUMER, topic)
         before = reader.records_read
         await reader.read({p: committed.get(p, 0) for p in partitions}, phase=2)
@@ -230,6 +246,7 @@ async def _swap_transaction(
         report.caught_up = reader.records_read - before
         report.records_read, report.undecodable = reader.records_read, reader.undecodable
         if report.caught_up:
+            report.retired += await _drop_retired(connection, report.horizon)
             await _fold_touched(connection)
         report.offsets = {p: max(committed.get(p, 0), reader.next[p]) for p in partitions}
         await _count(connection, report)
@@ -278,7 +295,17 @@ async def _refuse_other_topics(connection: asyncpg.Connection, consumer: str, to
 async def _create_tables(connection: asyncpg.Connection) -> None:
     for table in LIVE:  # leftovers of an interrupted run are ours to drop
         await connection.execute(f"DROP TABLE IF EXISTS {table}{SUFFIX}")
-        await connection.execute(f"CREATE TABLE {table}{SUFFIX} (LIKE {table} INCLUDING ALL)")
+    await connection.execute(
+        f"CREATE TABLE billing_transactions{SUFFIX} (LIKE billing_transactions INCLUDING ALL)"
+        " PARTITION BY RANGE (occurred_at)"
+    )
+    await name_rebuilt_indexes(connection, "billing_transactions")
+    await create_partitions(
+        connection, await partition_months(connection), table=f"billing_transactions{SUFFIX}"
+    )
+    await connection.execute(
+        f"CREATE TABLE tenant_billing_summary{SUFFIX} (LIKE tenant_billing_summary INCLUDING ALL)"
+    )
     await connection.execute(f"DROP TABLE IF EXISTS {STAGING}")
     await connection.execute(
         f"CREATE TEMP TABLE {STAGING} (LIKE billing_transactions INCLUDING DEFAULTS,"
@@ -295,9 +322,11 @@ def _fold_sql() -> tuple[str, str, str]:
     )
 
 
-async def _fold_all(connection: asyncpg.Connection) -> None:
-    """Winning rows from the staged events, then the summary as their aggregate."""
+async def _fold_all(connection: asyncpg.Connection, horizon: datetime | None) -> None:
+    """Winning rows from the staged events, then the summary as their aggregate (and the
+    live summary rows of the retired months, which are frozen)."""
     columns, summary_columns, sums = _fold_sql()
+    await _create_staged_partitions(connection, "true")
     await connection.execute(
         f"INSERT INTO billing_transactions{SUFFIX} ({columns})"  # noqa: S608  # fixed names
         f" SELECT DISTINCT ON (request_id) {columns} FROM {STAGING} ORDER BY {_WINNER_ORDER}"
@@ -306,12 +335,39 @@ async def _fold_all(connection: asyncpg.Connection) -> None:
         f"INSERT INTO tenant_billing_summary{SUFFIX} ({summary_columns})"  # noqa: S608
         f" SELECT {_KEY_EXPRS}, {sums} FROM billing_transactions{SUFFIX} GROUP BY {_KEY_EXPRS}"
     )
+    if horizon is not None:
+        await connection.execute(
+            f"INSERT INTO tenant_billing_summary{SUFFIX}"  # noqa: S608
+            " SELECT * FROM tenant_billing_summary WHERE day < $1",
+            horizon.date(),
+        )
+
+
+async def _create_staged_partitions(connection: asyncpg.Connection, where: str) -> None:
+    """The rebuilt table's partitions for the months of the staged events ``where`` holds."""
+    months = await connection.fetch(
+        "SELECT DISTINCT date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date AS month"  # noqa: S608
+        f" FROM {STAGING} WHERE {where}"
+    )
+    await create_partitions(
+        connection, [r["month"] for r in months], table=f"billing_transactions{SUFFIX}"
+    )
+
+
+async def _drop_retired(connection: asyncpg.Connection, horizon: datetime | None) -> int:
+    """Remove the staged events of retired months (never folded: the projector's rule too);
+    return how many there were."""
+    if horizon is None:
+        return 0
+    status = await connection.execute(f"DELETE FROM {STAGING} WHERE occurred_at < $1", horizon)  # noqa: S608
+    return int(status.split()[-1])
 
 
 async def _fold_touched(connection: asyncpg.Connection) -> None:
     """Fold again the requests that got events in the swap transaction (phase 2), and the
     summary rows of their old and new keys."""
     columns, summary_columns, sums = _fold_sql()
+    await _create_staged_partitions(connection, "phase = 2")
     touched = "request_id IN (SELECT request_id FROM rebuild_events WHERE phase = 2)"
     await connection.execute(
         "CREATE TEMP TABLE rebuild_keys ON COMMIT DROP AS"  # noqa: S608

@@ -6,7 +6,9 @@ pair. Comparing: counts, sums and the ``EXCEPT ALL`` difference both ways on eve
 that says what a row holds (``IGNORED`` leaves out when it was written), with a few
 differing rows shown by key. Swapping, in the caller's transaction: inbound foreign keys
 dropped, the live table dropped or kept, the rebuilt one renamed into its place with the
-live indexes' names, owner and grants, and the foreign keys added back and validated.
+live indexes' names, owner and grants, and the foreign keys added back and validated. A
+partitioned table's partitions follow its name (``<table>_yYYYYmMM``), and their indexes
+are named after the partition and the parent index (``<partition>_pkey``, …).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from services.adapters.partitions import name_indexes
 from services.adapters.readmodels import SUMMARY_VALUES
 
 if TYPE_CHECKING:
@@ -174,6 +177,7 @@ async def swap(connection: asyncpg.Connection, keep_old: bool, stamp: str) -> li
         access = await _access(connection, table)
         if keep_old:
             old = _name(table, f"_before_rebuild_{stamp}")
+            await _rename_partitions(connection, table, table, old)
             await connection.execute(f"ALTER TABLE {table} RENAME TO {old}")
             for live_index in names.values():
                 renamed = _name(live_index, f"_before_rebuild_{stamp}")
@@ -184,6 +188,7 @@ async def swap(connection: asyncpg.Connection, keep_old: bool, stamp: str) -> li
         await connection.execute(f"ALTER TABLE {table}{SUFFIX} RENAME TO {table}")
         for rebuilt_index, live_index in names.items():
             await connection.execute(f'ALTER INDEX "{rebuilt_index}" RENAME TO "{live_index}"')
+        await _rename_partitions(connection, table, f"{table}{SUFFIX}", table)
         for r in outbound:
             await connection.execute(
                 f'ALTER TABLE {table} ADD CONSTRAINT "{r["conname"]}" {r["definition"]}'
@@ -196,6 +201,23 @@ async def swap(connection: asyncpg.Connection, keep_old: bool, stamp: str) -> li
         )
         await connection.execute(f'ALTER TABLE {source} VALIDATE CONSTRAINT "{name}"')
     return kept
+
+
+async def _rename_partitions(
+    connection: asyncpg.Connection, parent: str, old_prefix: str, new_prefix: str
+) -> None:
+    """Rename the partitions of ``parent`` from ``old_prefix…`` to ``new_prefix…``, and their
+    indexes after them (``partitions.name_indexes``)."""
+    children = await connection.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = $1::regclass AND c.relkind = 'r'",
+        parent,
+    )
+    for child in (r["relname"] for r in children):
+        if child.startswith(old_prefix):
+            renamed = _name(new_prefix, child[len(old_prefix) :])
+            await connection.execute(f'ALTER TABLE "{child}" RENAME TO "{renamed}"')
+            await name_indexes(connection, renamed, parent)
 
 
 async def _access(connection: asyncpg.Connection, table: str) -> list[str]:
@@ -220,6 +242,17 @@ async def _access(connection: asyncpg.Connection, table: str) -> list[str]:
             f"GRANT {grant['privilege_type']} ON {table} TO {grant['grantee']}{option}"
         )
     return statements
+
+
+async def name_rebuilt_indexes(connection: asyncpg.Connection, table: str) -> None:
+    """Name the indexes of ``<table>_rebuild`` (made by ``LIKE … INCLUDING ALL``, whose own
+    names are cut at 63 bytes) ``<table>_rebuild<what follows the live name's table>``, so
+    its partitions' indexes can be named after them (``partitions.name_indexes``)."""
+    rebuilt = f"{table}{SUFFIX}"
+    for index, live_index in (await _index_names(connection, table, rebuilt)).items():
+        name = _name(rebuilt, live_index.removeprefix(table))
+        if name != index:
+            await connection.execute(f'ALTER INDEX "{index}" RENAME TO "{name}"')
 
 
 async def _index_names(connection: asyncpg.Connection, live: str, rebuilt: str) -> dict[str, str]:

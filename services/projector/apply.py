@@ -6,6 +6,12 @@ decides what changes (new rows, winning revisions, summary deltas, adjustments),
 module writes exactly that, with the consumed offsets, in the same transaction. Replaying
 any prefix of the log therefore changes nothing, and a crash at any point leaves either the
 whole batch or none of it.
+
+``billing_transactions`` is partitioned by month (migration 005), so the database keys a
+row by (request_id, occurred_at): one row per request_id across months is kept here, by
+looking each request_id up in every partition (under the fence) before planning. Events of
+a retired month (``partitions.retired_before``) are counted and not applied; a month's
+partition is created the first time a row needs it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncpg
 
 from services.adapters.metrics import observe_reported_drift
 from services.adapters.offsets import Offsets, lock_offsets, store_offsets
+from services.adapters.partitions import create_partitions, retired_before
 from services.adapters.readmodels import (
     ADJUSTMENT_COLUMNS,
     SUMMARY_KEY,
@@ -26,7 +33,10 @@ from services.adapters.readmodels import (
     SummaryKey,
 )
 from services.core.events import Position, UsagePriced
+from services.core.periods import months_of
 from services.projector.plan import Row, plan
+
+_OCCURRED_AT = TRANSACTION_COLUMNS.index("occurred_at")
 
 
 @dataclass(slots=True)
@@ -34,6 +44,8 @@ class BatchResult:
     inserted: int = 0
     revised: int = 0
     duplicates: int = 0
+    retired: int = 0
+    """Events of a retired month: not applied (the month's totals are frozen)."""
 
 
 async def apply_batch(
@@ -59,8 +71,14 @@ async def apply_batch(
                     for e, p in zip(events, positions, strict=True)
                     if p.offset >= stored.get((p.topic, p.partition), 0)
                 ]
-        batch = plan(await _lock_rows(connection, {e.request_id for e in fresh}), fresh)
+        live = fresh
+        if (horizon := await retired_before(connection)) is not None:
+            live = [e for e in fresh if e.occurred_at >= horizon]
+        batch = plan(await _lock_rows(connection, {e.request_id for e in live}), live)
+        if batch.moved:
+            await _delete_moved(connection, batch.moved)
         if batch.rows:
+            await create_partitions(connection, months_of(row[_OCCURRED_AT] for row in batch.rows))
             await _upsert_transactions(connection, batch.rows)
         if batch.deltas:
             await _apply_summary(connection, batch.deltas)
@@ -73,7 +91,8 @@ async def apply_batch(
     observe_reported_drift(batch.drifts)  # after the commit: a retried batch counts once
     # Fenced-out events count as duplicates too: they were applied by an earlier batch.
     fenced = len(events) - len(fresh)
-    return BatchResult(batch.inserted, batch.revised, batch.duplicates + fenced)
+    retired = len(fresh) - len(live)
+    return BatchResult(batch.inserted, batch.revised, batch.duplicates + fenced, retired)
 
 
 async def _lock_rows(connection: asyncpg.Connection, request_ids: set[str]) -> dict[str, Row]:
@@ -84,6 +103,16 @@ async def _lock_rows(connection: asyncpg.Connection, request_ids: set[str]) -> d
         list(request_ids),
     )
     return {r["request_id"]: tuple(r.values()) for r in records}
+
+
+async def _delete_moved(connection: asyncpg.Connection, moved: list[tuple[str, Any]]) -> None:
+    """Delete the stored rows whose revision moved them to another occurred_at."""
+    await connection.execute(
+        "DELETE FROM billing_transactions WHERE (request_id, occurred_at) IN"
+        " (SELECT * FROM unnest($1::text[], $2::timestamptz[]))",
+        [request_id for request_id, _ in moved],
+        [occurred_at for _, occurred_at in moved],
+    )
 
 
 async def _upsert_transactions(connection: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -98,7 +127,7 @@ async def _upsert_transactions(connection: asyncpg.Connection, rows: list[tuple[
     await connection.execute(
         f"INSERT INTO billing_transactions ({', '.join(TRANSACTION_COLUMNS)})"  # noqa: S608
         f" SELECT {', '.join(TRANSACTION_COLUMNS)} FROM incoming_transactions"
-        f" ON CONFLICT (request_id) DO UPDATE SET {assignments}, projected_at = now()"
+        f" ON CONFLICT (request_id, occurred_at) DO UPDATE SET {assignments}, projected_at = now()"
         " WHERE billing_transactions.revision < EXCLUDED.revision"
     )
 

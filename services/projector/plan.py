@@ -7,6 +7,9 @@ a duplicate or a stale revision, which changes nothing. The summary moves by exa
 applied differences: + the new row's values at its key, − the replaced row's at its own
 (a revision can move a request to another day, model or key). Money is summed in the
 exact context, so a summary stays the exact sum of its transactions.
+
+A revision whose ``occurred_at`` differs from the stored row's lands in another partition
+key (migration 005): the stored row is listed in ``moved`` for the writer to delete.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ record fetched with those columns)."""
 _TOTAL = TRANSACTION_COLUMNS.index("total_cost")
 _REPORTED = TRANSACTION_COLUMNS.index("reported_cost")
 _REVISION = TRANSACTION_COLUMNS.index("revision")
+_OCCURRED_AT = TRANSACTION_COLUMNS.index("occurred_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,9 @@ class Plan:
     """Events that changed nothing (redeliveries, stale or superseded revisions)."""
     drifts: list[Decimal]
     """|total − reported charge| of each inserted row that has a reported charge."""
+    moved: list[tuple[str, Any]]
+    """(request_id, stored occurred_at) of replaced rows whose revision changed occurred_at:
+    the stored row is deleted, the new one inserted under its own key."""
 
 
 def newest_per_request(events: Iterable[UsagePriced]) -> list[UsagePriced]:
@@ -73,6 +80,7 @@ def plan(existing: Mapping[str, Row], events: Iterable[UsagePriced]) -> Plan:
     deltas: dict[SummaryKey, list[Any]] = {}
     adjustments: list[tuple[Any, ...]] = []
     drifts: list[Decimal] = []
+    moved: list[tuple[str, Any]] = []
     with localcontext(EXACT):  # 30-place sums need more than the default 28 digits
         for event in newest_per_request(events):
             old = existing.get(event.request_id)
@@ -86,6 +94,8 @@ def plan(existing: Mapping[str, Row], events: Iterable[UsagePriced]) -> Plan:
                     drifts.append(abs(difference(row[_TOTAL], charge)))
                 continue
             _add(deltas, summary_key(old), old[SUMMARY_VALUE_SLICE], -1)
+            if old[_OCCURRED_AT] != row[_OCCURRED_AT]:
+                moved.append((event.request_id, old[_OCCURRED_AT]))
             adjustments.append(
                 (
                     event.request_id,
@@ -107,6 +117,7 @@ def plan(existing: Mapping[str, Row], events: Iterable[UsagePriced]) -> Plan:
         revised=len(adjustments),
         duplicates=len(events) - len(rows),
         drifts=drifts,
+        moved=moved,
     )
 
 

@@ -4,6 +4,9 @@ Exactly-once comes from PostgreSQL, not from Kafka: a batch's rows and its offse
 one transaction, and on (re)assignment each partition is positioned at the offset stored
 there. A database outage stalls the loop (the batch is retried with backoff) rather than
 losing or skipping anything; undecodable messages go to the dead-letter topic first.
+Between batches, at start and then hourly, it keeps the monthly partitions of
+``billing_transactions`` ahead of time and retires months past the retention setting
+(``services.adapters.partitions``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from services.adapters import metrics
 from services.adapters.database import create_pool
 from services.adapters.kafka import make_consumer, make_producer
 from services.adapters.offsets import stored_offsets
+from services.adapters.partitions import (
+    RetentionAction,
+    create_partitions,
+    months_ahead,
+    retention_cutoff,
+    retire,
+)
 from services.adapters.readmodels import PROJECTOR_CONSUMER
 from services.adapters.topics import Topics, dead_letter_headers
 from services.core.backoff import Backoff
@@ -34,6 +44,8 @@ log = logging.getLogger("billing.projector")
 
 DEFAULT_TOPICS = Topics()
 GROUP = "billing-projector"
+MAINTENANCE_SECONDS = 3600.0
+"""How often partitions are created ahead and old months retired (and once at start)."""
 RETRYABLE = (
     OSError,
     asyncpg.PostgresConnectionError,
@@ -111,6 +123,8 @@ class Projector:
         group: str = GROUP,
         batch_max: int = 5000,
         retry_max_seconds: float = 5.0,
+        retention_months: int | None = None,
+        retention_action: RetentionAction = "detach",
     ) -> None:
         self.bootstrap = bootstrap
         self.database_url = database_url
@@ -118,6 +132,8 @@ class Projector:
         self.group = group
         self.batch_max = batch_max
         self.retry_max_seconds = retry_max_seconds
+        self.retention_months = retention_months
+        self.retention_action: RetentionAction = retention_action
 
     async def run(self, stop: asyncio.Event) -> None:
         pool = await _wait_for_pool(self.database_url, stop)
@@ -133,8 +149,12 @@ class Projector:
         await consumer.start()
         await producer.start()
         log.info("projecting %s into PostgreSQL", self.topics.costs)
+        maintained = -MAINTENANCE_SECONDS
         try:
             while not stop.is_set():
+                if time.monotonic() - maintained >= MAINTENANCE_SECONDS:
+                    await self._maintain(pool)
+                    maintained = time.monotonic()
                 fetched = await consumer.getmany(timeout_ms=500, max_records=self.batch_max)
                 # Only what was fetched after the listener's seek (see _SeekToStored).
                 positioned = listener.positioned
@@ -150,6 +170,18 @@ class Projector:
             await consumer.stop()
             await producer.stop()
             await pool.close()
+
+    async def _maintain(self, pool: asyncpg.Pool) -> None:
+        """Partitions ahead, old months retired; a failure is logged and tried next time."""
+        now = datetime.now(UTC)
+        try:
+            async with pool.acquire() as connection:
+                await create_partitions(connection, months_ahead(now))
+                if self.retention_months is not None:
+                    cutoff = retention_cutoff(now, self.retention_months)
+                    await retire(connection, cutoff, self.retention_action)
+        except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            log.warning("partition maintenance failed (%r); trying again later", exc)
 
     async def _handle(
         self,
@@ -190,6 +222,13 @@ class Projector:
         metrics.DB_WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.PROJECTED.inc(result.inserted + result.revised)
         metrics.DUPLICATES.inc(result.duplicates)
+        metrics.RETIRED_SKIPPED.inc(result.retired)
+        if result.retired:
+            log.warning(
+                "%d events of retired months not applied (their totals are frozen; the log "
+                "keeps them)",
+                result.retired,
+            )
         if events:
             newest = max(e.recorded_at for e in events)
             metrics.PIPELINE_LAG.labels("projector").set(

@@ -20,8 +20,10 @@ import asyncpg
 import pytest
 
 from services.adapters.database import init_connection
+from services.adapters.partitions import retire
 from services.adapters.readmodels import SUMMARY_VALUES, summary_key, transaction_row
 from services.core.events import UsagePriced
+from services.core.periods import add_months, month_of
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.jobs import rebuild_reader
@@ -34,15 +36,18 @@ pytestmark = pytest.mark.integration
 Rows = dict[tuple[Any, ...], dict[str, Any]]
 
 
-def scaled(book: InMemoryPriceBook, factor: Decimal) -> InMemoryPriceBook:
-    """A book whose prompt and completion prices are ``factor`` times ``book``'s."""
+def scaled(
+    book: InMemoryPriceBook, factor: Decimal, since: datetime = T0 - timedelta(days=365)
+) -> InMemoryPriceBook:
+    """A book whose prompt and completion prices are ``factor`` times ``book``'s, in effect
+    from ``since``."""
     other = InMemoryPriceBook()
     for model in book.models():
         pricing = book.lookup(model, T0).pricing
         cheaper = pricing.__class__(
             prompt=pricing.prompt * factor, completion=pricing.completion * factor
         )
-        other.record(model, cheaper, effective_from=T0 - timedelta(days=365))
+        other.record(model, cheaper, effective_from=since)
     return other
 
 
@@ -145,13 +150,15 @@ async def run_rebuild(pipeline: Pipeline, *args: str) -> tuple[int, dict[str, An
 
 
 async def catalogue(url: str) -> tuple[set[str], list[tuple[str, str, bool]], set[str]]:
-    """(indexes of the read models, foreign keys of billing_adjustments, tables)."""
+    """(indexes of the read models and of their partitions, foreign keys of
+    billing_adjustments, tables)."""
     connection = await asyncpg.connect(url)
     try:
         indexes = {
             r["indexname"]
             for r in await connection.fetch(
-                "SELECT indexname FROM pg_indexes WHERE tablename = ANY($1::text[])",
+                "SELECT indexname FROM pg_indexes WHERE tablename = ANY($1::text[])"
+                " OR tablename LIKE 'billing\\_transactions\\_y%'",
                 ["billing_transactions", "tenant_billing_summary"],
             )
         }
@@ -216,17 +223,12 @@ async def test_rebuild_equals_the_live_models_and_the_projector_goes_on(
     assert report["swapped"] and report["equal"] and report["kept"] == []
     assert await read_models(pipeline.database_url) == live
     after = await catalogue(pipeline.database_url)
-    assert after[0] == before[0]  # the same index (and constraint) names
-    assert after[1] == [("billing_adjustments_request_id_fkey", "billing_transactions", True)]
-    assert after[2] == before[2]  # nothing left behind
+    assert after[0] == before[0]  # the same index (and constraint) names, partitions' too
+    assert any("_y20" in name for name in after[0])
+    assert after[1] == before[1] == []  # migration 005: adjustments outlive retired months
+    assert after[2] == before[2]  # the same partitions, nothing left behind
     connection = await asyncpg.connect(pipeline.database_url)
     try:
-        with pytest.raises(asyncpg.ForeignKeyViolationError):
-            await connection.execute(
-                "INSERT INTO billing_adjustments (request_id, tenant_id, old_revision,"
-                " new_revision, old_total_cost, new_total_cost, delta_cost, price_version,"
-                " reason) VALUES ('no-such-request', 'tenant-0', 1, 2, 0, 0, 0, 1, 'test')"
-            )
         adjustments = await connection.fetchval("SELECT count(*) FROM billing_adjustments")
     finally:
         await connection.close()
@@ -464,3 +466,46 @@ async def test_the_summary_key_in_sql_is_the_projectors(
                 assert tuple(computed) == summary_key(row)
     finally:
         await connection.close()
+
+
+async def test_rebuild_keeps_partitions_and_retired_months_frozen(
+    pipeline: Pipeline, snapshot_book: InMemoryPriceBook
+) -> None:
+    """Requests over four months; the oldest retired (its partition detached) while the
+    projector runs, then a late event for it: the rebuild folds none of that month's events,
+    keeps its summary rows, equals the live models and leaves the partitions as they were."""
+    book = scaled(snapshot_book, Decimal(1), T0 - timedelta(days=800))
+    months = [T0 - timedelta(days=95), T0 - timedelta(days=40), T0, T0 + timedelta(days=35)]
+    facts = [
+        recorded(n, random.Random(n)).model_copy(
+            update={"occurred_at": months[n % 4], "recorded_at": months[n % 4]}
+        )
+        for n in range(40)
+    ]
+    events = [rate(f, book, priced_at=T0) for f in facts]
+    await produce(pipeline.bootstrap, pipeline.topics.costs, encoded(events))
+    pipeline.start("projector")
+    await wait_committed(pipeline, len(events))
+    connection = await asyncpg.connect(pipeline.database_url)
+    try:
+        oldest = month_of(months[0])
+        retired = await retire(connection, add_months(oldest, 1))
+        assert [r.month for r in retired] == [oldest] and retired[0].transactions == 10
+    finally:
+        await connection.close()
+    late = rate(facts[0].model_copy(update={"request_id": "late-0"}), book, priced_at=T0)
+    await produce(pipeline.bootstrap, pipeline.topics.costs, encoded([late]))
+    await wait_committed(pipeline, len(events) + 1)
+    live = await read_models(pipeline.database_url)
+    assert len(live[0]) == 30
+    assert "late-0" not in {k[0] for k in live[0]}
+    before = await catalogue(pipeline.database_url)
+
+    status, report, out = await run_rebuild(pipeline, "--dry-run")
+    assert status == 0, out
+    assert report["equal"] and report["retired_events"] == 11
+    status, report, out = await run_rebuild(pipeline)
+    assert status == 0, out
+    assert report["swapped"] and report["equal"] and report["transactions"] == 30
+    assert await read_models(pipeline.database_url) == live
+    assert await catalogue(pipeline.database_url) == before

@@ -1,0 +1,43 @@
+"""UTC calendar months: the read models' partitions, retention and (later) budgets and
+invoices are cut by them. Pure date arithmetic; an instant's month is its UTC month."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, date, datetime
+
+
+def month_of(instant: datetime) -> date:
+    """The first day of ``instant``'s UTC month (``instant`` must be timezone-aware)."""
+    if instant.tzinfo is None:
+        raise ValueError(f"{instant!r} has no timezone")
+    utc = instant.astimezone(UTC)
+    return date(utc.year, utc.month, 1)
+
+
+def add_months(month: date, count: int) -> date:
+    """The first day of the month ``count`` months after (before, when negative) ``month``."""
+    index = month.year * 12 + month.month - 1 + count
+    return date(index // 12, index % 12 + 1, 1)
+
+
+def month_bounds(month: date) -> tuple[datetime, datetime]:
+    """[first instant, first instant of the next month) of ``month``, in UTC."""
+    start = datetime(month.year, month.month, 1, tzinfo=UTC)
+    end = add_months(month, 1)
+    return start, datetime(end.year, end.month, 1, tzinfo=UTC)
+
+
+def months_of(instants: Iterable[datetime]) -> set[date]:
+    """The distinct UTC months of ``instants``."""
+    return {month_of(instant) for instant in instants}
+
+
+def month_range(first: date, last: date) -> list[date]:
+    """Every month from ``first`` to ``last``, both included (empty when ``last`` is earlier)."""
+    months = []
+    month = date(first.year, first.month, 1)
+    while month <= last:
+        months.append(month)
+        month = add_months(month, 1)
+    return months
