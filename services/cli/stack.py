@@ -233,7 +233,9 @@ def fake_upstream_cmd(host: str, port: int, latency_ms: int, completion_tokens: 
     from services.local.fake_upstream import FakeConfig, create_fake_upstream
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets made with it; without it every
+    # keep-alive answer after the first waited ~40 ms for a delayed ACK (measured).
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))
