@@ -21,6 +21,10 @@ projector``) and measures:
    ``projected_at - occurred_at`` of every row (client and PostgreSQL share this machine's
    clock; ``projected_at`` is ``now()``, the start of the projector's transaction).
 
+With ``--history R``, R transactions spread over the 12 months before this one are generated
+into ``billing_transactions`` first (server-side, one partition per month): the projector
+then looks every request_id up in 13 partitions of realistic size, as it does in production.
+
 Pricer and projector also serve /metrics (``BILLING_METRICS_PORT``): their batch sizes,
 transaction times and counters are printed under the table, with each process's CPU use.
 The machine is shared and noisy: compare the ratios, not the absolute figures.
@@ -28,6 +32,7 @@ The machine is shared and noisy: compare the ratios, not the absolute figures.
     .venv/bin/python bench/pipeline.py            # N = 50,000, 60 s at 1,000 events/s
     .venv/bin/python bench/pipeline.py --quick    # smoke run: N = 6,000, 10 s (< 1 min)
     .venv/bin/python bench/pipeline.py --events 20000 --duration 30 --rate 1000
+    .venv/bin/python bench/pipeline.py --history 20000000   # a year of partitions first
 """
 
 from __future__ import annotations
@@ -60,11 +65,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.adapters.database import init_connection, migrate
 from services.adapters.kafka import ensure_topics, make_consumer, make_producer
-from services.adapters.readmodels import TRANSACTION_COLUMNS
+from services.adapters.partitions import create_partitions
+from services.adapters.readmodels import COST_COLUMNS, COUNT_COLUMNS, TRANSACTION_COLUMNS
 from services.adapters.readmodels import transaction_row as _row
 from services.adapters.topics import Topics
 from services.core.catalogue import apply_catalogue, default_catalogue
 from services.core.events import ReportedCharge, UsageCounts, UsagePriced, UsageRecorded
+from services.core.periods import add_months, month_bounds, month_of, month_range
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.core.usage import parse_usage
@@ -215,8 +222,13 @@ class Bench:
     async def count(self, like: str = "%") -> int:
         connection = await asyncpg.connect(self.database_url)
         try:
-            sql = "SELECT count(*) FROM billing_transactions WHERE request_id LIKE $1"
-            return int(await connection.fetchval(sql, like))
+            # This month's partition only: --history fills the earlier ones.
+            sql = (
+                "SELECT count(*) FROM billing_transactions WHERE request_id LIKE $1"
+                " AND occurred_at >= $2"
+            )
+            since = month_bounds(month_of(datetime.now(UTC)))[0]
+            return int(await connection.fetchval(sql, like, since))
         finally:
             await connection.close()
 
@@ -409,6 +421,45 @@ async def bench_projector(bench: Bench, priced: list[UsagePriced]) -> dict[str, 
     return result
 
 
+async def fill_history(database_url: str, rows: int, now: datetime) -> float:
+    """``rows`` transactions over the 12 months before ``now``'s (a partition each), generated
+    by PostgreSQL itself; return the seconds it took."""
+    current = month_of(now)
+    months = month_range(add_months(current, -12), add_months(current, -1))
+    per_month = rows // len(months)
+    counts = ", ".join("1" if c == "requests" else "(g % 900) + 1" for c in COUNT_COLUMNS)
+    costs = ", ".join("((g % 900) + 1) * 0.000000150" for _ in COST_COLUMNS)
+    columns = ", ".join(
+        ["request_id", "tenant_id", "api_key_id", "provider", "provider_model_id", "model",
+         "occurred_at", "recorded_at", "usage_source", *COUNT_COLUMNS, *COST_COLUMNS,
+         "price_version", "revision", "priced_at"]
+    )  # fmt: skip
+    started = time.monotonic()
+    connection = await asyncpg.connect(database_url)
+    try:
+        await create_partitions(connection, months)
+        await connection.execute("SET synchronous_commit = off")
+        for index, month in enumerate(months, start=1):
+            start, end = month_bounds(month)
+            step = (end - start) / per_month
+            await connection.execute(
+                f"INSERT INTO billing_transactions ({columns})"  # noqa: S608  # fixed names
+                f" SELECT 'h-{month:%Y%m}-' || g, 'tenant-' || lpad((g % 12)::text, 2, '0'),"
+                " 'key-' || (g % 5), 'openrouter', 'openai/gpt-4o-mini', 'openai/gpt-4o-mini',"
+                " $1::timestamptz + g * $2::interval, $1::timestamptz + g * $2::interval,"
+                f" 'reported', {counts}, {costs}, 1, 1, $1::timestamptz"
+                " FROM generate_series(0, $3::int - 1) AS g",
+                start,
+                step,
+                per_month,
+            )
+            print(f"history {index}/{len(months)} months", end="\r", flush=True)
+        await connection.execute("VACUUM ANALYZE billing_transactions")
+    finally:
+        await connection.close()
+    return time.monotonic() - started
+
+
 async def offer(client: httpx.AsyncClient, body: bytes) -> int:
     """POST under load: a failed request counts as 0 accepted (reported), not as a crash."""
     try:
@@ -563,6 +614,9 @@ async def main(args: argparse.Namespace) -> None:
         book = InMemoryPriceBook()
         apply_catalogue(book, default_catalogue(), observed_at=now, source="snapshot")
         priced = [rate(e, book, priced_at=now) for e in recorded]
+        if args.history:
+            took = await fill_history(database_url, args.history, now)
+            print(f"history: {args.history:,} transactions over 12 months in {took:.0f} s")
         clock = time.monotonic()
         print("1/4 ingest …", end=" ", flush=True)
         ing = await bench_ingest(bench, items, now)
@@ -588,6 +642,9 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, help="N for ingest, pricer, projector")
     parser.add_argument("--duration", type=float, help="seconds of end-to-end load")
     parser.add_argument("--rate", type=float, default=1000.0, help="offered events/s (e2e)")
+    parser.add_argument(
+        "--history", type=int, default=0, help="transactions generated over the past 12 months"
+    )
     arguments = parser.parse_args()
     arguments.events = arguments.events or (6_000 if arguments.quick else 50_000)
     arguments.duration = arguments.duration or (10.0 if arguments.quick else 60.0)
