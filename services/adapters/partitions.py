@@ -15,6 +15,7 @@ what keeps a batch from writing to a month that is being retired.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -51,6 +52,14 @@ class RetiredMonth:
     action: str
     partition: str
     retired_at: datetime
+
+
+def _identifier(name: str) -> str:
+    """``name`` if it fits PostgreSQL's 63 bytes, else its first 54 characters and a hash of
+    the whole (cutting alone could give two indexes of one partition the same name)."""
+    if len(name.encode()) <= 63:
+        return name
+    return f"{name[:54]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"  # noqa: S324 - a name
 
 
 async def partition_months(connection: asyncpg.Connection, table: str = TABLE) -> set[date]:
@@ -97,7 +106,7 @@ async def name_indexes(connection: asyncpg.Connection, partition: str, parent: s
         partition,
     ):
         role = index["parent"].removeprefix(parent).lstrip("_")
-        name = f"{partition}_{role}"[:63]  # the partition's name (its month) kept whole
+        name = _identifier(f"{partition}_{role}")
         if name != index["name"]:
             await connection.execute(f'ALTER INDEX "{index["name"]}" RENAME TO "{name}"')
 

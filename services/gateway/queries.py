@@ -111,6 +111,11 @@ async def transactions(
         where("api_key_id = ?", api_key_id)
     if model is not None:
         where("(model = ? OR provider_model_id = ?)", model)
+        # The same rows, narrowed to the canonical model the id resolves to, so the page
+        # walks the (tenant_id, model, occurred_at) index instead of every row of the tenant
+        # (a provider's id for a model is priced, and stored, under its canonical id).
+        if (canonical := resources_of(request).prices.book.resolve(model)) is not None:
+            where("model = ?", canonical)
     if (start := _aware(since, "since")) is not None:
         where("occurred_at >= ?", start)
     if (end := _aware(until, "until")) is not None:
@@ -119,6 +124,8 @@ async def transactions(
         stamp, last_id = _decode_cursor(cursor)
         args.extend([stamp, last_id])
         conditions.append(f"(occurred_at, request_id) < (${len(args) - 1}, ${len(args)})")
+        # Implied by the line above; stated so the months after the cursor are pruned.
+        conditions.append(f"occurred_at <= ${len(args) - 1}")
     args.append(limit + 1)
     # Identifiers are constants; every value is a bound parameter.
     sql = (

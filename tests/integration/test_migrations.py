@@ -94,7 +94,7 @@ async def test_partitioning_keeps_every_existing_row(
             r["request_id"]: dict(r)
             for r in await connection.fetch("SELECT * FROM billing_transactions")
         }
-        assert await migrate(empty_database_url) == ["005_partitioned_transactions"]
+        assert (await migrate(empty_database_url))[0] == "005_partitioned_transactions"
         after = {
             r["request_id"]: dict(r)
             for r in await connection.fetch("SELECT * FROM billing_transactions")

@@ -26,6 +26,9 @@ pytestmark = pytest.mark.integration
 async def seeded(database_url: str, snapshot_book: InMemoryPriceBook) -> str:
     rng = random.Random(3)
     events = [rate(recorded(n, rng), snapshot_book, priced_at=T0) for n in range(120)]
+    # Two requests that named gpt-5 by a provider's own id (priced under the canonical one).
+    for n in (1, 4):
+        events[n] = events[n].model_copy(update={"provider_model_id": "gpt-5-provider-id"})
     connection = await asyncpg.connect(database_url)
     await init_connection(connection)
     try:
@@ -67,6 +70,19 @@ def test_filters(client: TestClient) -> None:
     assert by_key and all(
         t["api_key_id"] == "key-0" and t["model"] == "openai/gpt-5" for t in by_key
     )
+    by_model = {
+        name: {
+            t["request_id"]
+            for t in client.get(
+                "/internal/billing/transactions",
+                params={"tenant_id": "tenant-1", "model": name, "limit": 100},
+            ).json()["transactions"]
+        }
+        for name in ("openai/gpt-5", "gpt-5-provider-id", "no-such-model")
+    }
+    assert by_model["gpt-5-provider-id"] == {"req-1", "req-4"}
+    assert by_model["gpt-5-provider-id"] < by_model["openai/gpt-5"]
+    assert by_model["no-such-model"] == set()
     window = client.get(
         "/internal/billing/transactions",
         params={

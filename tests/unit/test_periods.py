@@ -46,3 +46,12 @@ def test_partition_schedule() -> None:
     assert (
         partition_name("billing_transactions", date(2003, 5, 1)) == "billing_transactions_y2003m05"
     )
+
+
+def test_long_index_names_stay_distinct() -> None:
+    from services.adapters.partitions import _identifier
+
+    part = "billing_transactions_before_rebuild_20261202122435_y2027m01"
+    names = {_identifier(f"{part}_{role}") for role in ("tenant_time", "tenant_model_time")}
+    assert len(names) == 2 and all(len(n) <= 63 for n in names)
+    assert _identifier("billing_transactions_y2027m01_pkey") == "billing_transactions_y2027m01_pkey"
