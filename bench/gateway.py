@@ -541,6 +541,37 @@ def serve_forwarder(port: int, upstream: str) -> None:
     uvicorn.run(forwarder_app(upstream), host=HOST, port=port, log_level="warning")
 
 
+def serve_aiohttp_forwarder(port: int, upstream: str) -> None:
+    """The same minimal forwarder on aiohttp's server and client (the issue's lighter-stack
+    reference): what a proxy costs without uvicorn, h11, FastAPI and httpx."""
+    from aiohttp import ClientSession, TCPConnector, web
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        session: ClientSession = request.app["session"]
+        body = await request.read()
+        headers = {"content-type": "application/json"}
+        async with session.post(f"{upstream}/chat/completions", data=body, headers=headers) as up:
+            answer = web.StreamResponse(status=up.status)
+            answer.content_type = up.content_type
+            if up.content_length is not None:
+                answer.content_length = up.content_length
+            await answer.prepare(request)
+            async for chunk in up.content.iter_any():
+                await answer.write(chunk)
+            await answer.write_eof()
+            return answer
+
+    async def session(app: web.Application) -> Any:
+        app["session"] = ClientSession(connector=TCPConnector(limit=512))
+        yield
+        await app["session"].close()
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", forward)  # like the ASGI forwarder: any path
+    app.cleanup_ctx.append(session)
+    web.run_app(app, host=HOST, port=port, print=None, access_log=None)
+
+
 # -- the processes -----------------------------------------------------------------------------
 
 
@@ -707,6 +738,7 @@ class Targets:
     gateway2: int = 0  # 0: not started (``--workers``)
     canned: int = 0
     forwarder: int = 0  # the minimal forwarder (the CPU-per-request reference)
+    aioforwarder: int = 0  # the same on aiohttp's server and client
 
 
 class Bench:
@@ -717,7 +749,7 @@ class Bench:
         t = targets
         self.names = {t.upstream: "upstream", t.gateway: "gateway", t.gateway2: "gateway2",
                       t.quiet: "quiet", t.canned: "canned",
-                      t.forwarder: "forwarder"}  # fmt: skip
+                      t.forwarder: "forwarder", t.aioforwarder: "aioforwarder"}  # fmt: skip
         self.billed: list[str] = []  # request ids answered 200 by an emitting gateway
         self.results: dict[str, Phase] = {}
         self.low: dict[str, float] = {}  # the sustainable rate, per kind
@@ -725,7 +757,8 @@ class Bench:
         self.cpu: dict[str, tuple[Phase, float]] = {}  # key: (phase, CPU ms per request)
 
     def request(self, port: int, stream: bool) -> bytes:
-        if port in (self.targets.upstream, self.targets.canned, self.targets.forwarder):
+        t = self.targets
+        if port in (t.upstream, t.canned, t.forwarder, t.aioforwarder):
             return http_request("/api/v1/chat/completions", stream)
         return http_request("/v1/chat/completions", stream, self.targets.key)
 
@@ -839,10 +872,11 @@ class Bench:
 
 async def run_cpu_phases(bench: Bench) -> None:
     """CPU per request at a fixed rate every target sustains: the fake upstream alone, the
-    minimal forwarder, the gateway (emission on)."""
+    minimal forwarder on the gateway's stack and on aiohttp's, the gateway (emission on)."""
     t, a = bench.targets, bench.args
     targets = (("direct", "direct upstream", t.upstream),
                ("forwarder", "minimal forwarder", t.forwarder),
+               ("aioforwarder", "minimal forwarder, aiohttp", t.aioforwarder),
                ("gateway", "gateway, emission on", t.gateway))  # fmt: skip
     for kind in a.kinds:
         for mode, name, port in targets:
@@ -870,6 +904,9 @@ def report_cpu(bench: Bench) -> None:
         label = f"CPU ms/request, gateway, {kind.upper()}"
         print(f"{label:<46}{mine:>10.2f}{ref:>11.2f}{mine / ref:>7.2f}  [minimal forwarder] "
               f"<= 1.0 ms {verdict(mine <= 1.0)}, <= 3x {verdict(mine <= 3 * ref)}")  # fmt: skip
+        light = bench.cpu[f"cpu-aioforwarder-{kind}"][1]
+        label = f"  the same forwarder on aiohttp, {kind.upper()}"
+        print(f"{label:<46}{light:>10.2f}{ref:>11.2f}{light / ref:>7.2f}  [minimal forwarder]")
 
 
 async def run_phases(bench: Bench) -> None:
@@ -1156,9 +1193,11 @@ async def main(args: argparse.Namespace) -> None:
         run_id = secrets.token_hex(3)
         prefixes = {"on": f"bench-gw-{run_id}-on.", "off": f"bench-gw-{run_id}-off."}
         gateways = ("gateway", "quiet") if args.workers else ("gateway", "gateway2", "quiet")
-        ports = {p: free_port() for p in ("upstream", *gateways, "canned", "forwarder")}
+        references = ("canned", "forwarder", "aioforwarder")
+        ports = {p: free_port() for p in ("upstream", *gateways, *references)}
         if args.workers:  # the gateway's throughput and latency: no CPU-per-request phases
-            del ports["canned"], ports["forwarder"]
+            for reference in references:
+                del ports[reference]
         stack.env = {**os.environ, "BILLING_KAFKA_BOOTSTRAP": broker.bootstrap,
                      "BILLING_DATABASE_URL": urlunsplit(urlsplit(base)._replace(path=f"/{name}")),
                      "BILLING_DATA_DIR": str(workdir), "BILLING_CATALOGUE_SYNC": "false",
@@ -1175,9 +1214,10 @@ async def main(args: argparse.Namespace) -> None:
         if not args.workers:
             stack.start("canned", [sys.executable, __file__, "--canned-server",
                                    str(ports["canned"])])  # fmt: skip
-            stack.start("forwarder", [sys.executable, __file__, "--forwarder",
-                                      str(ports["forwarder"]), "--upstream",
-                                      stack.env["OPENROUTER_BASE_URL"]])  # fmt: skip
+            for forwarder in ("forwarder", "aioforwarder"):
+                stack.start(forwarder, [sys.executable, __file__, f"--{forwarder}",
+                                        str(ports[forwarder]), "--upstream",
+                                        stack.env["OPENROUTER_BASE_URL"]])  # fmt: skip
         for gateway in gateways:
             mode = "off" if gateway == "quiet" else "on"
             workers = ["--workers", str(args.workers)] if args.workers else []
@@ -1187,9 +1227,10 @@ async def main(args: argparse.Namespace) -> None:
                         BILLING_EMIT_USAGE="false" if mode == "off" else "true")  # fmt: skip
         await stack.ready("upstream", f"http://{HOST}:{ports['upstream']}/docs")
         if not args.workers:
-            forwarder = f"http://{HOST}:{ports['forwarder']}/chat/completions"
             body = b'{"model": "openai/gpt-4o-mini", "messages": []}'
-            await stack.ready("forwarder", forwarder, "POST", body)
+            for forwarder in ("forwarder", "aioforwarder"):
+                url = f"http://{HOST}:{ports[forwarder]}/chat/completions"
+                await stack.ready(forwarder, url, "POST", body)
         for gateway in gateways:
             await stack.ready(gateway, f"http://{HOST}:{ports[gateway]}/readyz")
         bench = Bench(args, stack, Targets(**ports, key=key))
@@ -1246,10 +1287,14 @@ if __name__ == "__main__":
     parser.add_argument("--cpu-seconds", type=float, help="seconds per such phase (10)")
     parser.add_argument("--canned-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--forwarder", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--aioforwarder", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.forwarder:
         serve_forwarder(arguments.forwarder, arguments.upstream)
+        sys.exit(0)
+    if arguments.aioforwarder:
+        serve_aiohttp_forwarder(arguments.aioforwarder, arguments.upstream)
         sys.exit(0)
     if arguments.canned_server:
         with contextlib.suppress(KeyboardInterrupt):
