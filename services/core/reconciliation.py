@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import date, datetime
 from decimal import Context, Decimal
 
 from services.core import money
 from services.core.money import ZERO, product, total
+from services.core.periods import month_bounds
 
 ROUNDED = Context(prec=60)
 """For display and ratios only, never for sums."""
@@ -91,9 +92,7 @@ def parse_month(text: str) -> tuple[datetime, datetime]:
     try:
         if match is None:
             raise ValueError
-        year, month = int(match.group(1)), int(match.group(2))
-        start = datetime(year, month, 1, tzinfo=UTC)
-        end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+        bounds = month_bounds(date(int(match.group(1)), int(match.group(2)), 1))
     except ValueError:  # no match, month 13, year 0 or past 9998
         raise ValueError(f"--month must be YYYY-MM, e.g. 2026-11 (got {text!r:.40})") from None
-    return start, end
+    return bounds
