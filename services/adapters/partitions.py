@@ -62,16 +62,21 @@ def _identifier(name: str) -> str:
     return f"{name[:54]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"  # noqa: S324 - a name
 
 
-async def partition_months(connection: asyncpg.Connection, table: str = TABLE) -> set[date]:
-    """The months ``table`` has a partition for (by the partitions' names)."""
+async def partition_names(connection: asyncpg.Connection, table: str = TABLE) -> list[str]:
+    """The names of ``table``'s partitions (none for a table that is not partitioned)."""
     rows = await connection.fetch(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
         " WHERE i.inhparent = $1::regclass",
         table,
     )
+    return [row["relname"] for row in rows]
+
+
+async def partition_months(connection: asyncpg.Connection, table: str = TABLE) -> set[date]:
+    """The months ``table`` has a partition for (by the partitions' names)."""
     months = set()
-    for row in rows:
-        if (match := _NAME.search(row["relname"])) is not None:
+    for name in await partition_names(connection, table):
+        if (match := _NAME.search(name)) is not None:
             months.add(date(int(match.group(1)), int(match.group(2)), 1))
     return months
 

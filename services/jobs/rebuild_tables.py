@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from services.adapters.partitions import name_indexes
+from services.adapters.partitions import name_indexes, partition_names
 from services.adapters.readmodels import SUMMARY_VALUES
 
 if TYPE_CHECKING:
@@ -208,12 +208,7 @@ async def _rename_partitions(
 ) -> None:
     """Rename the partitions of ``parent`` from ``old_prefix…`` to ``new_prefix…``, and their
     indexes after them (``partitions.name_indexes``)."""
-    children = await connection.fetch(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-        " WHERE i.inhparent = $1::regclass AND c.relkind = 'r'",
-        parent,
-    )
-    for child in (r["relname"] for r in children):
+    for child in await partition_names(connection, parent):
         if child.startswith(old_prefix):
             renamed = _name(new_prefix, child[len(old_prefix) :])
             await connection.execute(f'ALTER TABLE "{child}" RENAME TO "{renamed}"')
