@@ -491,22 +491,23 @@ async def serve_canned(port: int) -> None:
 
 
 def forwarder_app(upstream: str) -> Any:
-    """A minimal forwarder on the gateway's own stack (uvicorn, httpx to the upstream): a raw
-    ASGI app that reads the body, sends it upstream and passes the answer back chunk by chunk
-    — no auth, no billing, no framework. What the gateway costs beyond it is its own work."""
-    state: dict[str, httpx.AsyncClient] = {}
+    """A minimal forwarder on the gateway's own stack (uvicorn, a raw ASGI route, aiohttp's
+    client to the upstream): it reads the body, sends it upstream and passes the answer back
+    chunk by chunk — no auth, no billing. What the gateway costs beyond it is its own work."""
+    from aiohttp import ClientSession, TCPConnector
+
+    state: dict[str, ClientSession] = {}
     headers = {"content-type": "application/json"}
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    state["client"] = httpx.AsyncClient(base_url=upstream, limits=limits)
+                    state["session"] = ClientSession(connector=TCPConnector(limit=512))
                     await send({"type": "lifespan.startup.complete"})
                 else:
-                    await state["client"].aclose()
+                    await state["session"].close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         body = b""
@@ -515,21 +516,15 @@ def forwarder_app(upstream: str) -> Any:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        client = state["client"]
-        request = client.build_request("POST", "/chat/completions", content=body, headers=headers)
-        answer = await client.send(request, stream=True)
-        try:
-            relayed = [
-                (name.encode(), answer.headers[name].encode())
-                for name in ("content-type", "content-length")
-                if name in answer.headers
-            ]
-            await send({"type": "http.response.start", "status": answer.status_code,
+        url = f"{upstream}/chat/completions"
+        async with state["session"].post(url, data=body, headers=headers) as answer:
+            relayed = [(b"content-type", answer.headers["content-type"].encode())]
+            if answer.content_length is not None:
+                relayed.append((b"content-length", str(answer.content_length).encode()))
+            await send({"type": "http.response.start", "status": answer.status,
                         "headers": relayed})  # fmt: skip
-            async for chunk in answer.aiter_raw():
+            async for chunk in answer.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        finally:
-            await answer.aclose()
         await send({"type": "http.response.body", "body": b""})
 
     return app
@@ -543,7 +538,7 @@ def serve_forwarder(port: int, upstream: str) -> None:
 
 def serve_aiohttp_forwarder(port: int, upstream: str) -> None:
     """The same minimal forwarder on aiohttp's server and client (the issue's lighter-stack
-    reference): what a proxy costs without uvicorn, h11, FastAPI and httpx."""
+    reference): what a proxy costs without uvicorn and ASGI."""
     from aiohttp import ClientSession, TCPConnector, web
 
     async def forward(request: web.Request) -> web.StreamResponse:
@@ -1108,13 +1103,14 @@ async def verify(bench: Bench, bootstrap: str, prefixes: dict[str, str]) -> dict
 
 
 COMPONENTS = (
-    ("(httpcore/", "httpx + httpcore (the upstream client)"),
-    ("(httpx/", "httpx + httpcore (the upstream client)"),
-    ("(aiohttp/", "aiohttp (the upstream client's transport)"),
-    ("(multidict/", "aiohttp (the upstream client's transport)"),
-    ("(yarl/", "aiohttp (the upstream client's transport)"),
-    ("(h11/", "uvicorn + h11 (the HTTP server)"),
-    ("(uvicorn/", "uvicorn + h11 (the HTTP server)"),
+    ("(httpcore/", "httpx + httpcore"),
+    ("(httpx/", "httpx + httpcore"),
+    ("(aiohttp/", "aiohttp (the upstream client)"),
+    ("(multidict/", "aiohttp (the upstream client)"),
+    ("(yarl/", "aiohttp (the upstream client)"),
+    ("(h11/", "uvicorn + h11/httptools (the HTTP server)"),
+    ("(httptools/", "uvicorn + h11/httptools (the HTTP server)"),
+    ("(uvicorn/", "uvicorn + h11/httptools (the HTTP server)"),
     ("(fastapi/", "FastAPI + Starlette + anyio"),
     ("(starlette/", "FastAPI + Starlette + anyio"),
     ("(anyio/", "FastAPI + Starlette + anyio"),

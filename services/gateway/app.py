@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -12,7 +13,7 @@ from fastapi.telemetry import TelemetryConfig
 from services.adapters.pricing_cache import PricingCache
 from services.adapters.publisher import EventPublisher
 from services.adapters.settings import Settings
-from services.gateway import errors, gemini, ingest, models, ops, prices_api, proxy, queries
+from services.gateway import errors, front, ingest, models, ops, prices_api, queries
 from services.gateway.resources import Resources
 from services.gateway.responses import ORJSONResponse
 
@@ -21,8 +22,6 @@ ROUTERS = (
     queries.router,
     queries.tenant_router,
     ingest.router,
-    proxy.router,
-    gemini.router,
     models.router,
     prices_api.router,
 )
@@ -65,4 +64,26 @@ def create_app(
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
+    # The proxy routes, served in front of FastAPI's routing (front.py).
+    app.add_middleware(front.ProxyFront)
+    _document_proxy_routes(app)
     return app
+
+
+def _document_proxy_routes(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema["paths"] = front.openapi_paths() | schema["paths"]
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {})["ProxyError"] = front.PROXY_ERROR_SCHEMA
+            components.setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http",
+                "scheme": "bearer",
+            }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

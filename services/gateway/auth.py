@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 
 from fastapi import HTTPException, Request, status
 
 from services.adapters.tenants import key_hash
 from services.gateway.keys import TenantKey
-from services.gateway.resources import resources_of
+from services.gateway.resources import Resources, resources_of
 
 
 async def require_admin(request: Request) -> None:
@@ -30,46 +31,54 @@ async def require_admin(request: Request) -> None:
         )
 
 
-async def require_tenant(request: Request) -> TenantKey:
-    """The tenant and key behind ``Authorization: Bearer <key>``; 401 otherwise."""
-    key = _bearer(request)
-    if not key:
-        raise _unauthorized("an API key is required (Authorization: Bearer ...)")
-    return await _tenant_of(request, key)
+class Unauthorized(Exception):
+    """The request carries no usable credentials (401), or keys cannot be checked (503)."""
+
+    def __init__(self, message: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
 
 
-async def require_gemini_tenant(request: Request) -> TenantKey:
-    """Like :func:`require_tenant`, also taking the key from ``x-goog-api-key`` (where
-    Google's Gemini SDKs put it). A ``?key=`` query parameter is not accepted: URLs end up
-    in access logs."""
-    key = _bearer(request) or request.headers.get("x-goog-api-key", "").strip()
-    if not key:
-        raise _unauthorized("an API key is required (Authorization: Bearer ... or x-goog-api-key)")
-    return await _tenant_of(request, key)
-
-
-def _bearer(request: Request) -> str:
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+def bearer(headers: Mapping[str, str]) -> str:
+    """The key of ``Authorization: Bearer <key>`` (names lower-case), or ``""``."""
+    scheme, _, key = headers.get("authorization", "").partition(" ")
     return key.strip() if scheme.lower() == "bearer" else ""
 
 
-async def _tenant_of(request: Request, key: str) -> TenantKey:
-    resources = resources_of(request)
+def gemini_key(headers: Mapping[str, str]) -> str:
+    """The Bearer key, else ``x-goog-api-key`` (where Google's Gemini SDKs put it). A
+    ``?key=`` query parameter is not accepted: URLs end up in access logs."""
+    return bearer(headers) or headers.get("x-goog-api-key", "").strip()
+
+
+async def tenant_of(resources: Resources, key: str, *, gemini: bool = False) -> TenantKey:
+    """The tenant and key behind ``key`` (cached for a few seconds); :class:`Unauthorized`
+    when there is none (``gemini``: the message names Google's header too)."""
+    if not key:
+        where = "Authorization: Bearer ..." + (" or x-goog-api-key" if gemini else "")
+        raise Unauthorized(f"an API key is required ({where})")
     cache = resources.key_cache
     digest = key_hash(key)
     hit, found = cache.get(digest)
     if not hit:
         if resources.tenants is None:
-            raise HTTPException(503, "no database is configured for API keys")
+            raise Unauthorized("no database is configured for API keys", 503)
         match = await resources.tenants.authenticate(key)
         found = TenantKey(*match) if match else None
         cache.put(digest, found)
     if found is None:
-        raise _unauthorized("unknown or revoked API key")
+        raise Unauthorized("unknown or revoked API key")
     return found
 
 
-def _unauthorized(message: str) -> HTTPException:
-    return HTTPException(
-        status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"}
-    )
+async def require_tenant(request: Request) -> TenantKey:
+    """The tenant and key behind ``Authorization: Bearer <key>``; 401 otherwise."""
+    try:
+        return await tenant_of(resources_of(request), bearer(request.headers))
+    except Unauthorized as exc:
+        raise HTTPException(exc.status, exc.message, headers=exc.headers) from None

@@ -10,6 +10,7 @@ shapes, and an unexpected exception is a logged 500, never a traceback to the cl
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,10 +41,16 @@ async def invalid_request(_: Request, exc: Exception) -> Response:
     return ORJSONResponse({"error": message, "field": field}, status_code=422)
 
 
+def sdk_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    """A FastAPI route's error in the shape of the proxies' (``proxy.error_body``)."""
+    body = proxy.error_body(status, message)
+    return Response(body, status, headers, media_type="application/json")
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)  # noqa: S101
     if request.url.path.startswith(proxy.PROXY_PATHS):
-        return proxy.error(exc.status_code, str(exc.detail), exc.headers)
+        return sdk_error(exc.status_code, str(exc.detail), exc.headers)
     detail = exc.detail
     if exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")

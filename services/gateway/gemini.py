@@ -1,7 +1,7 @@
 """The Gemini-native proxy: ``POST .../models/{model}:generateContent`` and
 ``:streamGenerateContent?alt=sse``, billed from ``usageMetadata`` as ``google/{model}``.
 
-Served on every path Google's ``google-genai`` SDK sends to a ``base_url`` (:data:`PATHS`):
+Served on every path Google's ``google-genai`` SDK sends to a ``base_url`` (:data:`PATH`):
 
 - the Gemini API: ``/v1/models/...`` (the SDK's default) and ``/v1beta/models/...``;
 - Vertex AI with a project (``vertexai=True``, credentials whose token is the tenant key):
@@ -12,7 +12,8 @@ Served on every path Google's ``google-genai`` SDK sends to a ``base_url`` (:dat
 The client's API version, project and location only pick the route: they are not
 forwarded, and all of these are billed alike and sent to the one upstream below.
 
-The request goes through the shared forwarder (:func:`services.gateway.proxy.forward`) with
+The routes are matched by :func:`route` (``front.py`` serves them); the request goes through
+the shared forwarder (:func:`services.gateway.proxy.forward`) with
 the :data:`GEMINI` dialect. Where it goes, and with which of the gateway's credentials, is
 decided once from the settings by :func:`services.gateway.gemini_target.gemini_target`;
 the first case that applies wins:
@@ -44,33 +45,29 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Annotated, Any
-
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from typing import Any
+from urllib.parse import parse_qs
 
 from services.core.usage import Usage
-from services.gateway.auth import require_gemini_tenant
+from services.gateway.auth import gemini_key, tenant_of
 from services.gateway.capture import Call, Dialect
-from services.gateway.keys import TenantKey
-from services.gateway.proxy import error, forward, forwarded_headers, parse_body
-from services.gateway.resources import resources_of
-
-router = APIRouter()
+from services.gateway.proxy import Incoming, Reply, error, forward, forwarded_headers, parse_body
+from services.gateway.resources import Resources
 
 ACTIONS = frozenset({"generateContent", "streamGenerateContent"})
-_VERTEX_MODELS = "publishers/google/models/{model_action:path}"
-PATHS = (
-    *(f"/{version}/models/{{model_action:path}}" for version in ("v1", "v1beta")),
-    *(
-        f"/{version}/{scope}{_VERTEX_MODELS}"
-        for version in ("v1", "v1beta1")
-        for scope in ("projects/{project}/locations/{location}/", "")
-    ),
+PATH = re.compile(
+    r"/(?:v1|v1beta)/models/(?P<gemini>.+)"
+    r"|/(?:v1|v1beta1)/(?:projects/[^/]+/locations/[^/]+/)?publishers/google/models/(?P<vertex>.+)"
 )
-"""The path templates served (see the module docstring). Other publishers' models and
-tuned-model endpoints are not among them: they stay 404."""
+"""The paths served (see the module docstring), ending in ``{model}:{action}``. Other
+publishers' models and tuned-model endpoints are not among them: they stay 404."""
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def route(path: str) -> str | None:
+    """The ``{model}:{action}`` part of a Gemini route's path, or ``None``."""
+    match = PATH.fullmatch(path)
+    return None if match is None else match["gemini"] or match["vertex"]
 
 
 def _usage(document: Mapping[str, Any]) -> Any:
@@ -110,11 +107,8 @@ GEMINI = Dialect(
 _DIALECTS = {"vertex": GEMINI, "google-ai-studio": replace(GEMINI, provider="google-ai-studio")}
 
 
-async def generate_content(
-    request: Request,
-    model_action: str,
-    key: Annotated[TenantKey, Depends(require_gemini_tenant)],
-) -> Response:
+async def generate_content(resources: Resources, incoming: Incoming, model_action: str) -> Reply:
+    key = await tenant_of(resources, gemini_key(incoming.headers), gemini=True)
     model, _, action = model_action.rpartition(":")
     model = model.removeprefix("models/")
     if action not in ACTIONS:
@@ -124,13 +118,12 @@ async def generate_content(
     if not _MODEL.fullmatch(model):
         return error(400, f"invalid model name {model!r}")
     stream = action == "streamGenerateContent"
-    if stream and request.query_params.get("alt") != "sse":
+    if stream and parse_qs(incoming.query).get("alt", [""])[-1] != "sse":
         return error(400, "streamGenerateContent is proxied as server-sent events: add ?alt=sse")
-    raw = await request.body()
+    raw = await incoming.read_body()
     body = parse_body(raw)
     if body is None:
         return error(400, "body must be a JSON object")
-    resources = resources_of(request)
     target = resources.gemini_target
     if target is None:
         return error(
@@ -139,17 +132,8 @@ async def generate_content(
         )
     dialect = _DIALECTS[target.provider]
     call = Call(key, dialect, f"google/{model}", body, f"req-{uuid.uuid4()}", datetime.now(UTC))
-    client = resources.gemini_upstream
-    headers = forwarded_headers(request)
-    upstream = client.build_request(
-        "POST",
-        target.url(model, action),
-        params={"alt": "sse"} if stream else None,
-        content=raw,
-        headers=headers | dict(target.headers),
+    url = target.url(model, action) + ("?alt=sse" if stream else "")
+    headers = forwarded_headers(incoming.headers) | dict(target.headers)
+    return await forward(
+        resources, call, resources.gemini_upstream, url, headers, raw, stream=stream
     )
-    return await forward(request, call, upstream, client, stream=stream)
-
-
-for _path in PATHS:
-    router.add_api_route(_path, generate_content, methods=["POST"])

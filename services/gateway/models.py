@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends
 from services.core.errors import PriceNotFound
 from services.core.pricebook import PriceBook, PriceVersion, prices_in_effect
 from services.gateway.auth import require_tenant
-from services.gateway.proxy import error
+from services.gateway.errors import sdk_error
 from services.gateway.resources import Deps
 
 router = APIRouter()
@@ -52,5 +52,5 @@ async def retrieve_model(model_id: str, resources: Deps) -> Any:
     try:
         version = book.lookup(model_id, datetime.now(UTC))
     except PriceNotFound:
-        return error(404, f"no priced model {model_id!r}")
+        return sdk_error(404, f"no priced model {model_id!r}")
     return _model(book, version)

@@ -10,7 +10,11 @@ mid-stream, the upstream cut the stream or left usage out) the usage is estimate
 tokenizer and marked ``usage_source="estimated"``. An upstream error is passed through with
 its status and billed only when it carries usage.
 
-What an answer carried and the event it becomes are in ``capture.py``.
+What an answer carried and the event it becomes are in ``capture.py``; the HTTP client to
+the upstreams is ``upstream.py``. Nothing here knows the web framework: a route reads an
+:class:`Incoming` and returns a :class:`Reply`, which ``front.py`` serves as raw ASGI in front
+of FastAPI (FastAPI's request and response machinery was ~1/4 of the CPU of a proxied
+request, ``bench/gateway.py --cpu-only``).
 """
 
 from __future__ import annotations
@@ -18,28 +22,36 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any
-
-import anyio
-import httpx
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from typing import Any
 
 from services.adapters import metrics
-from services.gateway.auth import require_tenant
+from services.gateway.auth import bearer, tenant_of
 from services.gateway.capture import OPENAI, Call, Seen, StreamReader, bill
-from services.gateway.keys import TenantKey
-from services.gateway.resources import Deps, Resources, resources_of
+from services.gateway.resources import Resources
+from services.gateway.upstream import (
+    Answer,
+    BrokeOff,
+    TimedOut,
+    Unreachable,
+    Upstream,
+    UpstreamError,
+)
 
 log = logging.getLogger("billing.proxy")
-router = APIRouter()
 
 NOT_RELAYED = frozenset(
-    {"content-length", "transfer-encoding", "connection", "content-encoding", "date", "server"}
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"content-encoding",
+        b"date",
+        b"server",
+    }
 )
 """Upstream response headers the gateway's own server sets (or, for the body's encoding,
 undoes: the answer is relayed decoded)."""
@@ -62,14 +74,41 @@ _KINDS = {
     401: ("authentication_error", "UNAUTHENTICATED"),
     403: ("permission_error", "PERMISSION_DENIED"),
     404: ("not_found_error", "NOT_FOUND"),
+    405: ("invalid_request_error", "FAILED_PRECONDITION"),
     429: ("rate_limit_error", "RESOURCE_EXHAUSTED"),
     502: ("api_error", "UNAVAILABLE"),
     503: ("api_error", "UNAVAILABLE"),
     504: ("api_error", "DEADLINE_EXCEEDED"),
 }
+JSON = (b"content-type", b"application/json")
 
 
-def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+@dataclass(slots=True)
+class Incoming:
+    """A request to a proxy route: its path, query string, headers (names lower-case) and a
+    way to read its body (which raises :class:`ClientGone` if the client leaves meanwhile)."""
+
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    read_body: Callable[[], Awaitable[bytes]]
+
+
+@dataclass(slots=True)
+class Reply:
+    """What a proxy route answers: a whole body, or a :class:`Relay` passing a stream on."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+    relay: Relay | None = None
+
+
+class ClientGone(Exception):
+    """The client left before its request was whole: nothing was forwarded, nobody to answer."""
+
+
+def error_body(status: int, message: str) -> bytes:
     """An error both SDK families read: OpenAI's ``message``/``type``/``code`` and
     Google's ``code``/``message``/``status`` in one object."""
     kind, google = _KINDS.get(
@@ -80,12 +119,12 @@ def error(status: int, message: str, headers: Mapping[str, str] | None = None) -
         ),
     )
     body = {"error": {"message": message, "type": kind, "code": status, "status": google}}
-    return Response(
-        json.dumps(body).encode(),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
+    return json.dumps(body).encode()
+
+
+def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Reply:
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return Reply(status, [JSON, *extra], error_body(status, message))
 
 
 def parse_body(raw: bytes) -> dict[str, Any] | None:
@@ -97,15 +136,16 @@ def parse_body(raw: bytes) -> dict[str, Any] | None:
 
 
 async def forward(
-    request: Request,
+    resources: Resources,
     call: Call,
-    upstream: httpx.Request,
-    client: httpx.AsyncClient,
+    upstream: Upstream,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
     *,
     stream: bool,
-) -> Response:
-    """Send ``upstream``, pass its answer back and bill it through the emitter."""
-    resources = resources_of(request)
+) -> Reply:
+    """Send ``body`` to ``url``, pass the answer back and bill it through the emitter."""
     if not resources.emitter.accepting:
         metrics.PROXY_REFUSED.labels(reason="spool").inc()
         return error(503, "usage spool is full; try again later", {"retry-after": "5"})
@@ -114,143 +154,138 @@ async def forward(
         metrics.PROXY_REFUSED.labels(reason="overload").inc()
         return error(503, "the gateway is at capacity; try again shortly", {"retry-after": "1"})
     try:
-        response = await _send(resources, call, upstream, client, stream=stream)
+        reply = await _send(resources, call, upstream, url, headers, body, stream=stream)
     except BaseException:
         in_flight.leave()
         raise
-    if isinstance(response, StreamingResponse):
-        # Served until the stream is done with, however it ends (finished, client gone,
-        # never started): when its body iterator is freed.
-        weakref.finalize(response.body_iterator, in_flight.leave)
-    else:
-        in_flight.leave()
-    return response
+    if reply.relay is None:
+        in_flight.leave()  # a relay leaves when its stream ends, however it ends
+    return reply
 
 
 async def _send(
     resources: Resources,
     call: Call,
-    upstream: httpx.Request,
-    client: httpx.AsyncClient,
+    upstream: Upstream,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
     *,
     stream: bool,
-) -> Response:
-    emitter = resources.emitter
+) -> Reply:
     try:
-        response = await _open(resources, call, upstream, client)
-    except httpx.TimeoutException:
+        answer = await _open(call, upstream, url, headers, body)
+    except TimedOut:
         return error(504, "upstream timed out")
-    except httpx.TransportError as exc:
+    except UpstreamError as exc:
         log.warning("upstream unreachable for %s: %r", call.request_id, exc)
         return error(502, "upstream unreachable")
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in NOT_RELAYED}
-    headers["x-billing-request-id"] = call.request_id
-    succeeded = response.is_success
+    relayed = [(k, v) for k, v in answer.headers if k.lower() not in NOT_RELAYED]
+    relayed.append((b"x-billing-request-id", call.request_id.encode()))
+    succeeded = 200 <= answer.status < 300
     billing = resources.settings.emit_usage
+    emitter = resources.emitter
 
-    if not stream:
+    if stream:
+        return Reply(answer.status, relayed, relay=Relay(resources, call, answer, succeeded))
+    try:
+        content = await answer.read()
+    except BrokeOff as exc:  # the answer broke off after its status line
+        log.warning("upstream answer cut for %s: %r", call.request_id, exc)
+        if billing and succeeded:
+            bill(emitter, call, Seen(), succeeded)  # the prompt was processed
+        return error(504 if exc.timed_out else 502, "the upstream's answer broke off")
+    finally:
+        await answer.close()
+    if billing:
+        seen = Seen()
         try:
-            content = await response.aread()
-        except httpx.HTTPError as exc:  # the answer broke off after its status line
-            log.warning("upstream answer cut for %s: %r", call.request_id, exc)
-            if billing and succeeded:
-                bill(emitter, call, Seen(), succeeded)  # the prompt was processed
-            timed_out = isinstance(exc, httpx.TimeoutException)
-            return error(504 if timed_out else 502, "the upstream's answer broke off")
-        finally:
-            await response.aclose()
-        if billing:
-            seen = Seen()
-            try:
-                answer = json.loads(content, parse_float=Decimal)
-            except ValueError:
-                answer = None  # not JSON (an upstream error page)
-            if isinstance(answer, dict):
-                seen.observe(call.dialect, answer)
-            bill(emitter, call, seen, succeeded)
-        return Response(content, status_code=response.status_code, headers=headers)
-
-    async def relay() -> AsyncIterator[bytes]:
-        reader = StreamReader(call.dialect)
-        try:
-            async for chunk in response.aiter_bytes():  # decoded, as it arrives
-                reader.feed(chunk)
-                yield chunk
-        finally:
-            reader.end()
-            # Billing first and without awaiting: a client that went away cancels this
-            # generator, and any further await would be cancelled with it.
-            if billing:
-                bill(emitter, call, reader.seen, succeeded)
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
-
-    return StreamingResponse(relay(), status_code=response.status_code, headers=headers)
+            document = json.loads(content, parse_float=Decimal)
+        except ValueError:
+            document = None  # not JSON (an upstream error page)
+        if isinstance(document, dict):
+            seen.observe(call.dialect, document)
+        bill(emitter, call, seen, succeeded)
+    return Reply(answer.status, relayed, content)
 
 
-class _Connection:
-    """Whether a request went out on a connection the pool already had (httpcore's trace)."""
+class Relay:
+    """A streamed answer on its way to the client, followed line by line for its usage.
+    :meth:`end` — called once the stream is done with, however it ends (finished, cut, the
+    client gone, never started) — bills it, frees its in-flight place and the connection."""
 
-    __slots__ = ("opened", "used")
+    __slots__ = ("_resources", "_call", "_answer", "_succeeded", "_reader", "_ended")
 
-    def __init__(self) -> None:
-        self.opened = self.used = False
-
-    async def trace(self, event: str, _: object) -> None:
-        if event.startswith("connection.connect_tcp"):
-            self.opened = True
-        elif event.startswith("http11.send_request_headers"):
-            self.used = True
+    def __init__(self, resources: Resources, call: Call, answer: Answer, succeeded: bool) -> None:
+        self._resources = resources
+        self._call = call
+        self._answer = answer
+        self._succeeded = succeeded
+        self._reader = StreamReader(call.dialect)
+        self._ended = False
 
     @property
-    def reused(self) -> bool:
-        return self.used and not self.opened
+    def request_id(self) -> str:
+        return self._call.request_id
 
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The answer as it arrives (decoded); :class:`BrokeOff` if it is cut."""
+        reader = self._reader
+        async for chunk in self._answer.chunks():
+            reader.feed(chunk)
+            yield chunk
 
-STALE = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
-"""How a pooled connection the upstream has closed fails before any byte of an answer."""
+    async def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._reader.end()
+        resources = self._resources
+        # Billing and the in-flight place first, without awaiting: nothing may stop them.
+        if resources.settings.emit_usage:
+            bill(resources.emitter, self._call, self._reader.seen, self._succeeded)
+        resources.in_flight.leave()
+        await self._answer.close()
 
 
 async def _open(
-    resources: Resources, call: Call, upstream: httpx.Request, client: httpx.AsyncClient
-) -> httpx.Response:
-    """Send ``upstream`` and wait for the answer's head. A reused keep-alive connection that
+    call: Call, upstream: Upstream, url: str, headers: Mapping[str, str], body: bytes
+) -> Answer:
+    """Send the request and wait for the answer's head. A reused keep-alive connection that
     fails before any byte of the answer (the upstream closed it while idle: the request never
     reached the model) is retried once on a new connection; a connect error or a failure
     after the answer began is not."""
-    connection = _Connection()
-    upstream.extensions["trace"] = connection.trace
     try:
-        return await client.send(upstream, stream=True)
-    except STALE as exc:
-        if not connection.reused:
+        return await upstream.send(url, headers, body)
+    except Unreachable as exc:
+        if not exc.stale:
             raise
         log.info("retrying %s on a new connection: %r", call.request_id, exc)
     metrics.PROXY_RETRIED.inc()
-    del upstream.extensions["trace"]
-    return await resources.fresh_upstream.send(upstream, stream=True)
+    return await upstream.send(url, headers, body, fresh=True)
 
 
-def forwarded_headers(request: Request) -> dict[str, str]:
+def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The client headers worth passing on (:data:`FORWARDED`, and the fake upstream's
     ``x-fake-*`` knobs, meaningless to a real upstream); never the client's credentials."""
-    return {k: v for k, v in request.headers.items() if k in FORWARDED or k.startswith("x-fake-")}
+    return {k: v for k, v in headers.items() if k in FORWARDED or k.startswith("x-fake-")}
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(
-    request: Request, key: Annotated[TenantKey, Depends(require_tenant)], resources: Deps
-) -> Response:
-    raw = await request.body()
+async def chat_completions(resources: Resources, incoming: Incoming) -> Reply:
+    """``POST /v1/chat/completions``, to OpenRouter (or any OpenAI-compatible upstream)."""
+    key = await tenant_of(resources, bearer(incoming.headers))
+    raw = await incoming.read_body()
     body = parse_body(raw)
     if body is None or not isinstance(body.get("model"), str) or not body["model"]:
         return error(400, "body must be a JSON object with a model")
     call = Call(key, OPENAI, body["model"], body, f"req-{uuid.uuid4()}", datetime.now(UTC))
-    client = resources.upstream
-    upstream = client.build_request(
-        "POST",
+    headers = forwarded_headers(incoming.headers) | resources.upstream_headers
+    return await forward(
+        resources,
+        call,
+        resources.upstream,
         "/chat/completions",
-        content=raw,
-        headers=forwarded_headers(request) | resources.upstream_headers,
+        headers,
+        raw,
+        stream=bool(body.get("stream")),
     )
-    return await forward(request, call, upstream, client, stream=bool(body.get("stream")))

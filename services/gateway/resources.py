@@ -1,12 +1,12 @@
 """Everything the gateway holds open, in one typed object handed to the routes.
 
 :meth:`Resources.open` opens the pricing cache (its first refresh starts in the
-background), the database pool and tenant store, the upstream HTTP clients, the usage
+background), the database pool and tenant store, the upstream clients, the usage
 emitter and its spool, and (in the background, retried while the broker is away) the event
 publisher; on the way out the emitter sends or spools what it holds before anything else
 is closed.
-Routes receive the object through the :data:`Deps` dependency; nothing else reads
-``app.state``.
+FastAPI routes receive the object through the :data:`Deps` dependency and the proxy front
+(``front.py``) from the app's state; nothing else reads ``app.state``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from services.gateway.emitter import Emitter
 from services.gateway.gemini_target import GeminiTarget, gemini_target
 from services.gateway.keys import KeyCache
 from services.gateway.spool import claim
-from services.gateway.upstream import AiohttpTransport
+from services.gateway.upstream import AiohttpUpstream, HttpxUpstream, Upstream
 
 if TYPE_CHECKING:
     import asyncpg
@@ -51,13 +51,11 @@ class Resources:
     prices: PricingCache
     topics: Topics
     emitter: Emitter
-    upstream: httpx.AsyncClient
-    """OpenRouter (or any OpenAI-compatible upstream), with ``base_url`` set."""
+    upstream: Upstream
+    """OpenRouter (or any OpenAI-compatible upstream): relative URLs go to its base URL."""
     upstream_headers: dict[str, str]
-    gemini_upstream: httpx.AsyncClient
+    gemini_upstream: Upstream
     gemini_target: GeminiTarget | None
-    fresh_upstream: httpx.AsyncClient
-    """Keeps no connection alive: a retry after a stale pooled connection goes out on a new one."""
     in_flight: InFlight
     pool: asyncpg.Pool | None = None
     tenants: TenantStore | None = None
@@ -89,13 +87,18 @@ class Resources:
         # One pooled connection per request in flight, kept alive (past a keep-alive limit
         # every extra response would close its connection and the next open a new one). On
         # aiohttp's client: ~0.5-1 ms less CPU per proxied request than httpx's own
-        # (httpcore), measured with bench/gateway.py --cpu-only.
-        def transport(keep_alive: bool = True) -> httpx.AsyncBaseTransport:
+        # (httpcore), and ~0.3-0.5 ms less again without httpx on top (bench/gateway.py
+        # --cpu-only). Tests play the upstream with an httpx transport.
+        def upstream(base_url: str = "") -> Upstream:
+            timeout = settings.upstream_timeout_seconds
             if upstream_transport is not None:
-                return upstream_transport
-            return AiohttpTransport(max_connections=settings.max_in_flight, keep_alive=keep_alive)
+                return HttpxUpstream(
+                    base_url=base_url, timeout=timeout, transport=upstream_transport
+                )
+            return AiohttpUpstream(
+                base_url=base_url, max_connections=settings.max_in_flight, timeout=timeout
+            )
 
-        timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=5.0)
         key = settings.openrouter_api_key
         topics = Topics.named(settings.topic_prefix)
         resources: Resources
@@ -112,14 +115,11 @@ class Resources:
             prices=prices,
             topics=topics,
             emitter=emitter,
-            upstream=httpx.AsyncClient(
-                base_url=settings.openrouter_base_url, timeout=timeout, transport=transport()
-            ),
+            upstream=upstream(settings.openrouter_base_url),
             upstream_headers={"content-type": "application/json"}
             | ({"authorization": f"Bearer {key.get_secret_value()}"} if key else {}),
-            gemini_upstream=httpx.AsyncClient(timeout=timeout, transport=transport()),
+            gemini_upstream=upstream(),
             gemini_target=gemini_target(settings),
-            fresh_upstream=httpx.AsyncClient(timeout=timeout, transport=transport(False)),
             in_flight=InFlight(settings.max_in_flight),
             pool=pool,
             tenants=PostgresTenantStore(pool) if pool is not None else None,
@@ -164,9 +164,8 @@ class Resources:
             if not task.done():
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.upstream.aclose()
-        await self.gemini_upstream.aclose()
-        await self.fresh_upstream.aclose()
+        await self.upstream.close()
+        await self.gemini_upstream.close()
         if self._own_publisher and isinstance(self.publisher, KafkaPublisher):
             await self.publisher.stop()
         if self.pool is not None:

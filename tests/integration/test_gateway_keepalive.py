@@ -18,19 +18,20 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request, Response
 
+from services.gateway import upstream as client_of
 from services.gateway.capture import OPENAI, Call
+from services.gateway.front import respond
 from services.gateway.keys import TenantKey
 from services.gateway.proxy import forward
 from services.gateway.resources import InFlight
-from services.gateway.upstream import AiohttpTransport
+from services.gateway.upstream import AiohttpUpstream, HttpxUpstream
 from tests.integration.test_proxy import CHAT, CollectingEmitter
 
 pytestmark = pytest.mark.integration
 
 TRANSPORTS = ("httpcore", "aiohttp")
-"""The upstream clients' transports: httpx's own (httpcore) and the gateway's aiohttp one."""
+"""The upstream clients: on httpx's own transport (httpcore) and the gateway's, on aiohttp."""
 
 USAGE = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
 ANSWER = json.dumps({"choices": [{"message": {"content": "hi"}}], "usage": USAGE}).encode()
@@ -99,41 +100,30 @@ async def gateway_before(
         probe.close()
         await probe.wait_closed()
     emitter = CollectingEmitter()
+    base, timeout = f"http://127.0.0.1:{port}", 0.3
+    client: client_of.Upstream
     if transport == "aiohttp":
-        pooled = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}",
-            transport=AiohttpTransport(max_connections=8),
-            timeout=httpx.Timeout(0.3, connect=5.0),
-        )
-        fresh = httpx.AsyncClient(transport=AiohttpTransport(max_connections=8, keep_alive=False))
+        client = AiohttpUpstream(base_url=base, max_connections=8, timeout=timeout)
     else:
-        pooled = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", timeout=httpx.Timeout(0.3, connect=5.0)
-        )
-        fresh = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0))
-    app = FastAPI()
-    app.state.resources = SimpleNamespace(
-        emitter=emitter,
-        settings=SimpleNamespace(emit_usage=True),
-        in_flight=InFlight(8),
-        fresh_upstream=fresh,
+        client = HttpxUpstream(base_url=base, timeout=timeout)
+    resources: Any = SimpleNamespace(
+        emitter=emitter, settings=SimpleNamespace(emit_usage=True), in_flight=InFlight(8)
     )
 
-    @app.post("/relay")
-    async def relay(request: Request) -> Response:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
         call = Call(
-            TenantKey("acme", "k1"), OPENAI, CHAT["model"], CHAT, "req-x", datetime.now(UTC)
+            TenantKey("acme", "k1"), OPENAI, str(CHAT["model"]), CHAT, "req-x", datetime.now(UTC)
         )
-        outgoing = pooled.build_request("POST", "/chat/completions", json=CHAT)
-        return await forward(request, call, outgoing, pooled, stream=False)
+        body = json.dumps(CHAT).encode()
+        reply = await forward(resources, call, client, "/chat/completions", {}, body, stream=False)
+        await respond(reply, send, receive)
 
     try:
         asgi = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=asgi, base_url="http://g") as gateway:
             yield gateway, emitter.events
     finally:
-        await pooled.aclose()
-        await fresh.aclose()
+        await client.close()
         if server is not None:
             server.close()
             await server.wait_closed()

@@ -18,7 +18,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 
@@ -30,9 +29,11 @@ from services.adapters.topics import Topics
 from services.core.events import UsageRecorded, decode_recorded
 from services.gateway.app import create_app
 from services.gateway.capture import OPENAI, Call
+from services.gateway.front import respond
 from services.gateway.keys import TenantKey
 from services.gateway.proxy import forward
 from services.gateway.resources import InFlight
+from services.gateway.upstream import HttpxUpstream
 from services.local.fake_upstream import create_fake_upstream
 from tests.integration.test_ingest import read_all
 
@@ -246,24 +247,28 @@ async def through_forward(
 ) -> tuple[httpx.Response, list[UsageRecorded]]:
     """One request through ``forward`` to an upstream answered by the function ``upstream``."""
     emitter = CollectingEmitter()
-    app = FastAPI()
     # forward() reads only these of the gateway's resources.
-    app.state.resources = SimpleNamespace(
+    resources: Any = SimpleNamespace(
         emitter=emitter, settings=SimpleNamespace(emit_usage=True), in_flight=InFlight(8)
     )
-    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream), base_url="http://u")
+    client = HttpxUpstream(
+        base_url="http://u", timeout=5.0, transport=httpx.MockTransport(upstream)
+    )
 
-    @app.post("/relay")
-    async def relay(request: Request) -> Response:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
         call = Call(
-            TenantKey("acme", "k1"), OPENAI, CHAT["model"], CHAT, "req-x", datetime.now(UTC)
+            TenantKey("acme", "k1"), OPENAI, str(CHAT["model"]), CHAT, "req-x", datetime.now(UTC)
         )
-        outgoing = client.build_request("POST", "/chat/completions", json=CHAT)
-        return await forward(request, call, outgoing, client, stream=stream)
+        body = json.dumps(CHAT).encode()
+        reply = await forward(resources, call, client, "/chat/completions", {}, body, stream=stream)
+        await respond(reply, send, receive)
 
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://g") as gateway:
-        return await gateway.post("/relay"), emitter.events
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://g") as gateway:
+            return await gateway.post("/relay"), emitter.events
+    finally:
+        await client.close()
 
 
 def sse(*documents: object) -> bytes:
