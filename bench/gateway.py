@@ -867,12 +867,14 @@ class Bench:
 
 async def run_cpu_phases(bench: Bench) -> None:
     """CPU per request at a fixed rate every target sustains: the fake upstream alone, the
-    minimal forwarder on the gateway's stack and on aiohttp's, the gateway (emission on)."""
+    minimal forwarder on the gateway's stack and on aiohttp's, the gateway with emission on
+    and with it off."""
     t, a = bench.targets, bench.args
     targets = (("direct", "direct upstream", t.upstream),
                ("forwarder", "minimal forwarder", t.forwarder),
                ("aioforwarder", "minimal forwarder, aiohttp", t.aioforwarder),
-               ("gateway", "gateway, emission on", t.gateway))  # fmt: skip
+               ("gateway", "gateway, emission on", t.gateway),
+               ("quiet", "gateway, emission off", t.quiet))  # fmt: skip
     for kind in a.kinds:
         for mode, name, port in targets:
             key = f"cpu-{mode}-{kind}"
@@ -902,6 +904,10 @@ def report_cpu(bench: Bench) -> None:
         light = bench.cpu[f"cpu-aioforwarder-{kind}"][1]
         label = f"  the same forwarder on aiohttp, {kind.upper()}"
         print(f"{label:<46}{light:>10.2f}{ref:>11.2f}{light / ref:>7.2f}  [minimal forwarder]")
+        quiet = bench.cpu[f"cpu-quiet-{kind}"][1]
+        label = f"  the gateway, emission off, {kind.upper()}"
+        print(f"{label:<46}{quiet:>10.2f}{ref:>11.2f}{quiet / ref:>7.2f}  [minimal forwarder]"
+              f"  (emission: +{mine - quiet:.2f} ms)")  # fmt: skip
 
 
 async def run_phases(bench: Bench) -> None:

@@ -35,12 +35,23 @@ _NO_TELEMETRY: TelemetryConfig = {
 }
 
 
+class Gateway(FastAPI):
+    """FastAPI, with the proxy routes answered before any of its own machinery (front.py)."""
+
+    async def __call__(self, scope: front.Scope, receive: front.Receive, send: front.Send) -> None:
+        route = front.route_of(scope) if scope["type"] == "http" else None
+        if route is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await front.serve(route, self.state.resources, scope, receive, send)
+
+
 def create_app(
     settings: Settings | None = None,
     cache: PricingCache | None = None,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
     publisher: EventPublisher | None = None,
-) -> FastAPI:
+) -> Gateway:
     """The gateway. Tests replace the price cache, the network to the LLM upstreams
     (``upstream_transport``, OpenRouter and Gemini/Vertex alike) or the broker."""
     settings = settings or Settings()
@@ -51,7 +62,7 @@ def create_app(
             app.state.resources = resources
             yield
 
-    app = FastAPI(
+    app = Gateway(
         title="LLM billing gateway",
         version="0.1.0",
         lifespan=lifespan,
@@ -64,8 +75,6 @@ def create_app(
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
-    # The proxy routes, served in front of FastAPI's routing (front.py).
-    app.add_middleware(front.ProxyFront)
     _document_proxy_routes(app)
     return app
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
+import orjson
 from pydantic import ValidationError
 
 from services.adapters import metrics
@@ -145,6 +146,9 @@ class Seen:
     text: list[str] = field(default_factory=list)
     error: bool = False
     """An error object came with a 2xx status (some upstreams report failures so)."""
+    dialect: Dialect | None = None
+    unread: list[bytes] = field(default_factory=list)
+    """A stream's data lines not observed yet (see :class:`StreamReader`)."""
 
     def observe(self, dialect: Dialect, document: Mapping[str, Any]) -> None:
         try:
@@ -160,38 +164,89 @@ class Seen:
         if document.get("error") is not None:
             self.error = True
 
+    def settle(self) -> None:
+        """Observe the lines left unread, in order: their text and errors are wanted."""
+        if self.dialect is not None:
+            for data in self.unread:
+                document = _parse(data, self.dialect)
+                if isinstance(document, dict):
+                    self.observe(self.dialect, document)
+        self.unread.clear()
+
 
 class StreamReader:
-    """Follows an SSE stream as it passes, line by line."""
+    """Follows an SSE stream as it passes, line by line.
 
-    __slots__ = ("dialect", "tail", "seen")
+    A line is kept unparsed until it is needed: at the stream's end the lines are searched
+    from the last for usage (usually the last one has it), and the others — the generated
+    text, needed only to estimate an answer without usage — are parsed only then
+    (:meth:`Seen.settle`), or whenever ``MAX_UNREAD`` bytes of them have piled up (a long
+    stream's memory stays bounded). Parsing every chunk as it passed was ~0.1 ms per
+    streamed request."""
 
-    def __init__(self, dialect: Dialect) -> None:
+    MAX_UNREAD = 256 * 1024
+
+    __slots__ = ("dialect", "tail", "seen", "max_unread", "_unread_bytes")
+
+    def __init__(self, dialect: Dialect, max_unread: int = MAX_UNREAD) -> None:
         self.dialect = dialect
+        self.max_unread = max_unread
         self.tail = b""
-        self.seen = Seen()
+        self.seen = Seen(dialect=dialect)
+        self._unread_bytes = 0
 
     def feed(self, chunk: bytes) -> None:
         self.tail += chunk
         *lines, self.tail = self.tail.split(b"\n")
         for line in lines:
             self._line(line)
+        if self._unread_bytes > self.max_unread:
+            self.seen.settle()
+            self._unread_bytes = 0
 
     def end(self) -> None:
         if self.tail:
             self._line(self.tail)
             self.tail = b""
+        for data in reversed(self.seen.unread):
+            document = _parse(data, self.dialect)
+            if isinstance(document, dict) and _has_usage(self.dialect, document):
+                self.seen.usage = self.dialect.usage_of(document)  # the last usage sent
+                return
 
     def _line(self, line: bytes) -> None:
         line = line.strip()
         if not line.startswith(b"data:") or line == b"data: [DONE]":
             return
-        try:
-            document = json.loads(line[5:], parse_float=Decimal)
-        except ValueError:
-            return
-        if isinstance(document, dict):
-            self.seen.observe(self.dialect, document)
+        self.seen.unread.append(line[5:])
+        self._unread_bytes += len(line)
+
+
+def _parse(data: bytes, dialect: Dialect) -> Any:
+    """One chunk's JSON; a chunk carrying usage with its non-integers as ``Decimal``."""
+    try:
+        # orjson: ~4x faster than json for the many chunks without usage ...
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:  # NaN, a 65-bit integer: json reads them
+        return _exact(data)
+    if isinstance(document, dict) and _has_usage(dialect, document):
+        return _exact(data)  # ... and the usage-bearing one again, numbers exact
+    return document
+
+
+def _exact(data: bytes) -> Any:
+    """A JSON document with its non-integers as ``Decimal`` (``None`` if it is not JSON)."""
+    try:
+        return json.loads(data, parse_float=Decimal)
+    except ValueError:
+        return None
+
+
+def _has_usage(dialect: Dialect, document: Mapping[str, Any]) -> bool:
+    try:
+        return dialect.usage_of(document) is not None
+    except (TypeError, AttributeError, ValueError):
+        return False  # a malformed chunk: observe() says so
 
 
 def bill(emitter: Emitter, call: Call, seen: Seen, succeeded: bool) -> None:
@@ -204,6 +259,7 @@ def bill(emitter: Emitter, call: Call, seen: Seen, succeeded: bool) -> None:
             return
     elif not succeeded:
         return  # a failed request is billed only when the upstream reported usage
+    seen.settle()  # the generated text, to estimate from
     text = "".join(seen.text)
     if seen.error and not text:
         return

@@ -1,11 +1,12 @@
 """The gateway's front door: the proxy routes served as raw ASGI, everything else by FastAPI.
 
-:class:`ProxyFront` is an ASGI middleware on the FastAPI app. A ``POST`` to
-``/v1/chat/completions`` or to a Gemini route (``gemini.route``) is read here into a
-``proxy.Incoming``, handed to its route function and its ``proxy.Reply`` written back; any
-other request goes on to FastAPI untouched. FastAPI's request, dependency and response
-machinery was about a quarter of the CPU of a proxied request (py-spy, ``bench/gateway.py
---cpu-only``), the one route where it buys nothing: the body is passed on as it came.
+The gateway's app (``app.Gateway``, FastAPI's subclass) asks :func:`route_of` first: a
+``POST`` to ``/v1/chat/completions`` or to a Gemini route (``gemini.route``) is read by
+:func:`serve` into a ``proxy.Incoming``, handed to its route function and its ``proxy.Reply``
+written back; any other request goes to FastAPI untouched. FastAPI's request, dependency and
+response machinery was about a quarter of the CPU of a proxied request (py-spy,
+``bench/gateway.py --cpu-only``), on the one route where it buys nothing: the body is passed
+on as it came.
 
 Errors take the SDKs' shape (``proxy.error``): 401 (``auth.Unauthorized``), 405 for another
 method on the chat route, and a logged 500 for anything unexpected, never a traceback. A
@@ -33,44 +34,36 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Route = Callable[[Resources, Incoming], Awaitable[Reply]]
 
 CHAT = "/v1/chat/completions"
 
 
-class ProxyFront:
-    """Serves the proxy routes; passes everything else to ``app``."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = _route(scope) if scope["type"] == "http" else None
-        if route is None:
-            await self.app(scope, receive, send)
-            return
-        incoming = Incoming(
-            scope["path"],
-            scope.get("query_string", b"").decode("latin-1"),
-            {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
-            lambda: _body(receive),
-        )
-        resources: Resources = scope["app"].state.resources
-        try:
-            reply = await route(resources, incoming)
-        except Unauthorized as exc:
-            reply = proxy.error(exc.status, exc.message, exc.headers)
-        except ClientGone:
-            log.info("client left during its request to %s", incoming.path)
-            return
-        except Exception:
-            log.exception("unhandled error on POST %s", incoming.path)
-            reply = proxy.error(500, "internal error")
-        await respond(reply, send, receive)
+async def serve(
+    route: Route, resources: Resources, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Answer one request to a proxy route (:func:`route_of`)."""
+    incoming = Incoming(
+        scope["path"],
+        scope.get("query_string", b"").decode("latin-1"),
+        {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+        lambda: _body(receive),
+    )
+    try:
+        reply = await route(resources, incoming)
+    except Unauthorized as exc:
+        reply = proxy.error(exc.status, exc.message, exc.headers)
+    except ClientGone:
+        log.info("client left during its request to %s", incoming.path)
+        return
+    except Exception:
+        log.exception("unhandled error on POST %s", incoming.path)
+        reply = proxy.error(500, "internal error")
+    await respond(reply, send, receive)
 
 
-def _route(scope: Scope) -> Route | None:
+def route_of(scope: Scope) -> Route | None:
+    """The proxy route serving an HTTP request, or ``None`` for FastAPI's routes."""
     path: str = scope["path"]
     if path == CHAT:
         return proxy.chat_completions if scope["method"] == "POST" else _not_allowed

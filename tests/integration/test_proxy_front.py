@@ -13,9 +13,8 @@ from fastapi.testclient import TestClient
 
 from services.adapters.settings import Settings
 from services.adapters.tenants import key_hash
-from services.gateway import proxy
+from services.gateway import front, proxy
 from services.gateway.app import create_app
-from services.gateway.front import ProxyFront
 from services.gateway.keys import TenantKey
 from services.local.fake_upstream import create_fake_upstream
 from tests.integration.test_proxy import CHAT, Recording
@@ -103,18 +102,16 @@ def test_a_client_gone_while_sending_its_body_is_not_forwarded_nor_answered(
         async def send(message: Any) -> None:
             sent.append(message)
 
-        async def never(*_: Any) -> None:
-            raise AssertionError("not for FastAPI")
-
         scope = {
             "type": "http",
             "method": "POST",
             "path": "/v1/chat/completions",
             "query_string": b"",
             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-            "app": client.app,
         }
-        asyncio.run(ProxyFront(never)(scope, receive, send))
+        route = front.route_of(scope)
+        assert route is not None
+        asyncio.run(front.serve(route, resources, scope, receive, send))
         assert sent == [] and upstream.requests == []
         assert resources.in_flight.count == 0
 
