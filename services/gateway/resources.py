@@ -144,7 +144,9 @@ class Resources:
 
         backoff = Backoff(0.5, 10.0)
         while True:
-            producer = make_producer(bootstrap)
+            # The emitter and ingest hand over whole batches: the producer's own 5 ms linger
+            # only delayed each acknowledgement (p50 6.7 -> 1.3-1.6 ms; bench/RESULTS.md).
+            producer = make_producer(bootstrap, linger_ms=0)
             try:
                 await producer.start()
             except KafkaError as exc:
