@@ -210,8 +210,9 @@ class StreamReader:
             self.tail = b""
         for data in reversed(self.seen.unread):
             document = _parse(data, self.dialect)
-            if isinstance(document, dict) and _has_usage(self.dialect, document):
-                self.seen.usage = self.dialect.usage_of(document)  # the last usage sent
+            usage = _usage_of(self.dialect, document)
+            if usage is not None:
+                self.seen.usage = usage  # the last usage sent
                 return
 
     def _line(self, line: bytes) -> None:
@@ -229,24 +230,30 @@ def _parse(data: bytes, dialect: Dialect) -> Any:
         document = orjson.loads(data)
     except orjson.JSONDecodeError:  # NaN, a 65-bit integer: json reads them
         return _exact(data)
-    if isinstance(document, dict) and _has_usage(dialect, document):
+    if _usage_of(dialect, document) is not None:
         return _exact(data)  # ... and the usage-bearing one again, numbers exact
     return document
 
 
 def _exact(data: bytes) -> Any:
-    """A JSON document with its non-integers as ``Decimal`` (``None`` if it is not JSON)."""
+    """A JSON document with its non-integers as ``Decimal`` (``None`` if it is not JSON,
+    or nested too deep to read)."""
     try:
         return json.loads(data, parse_float=Decimal)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
-def _has_usage(dialect: Dialect, document: Mapping[str, Any]) -> bool:
+def _usage_of(dialect: Dialect, document: Any) -> Any:
+    """The usage :meth:`Seen.observe` would take from ``document``, or ``None``."""
+    if not isinstance(document, dict):
+        return None
     try:
-        return dialect.usage_of(document) is not None
+        usage = dialect.usage_of(document)
+        dialect.text_of(document)  # a chunk whose text cannot be read is ignored whole
     except (TypeError, AttributeError, ValueError):
-        return False  # a malformed chunk: observe() says so
+        return None
+    return usage
 
 
 def bill(emitter: Emitter, call: Call, seen: Seen, succeeded: bool) -> None:

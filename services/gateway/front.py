@@ -67,11 +67,13 @@ def route_of(scope: Scope) -> Route | None:
     path: str = scope["path"]
     if path == CHAT:
         return proxy.chat_completions if scope["method"] == "POST" else _not_allowed
-    if scope["method"] != "POST":
-        return None  # GET /v1/models/{id} is FastAPI's
     model_action = gemini.route(path)
     if model_action is None:
         return None
+    if scope["method"] != "POST":
+        # GET /v1/models/{id} is FastAPI's (the models route); the other Gemini paths are
+        # POST only.
+        return None if path.startswith("/v1/models/") else _not_allowed
 
     async def generate(resources: Resources, incoming: Incoming) -> Reply:
         return await gemini.generate_content(resources, incoming, model_action)

@@ -130,7 +130,7 @@ def error(status: int, message: str, headers: Mapping[str, str] | None = None) -
 def parse_body(raw: bytes) -> dict[str, Any] | None:
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to read
         return None
     return body if isinstance(body, dict) else None
 
@@ -180,7 +180,8 @@ async def _send(
     except UpstreamError as exc:
         log.warning("upstream unreachable for %s: %r", call.request_id, exc)
         return error(502, "upstream unreachable")
-    relayed = [(k, v) for k, v in answer.headers if k.lower() not in NOT_RELAYED]
+    # Names lower-case, as ASGI wants them.
+    relayed = [(k.lower(), v) for k, v in answer.headers if k.lower() not in NOT_RELAYED]
     relayed.append((b"x-billing-request-id", call.request_id.encode()))
     succeeded = 200 <= answer.status < 300
     billing = resources.settings.emit_usage
@@ -201,8 +202,8 @@ async def _send(
         seen = Seen()
         try:
             document = json.loads(content, parse_float=Decimal)
-        except ValueError:
-            document = None  # not JSON (an upstream error page)
+        except (ValueError, RecursionError):
+            document = None  # not JSON (an upstream error page), or too deep to read
         if isinstance(document, dict):
             seen.observe(call.dialect, document)
         bill(emitter, call, seen, succeeded)
@@ -239,13 +240,16 @@ class Relay:
         if self._ended:
             return
         self._ended = True
-        self._reader.end()
         resources = self._resources
-        # Billing and the in-flight place first, without awaiting: nothing may stop them.
-        if resources.settings.emit_usage:
-            bill(resources.emitter, self._call, self._reader.seen, self._succeeded)
-        resources.in_flight.leave()
-        await self._answer.close()
+        # Billing and the in-flight place first, without awaiting; a failure in reading
+        # what was seen must not keep the place or the connection.
+        try:
+            self._reader.end()
+            if resources.settings.emit_usage:
+                bill(resources.emitter, self._call, self._reader.seen, self._succeeded)
+        finally:
+            resources.in_flight.leave()
+            await self._answer.close()
 
 
 async def _open(

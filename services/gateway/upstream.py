@@ -139,7 +139,11 @@ class AiohttpUpstream:
     def __init__(self, *, base_url: str = "", max_connections: int, timeout: float) -> None:
         self._base = base_url.rstrip("/")
         self._limit = max_connections
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout)
+        # connect: a pooled connection, or a new one with its DNS, TCP and TLS, within the
+        # request's timeout; TCP itself within 5 s; then each read within the timeout.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_connect=5.0, sock_read=timeout
+        )
         self._pooled: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
 

