@@ -25,9 +25,12 @@ pytestmark = pytest.mark.integration
 KEY = "bk_front_test_key"
 
 
-def gateway(tmp_path: Path) -> tuple[TestClient, Recording]:
-    """The gateway with no database: its one key is put in the key cache by the test."""
-    upstream = Recording(httpx.ASGITransport(app=create_fake_upstream()))
+def gateway(
+    tmp_path: Path, answer: httpx.AsyncBaseTransport | None = None
+) -> tuple[TestClient, Recording]:
+    """The gateway with no database (its one key is put in the key cache by the test), before
+    the fake upstream or ``answer``."""
+    upstream = Recording(answer or httpx.ASGITransport(app=create_fake_upstream()))
     settings = Settings(
         data_dir=tmp_path,
         catalogue_sync=False,
@@ -86,15 +89,8 @@ def test_a_stream_whose_usage_cannot_be_read_still_frees_its_place_and_bills(
         body = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n' + deep
         return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
 
-    settings = Settings(
-        data_dir=tmp_path,
-        catalogue_sync=False,
-        database_url=None,
-        kafka_bootstrap=None,
-        openrouter_base_url="http://upstream.test/api/v1",
-    )
-    app = create_app(settings, upstream_transport=httpx.MockTransport(upstream_answer))
-    with TestClient(app) as client:
+    client, _ = gateway(tmp_path, httpx.MockTransport(upstream_answer))
+    with client:
         headers = known_key(client)
         resources = client.app.state.resources  # type: ignore[attr-defined]
         answer = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers)
