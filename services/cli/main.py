@@ -19,6 +19,7 @@ import orjson
 
 from services.adapters.paths import DEFAULT_DATA_DIR
 from services.cli.context import Context, add_data_dir_option
+from services.cli.credits import credits
 from services.cli.partitions import partitions_cmd
 from services.cli.prices import _load_json, prices
 from services.cli.rebuild import rebuild_cmd
@@ -170,6 +171,7 @@ for command in (
     *STACK_COMMANDS,
     tenants,
     keys,
+    credits,
     prices,
     reprice_cmd,
     reconcile_cmd,

@@ -16,7 +16,7 @@ from services.cli.context import Context, on_database
 # The database driver is imported by the commands: ``billing quote --batch`` stays fast.
 
 
-def _with_database(obj: Context, work: Any) -> Any:
+def with_database(obj: Context, work: Any) -> Any:
     """Run ``work(connection)`` against the configured database (migrated first)."""
     from services.adapters.tenants import TenantError
 
@@ -45,7 +45,7 @@ def tenants_create(obj: Context, tenant_id: str) -> None:
     """Create a tenant."""
     from services.adapters.tenants import create_tenant
 
-    _with_database(obj, lambda c: create_tenant(c, tenant_id))
+    with_database(obj, lambda c: create_tenant(c, tenant_id))
     click.echo(f"tenant {tenant_id} created")
 
 
@@ -62,7 +62,7 @@ def keys_create(obj: Context, tenant: str, name: str) -> None:
     """Create a key and print it (it cannot be shown again)."""
     from services.adapters.tenants import create_key
 
-    key_id, key = _with_database(obj, lambda c: create_key(c, tenant, name))
+    key_id, key = with_database(obj, lambda c: create_key(c, tenant, name))
     click.echo(key)
     click.echo(f"key id {key_id} for tenant {tenant}: store the key now, it is not kept", err=True)
 
@@ -77,7 +77,7 @@ def keys_list(obj: Context, tenant: str | None) -> None:
     """Keys (never their secrets): id, tenant, name, created, revoked."""
     from services.adapters.tenants import list_keys
 
-    found = _with_database(obj, lambda c: list_keys(c, tenant))
+    found = with_database(obj, lambda c: list_keys(c, tenant))
     click.echo(KEY_ROW.format("key id", "tenant", "name", "created", "revoked"))
     for key in found:
         revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "-"
@@ -92,5 +92,5 @@ def keys_revoke(obj: Context, key_id: str) -> None:
     """Revoke a key (requests with it are refused within seconds)."""
     from services.adapters.tenants import revoke_key
 
-    _with_database(obj, lambda c: revoke_key(c, key_id))
+    with_database(obj, lambda c: revoke_key(c, key_id))
     click.echo(f"key {key_id} revoked")

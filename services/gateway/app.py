@@ -13,7 +13,16 @@ from fastapi.telemetry import TelemetryConfig
 from services.adapters.pricing_cache import PricingCache
 from services.adapters.publisher import EventPublisher
 from services.adapters.settings import Settings
-from services.gateway import errors, front, ingest, models, ops, prices_api, queries
+from services.gateway import (
+    credits_api,
+    errors,
+    front,
+    ingest,
+    models,
+    ops,
+    prices_api,
+    queries,
+)
 from services.gateway.resources import Resources
 from services.gateway.responses import ORJSONResponse
 
@@ -24,6 +33,7 @@ ROUTERS = (
     ingest.router,
     models.router,
     prices_api.router,
+    credits_api.router,
 )
 
 
