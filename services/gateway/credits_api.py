@@ -8,16 +8,15 @@ grant; 409 when it was used for another; 404 for an unknown tenant; 422 naming t
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from services.adapters.credits import LedgerError, add_grant
-from services.core.credits import CreditError, grant_of
+from services.core.credits import grant_of
 from services.gateway.auth import require_admin
+from services.gateway.bodies import json_object
 from services.gateway.resources import Deps
 from services.gateway.responses import ORJSONResponse
 
@@ -27,12 +26,7 @@ router = APIRouter(prefix="/internal/billing/credits", dependencies=[Depends(req
 @router.post("", status_code=201)
 async def add_credit(request: Request, resources: Deps) -> Any:
     """Grant prepaid credits to a tenant (see the module docstring)."""
-    try:
-        body = json.loads(await request.body(), parse_float=Decimal)
-    except (ValueError, RecursionError) as exc:
-        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise CreditError("", "the body must be a JSON object")
+    body = await json_object(request)
     grant = grant_of(
         body.get("tenant_id"),
         body.get("amount"),

@@ -7,8 +7,6 @@ from a past or future time, nothing is overwritten, and it carries who and why.
 from __future__ import annotations
 
 import asyncio
-import json
-from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -18,6 +16,7 @@ from services.core.corrections import parse_changes, record_correction
 from services.core.errors import QuoteRequestError
 from services.core.quote import parse_time
 from services.gateway.auth import require_admin
+from services.gateway.bodies import json_object
 from services.gateway.resources import resources_of
 
 router = APIRouter(prefix="/internal/billing/prices", dependencies=[Depends(require_admin)])
@@ -29,12 +28,7 @@ async def correct_price(request: Request) -> Any:
     input_cache_write?, per_million?, layer?}`` — prices as decimal strings, USD per token (per
     million tokens with ``per_million: true``). 201 with the new version; 200 with
     ``{"unchanged": true}`` when that price is already in effect."""
-    try:
-        body = json.loads(await request.body(), parse_float=Decimal)
-    except (ValueError, RecursionError) as exc:
-        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise QuoteRequestError("", "the body must be a JSON object")
+    body = await json_object(request)
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise QuoteRequestError("model", "is required")
