@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from services.adapters.errors import AdapterError
+from services.adapters.tenants import tenant_exists
 from services.core.credits import Grant
 
 if TYPE_CHECKING:
@@ -55,10 +56,7 @@ async def add_grant(connection: asyncpg.Connection, grant: Grant) -> tuple[dict[
     """Record ``grant``; return it as stored and whether it is new (``False``: the same
     grant was recorded before under its idempotency key)."""
     async with connection.transaction():
-        exists = await connection.fetchval(
-            "SELECT 1 FROM tenants WHERE tenant_id = $1", grant.tenant_id
-        )
-        if exists is None:
+        if not await tenant_exists(connection, grant.tenant_id):
             raise LedgerError(f"no tenant {grant.tenant_id!r}", 404)
         inserted = await connection.fetchrow(
             _INSERT,

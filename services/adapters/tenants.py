@@ -51,11 +51,16 @@ async def create_tenant(connection: asyncpg.Connection, tenant_id: str) -> None:
         raise TenantError(f"tenant {tenant_id!r} already exists")
 
 
+async def tenant_exists(connection: asyncpg.Connection, tenant_id: str) -> bool:
+    found = await connection.fetchval("SELECT 1 FROM tenants WHERE tenant_id = $1", tenant_id)
+    return found is not None
+
+
 async def create_key(
     connection: asyncpg.Connection, tenant_id: str, name: str = ""
 ) -> tuple[str, str]:
     """Create a key for the tenant; return (key id, the key itself — shown only now)."""
-    if await connection.fetchval("SELECT 1 FROM tenants WHERE tenant_id = $1", tenant_id) is None:
+    if not await tenant_exists(connection, tenant_id):
         raise TenantError(f"no tenant {tenant_id!r} (create it with `billing tenants create`)")
     key_id = secrets.token_hex(6)
     key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"

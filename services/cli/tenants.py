@@ -24,7 +24,7 @@ def with_database(obj: Context, work: Any) -> Any:
     if not url:
         raise click.ClickException(
             "set BILLING_DATABASE_URL, or start `billing up` on this data dir "
-            f"({obj.data_dir}): tenants and keys live in its database"
+            f"({obj.data_dir}): tenants, keys and credits live in its database"
         )
 
     try:
