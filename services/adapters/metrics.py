@@ -110,3 +110,35 @@ UNBILLABLE = Counter(
     "Answered proxy requests no usage event could be made for (logged with the request id)",
     ["reason"],
 )
+
+# -- balances and budgets (issue #11) --------------------------------------------------------
+RESERVATIONS = Counter(
+    "billing_quota_reservations_total",
+    "Admission reservations by outcome: made, refused (402), settled (the charge arrived),"
+    " released (nothing to charge), expired (no charge arrived in time)",
+    ["outcome"],
+)
+for _outcome in ("made", "refused", "settled", "released", "expired"):
+    RESERVATIONS.labels(_outcome)
+RESERVED_USD = Gauge(
+    "billing_quota_reserved_usd",
+    "USD this gateway process holds reserved for requests in flight (approximate: a float)",
+    multiprocess_mode="livesum",
+)
+PENDING_USD = Gauge(
+    "billing_quota_pending_usd",
+    "USD this gateway process holds for answered requests not yet charged (approximate)",
+    multiprocess_mode="livesum",
+)
+LEASE_REFILLS = Counter(
+    "billing_quota_lease_refills_total", "Leases of a scope's headroom taken from PostgreSQL"
+)
+CHARGES = Counter(
+    "billing_quota_charges_total", "Cost deltas the quota service applied to balances"
+)
+ALERTS = Counter("billing_quota_alerts_total", "Alerts recorded by the quota service")
+WEBHOOKS = Counter(
+    "billing_quota_webhook_deliveries_total",
+    "Alert webhook attempts by outcome (delivered, failed, abandoned)",
+    ["outcome"],
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -99,6 +100,31 @@ class Settings(BaseSettings):
     catalogue_timeout_seconds: float = Field(default=10.0, gt=0)
     catalogue_retry_seconds: float = Field(default=60.0, gt=0)
     """After a failed refresh, wait this long before trying again (not on every request)."""
+
+    require_credits: bool = False
+    """``true``: every tenant is prepaid — one without credits is refused (402). ``false``: a
+    tenant with no grants and no hard budget is unlimited (postpaid)."""
+    default_max_tokens: int = Field(default=4096, ge=1, le=10_000_000)
+    """Completion tokens a reservation assumes when a request sets no ``max_tokens`` (or
+    ``max_completion_tokens`` / ``maxOutputTokens``)."""
+    model_max_tokens: dict[str, int] = Field(default_factory=dict)
+    """Per model, the same default (JSON, e.g. ``{"openai/o3": 100000}``)."""
+    unpriced_reservation: Decimal = Field(default=Decimal("1.00"), ge=0)
+    """USD reserved for a request to a model the gateway has no price for yet."""
+    lease_ttl_seconds: float = Field(default=15.0, gt=0)
+    """A gateway's lease of a tenant's headroom stops counting this long after its last
+    renewal (a killed gateway's headroom returns then)."""
+    lease_refresh_seconds: float = Field(default=1.0, gt=0)
+    """How often a gateway renews its leases, learns which answered requests are charged
+    and returns headroom it does not use."""
+    pending_ttl_seconds: float = Field(default=3600.0, gt=0)
+    """An answered request whose charge has not arrived after this long stops holding
+    headroom (usage held unpriced, or a quota service that is down)."""
+    balance_low_fraction: Decimal = Field(default=Decimal("0.1"), ge=0, le=1)
+    """``BalanceLow`` is emitted when the balance falls to this fraction of what was granted."""
+    alert_webhook_url: str | None = None
+    """Alerts are also POSTed here, signed with ``alert_webhook_secret`` (quota service)."""
+    alert_webhook_secret: SecretStr | None = None
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

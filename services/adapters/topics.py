@@ -18,6 +18,8 @@ class Topics(NamedTuple):
     """``UsageRecorded`` with no price yet (held back, re-driven when one arrives)."""
     dlq: str = "billing.dlq.v1"
     """Undecodable messages, with where they came from and why in their headers."""
+    alerts: str = "billing.alerts.v1"
+    """``QuotaAlert`` (budget thresholds crossed, balances low or exhausted), key ``tenant_id``."""
 
     @classmethod
     def named(cls, prefix: str = "") -> Topics:

@@ -203,6 +203,50 @@ def projector_cmd(obj: Context) -> None:
     asyncio.run(run())
 
 
+@click.command("quota")
+@click.pass_obj
+def quota_cmd(obj: Context) -> None:
+    """Run the quota service: billing.costs.v1 → balances, budget spend and alerts."""
+    import asyncio
+    import logging
+    import signal
+
+    from services.adapters.topics import Topics
+    from services.quota.alerts import Webhook
+    from services.quota.service import QuotaService
+
+    settings = obj.settings
+    bootstrap, database_url = _require_services(settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    webhook = None
+    if settings.alert_webhook_url:
+        if settings.alert_webhook_secret is None:
+            raise click.ClickException(
+                "BILLING_ALERT_WEBHOOK_URL needs BILLING_ALERT_WEBHOOK_SECRET (alerts are signed)"
+            )
+        webhook = Webhook(
+            settings.alert_webhook_url, settings.alert_webhook_secret.get_secret_value()
+        )
+    service = QuotaService(
+        bootstrap,
+        database_url,
+        topics=Topics.named(settings.topic_prefix),
+        group=f"{settings.topic_prefix}billing-quota",
+        low_fraction=settings.balance_low_fraction,
+        webhook=webhook,
+    )
+    _serve_metrics(settings)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service.run(stop)
+
+    asyncio.run(run())
+
+
 def _serve_metrics(settings: Settings) -> None:
     if settings.metrics_port:
         from prometheus_client import start_http_server
@@ -260,6 +304,7 @@ COMMANDS = (
     gateway_cmd,
     pricer_cmd,
     projector_cmd,
+    quota_cmd,
     migrate_cmd,
     topics_cmd,
     fake_upstream_cmd,

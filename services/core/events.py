@@ -208,6 +208,29 @@ class UsagePriced(_Fact):
     """Why this revision exists: "priced" for the first, else the correction's reason."""
 
 
+class QuotaAlert(_Fact):
+    """A budget threshold crossed, or a prepaid balance low or exhausted (topic
+    ``billing.alerts.v1``, key ``tenant_id``). Each is emitted once: ``alert_id`` names the
+    threshold and period (or the top-up) it is about, for consumers to deduplicate on."""
+
+    event_type: Literal["BudgetThresholdCrossed", "BalanceLow", "BalanceExhausted"]
+    schema_version: Literal[1] = 1
+    alert_id: Identifier
+    tenant_id: Identifier
+    api_key_id: Identifier | None = None
+    """The key whose budget it is (``None``: the tenant's budget, or its balance)."""
+    period: Annotated[str, Field(pattern=r"^\d{4}-\d{2}$")] | None = None
+    """The budget's month (``YYYY-MM``, UTC); ``None`` for balance alerts."""
+    threshold_percent: Annotated[int, Field(ge=1, le=1000)] | None = None
+    limit: Money | None = None
+    spent: Money | None = None
+    hard: bool | None = None
+    balance: Money | None = None
+    granted: Money | None = None
+    """Everything granted to the tenant (balance alerts)."""
+    occurred_at: Timestamp
+
+
 @dataclass(frozen=True, slots=True)
 class Position:
     """Where a message sits in the log (offsets, dead letters)."""
@@ -384,6 +407,7 @@ _F = TypeVar("_F", bound=BaseModel)
 EVENT_TYPES: Final[dict[str, type[BaseModel]]] = {
     "UsageRecorded": UsageRecorded,
     "UsagePriced": UsagePriced,
+    "QuotaAlert": QuotaAlert,
 }
 
 # One function per schema change, keyed by (event type, version it upgrades *from*).

@@ -44,6 +44,10 @@ class Dialect:
     """The generated text in a body or stream chunk (for estimating a cut stream)."""
     estimate: Callable[[str, Mapping[str, Any], str], Usage]
     """``(model, request body, generated text)`` → estimated usage (runs off the loop)."""
+    prompt_tokens: Callable[[str, Mapping[str, Any]], int]
+    """``(model, request body)`` → its input tokens, counted locally (for a reservation)."""
+    max_output: Callable[[Mapping[str, Any]], int | None]
+    """The most output tokens a request body allows, or ``None`` when it sets no limit."""
 
 
 def _openai_text(document: Mapping[str, Any]) -> str:
@@ -67,6 +71,25 @@ def _estimate_openai(model: str, body: Mapping[str, Any], text: str) -> Usage:
     return estimate_usage(model, body, text)
 
 
+def _openai_prompt_tokens(model: str, body: Mapping[str, Any]) -> int:
+    from services.gateway.tokens import prompt_tokens
+
+    return prompt_tokens(model, body)
+
+
+def _openai_max_output(body: Mapping[str, Any]) -> int | None:
+    """``max_completion_tokens`` (reasoning included) or ``max_tokens``, times ``n`` choices."""
+    limit = positive_int(body.get("max_completion_tokens")) or positive_int(body.get("max_tokens"))
+    if limit is None:
+        return None
+    return limit * (positive_int(body.get("n")) or 1)
+
+
+def positive_int(value: object) -> int | None:
+    """``value`` if it is a positive integer (not a bool), else ``None``."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 OPENAI = Dialect(
     provider="openrouter",
     usage_format="openai",
@@ -74,6 +97,8 @@ OPENAI = Dialect(
     usage_of=lambda document: document.get("usage"),
     text_of=_openai_text,
     estimate=_estimate_openai,
+    prompt_tokens=_openai_prompt_tokens,
+    max_output=_openai_max_output,
 )
 
 
@@ -256,18 +281,31 @@ def _usage_of(dialect: Dialect, document: Any) -> Any:
     return usage
 
 
-def bill(emitter: Emitter, call: Call, seen: Seen, succeeded: bool) -> None:
+@dataclass(frozen=True, slots=True)
+class Billed:
+    """What :func:`bill` did: nothing (``billed`` false), or emitted usage — ``event`` when
+    the upstream's is known now, ``None`` when an estimate is being counted off the loop."""
+
+    billed: bool
+    event: UsageRecorded | None = None
+
+
+NOT_BILLED = Billed(False)
+
+
+def bill(emitter: Emitter, call: Call, seen: Seen, succeeded: bool) -> Billed:
     """Bill from the upstream's usage; without readable usage, from an estimate — unless the
     request failed, or its 2xx answer was an error with nothing generated."""
     if seen.usage is not None:
         event = usage_event(call, seen.usage)
         if event is not None:
             emitter.submit(event)
-            return
+            return Billed(True, event)
     elif not succeeded:
-        return  # a failed request is billed only when the upstream reported usage
+        return NOT_BILLED  # a failed request is billed only when the upstream reported usage
     seen.settle()  # the generated text, to estimate from
     text = "".join(seen.text)
     if seen.error and not text:
-        return
+        return NOT_BILLED
     emitter.submit_later(lambda: estimated_event(call, text))
+    return Billed(True)

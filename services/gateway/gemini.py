@@ -50,7 +50,7 @@ from urllib.parse import parse_qs
 
 from services.core.usage import Usage
 from services.gateway.auth import gemini_key, tenant_of
-from services.gateway.capture import Call, Dialect
+from services.gateway.capture import Call, Dialect, positive_int
 from services.gateway.proxy import Incoming, Reply, error, forward, forwarded_headers, parse_body
 from services.gateway.resources import Resources
 
@@ -96,6 +96,24 @@ def _estimate(model: str, body: Mapping[str, Any], text: str) -> Usage:
     return estimate_usage(model, body, text, gemini=True)
 
 
+def _prompt_tokens(model: str, body: Mapping[str, Any]) -> int:
+    from services.gateway.tokens import gemini_prompt_tokens
+
+    return gemini_prompt_tokens(model, body)
+
+
+def _max_output(body: Mapping[str, Any]) -> int | None:
+    """``generationConfig.maxOutputTokens`` times ``candidateCount``."""
+    config = body.get("generationConfig") or body.get("generation_config")
+    if not isinstance(config, Mapping):
+        return None
+    limit = positive_int(config.get("maxOutputTokens") or config.get("max_output_tokens"))
+    if limit is None:
+        return None
+    count = config.get("candidateCount") or config.get("candidate_count")
+    return limit * (positive_int(count) or 1)
+
+
 GEMINI = Dialect(
     provider="vertex",
     usage_format="gemini",
@@ -103,6 +121,8 @@ GEMINI = Dialect(
     usage_of=_usage,
     text_of=_text,
     estimate=_estimate,
+    prompt_tokens=_prompt_tokens,
+    max_output=_max_output,
 )
 _DIALECTS = {"vertex": GEMINI, "google-ai-studio": replace(GEMINI, provider="google-ai-studio")}
 

@@ -29,8 +29,9 @@ from decimal import Decimal
 from typing import Any
 
 from services.adapters import metrics
+from services.gateway.admission import QuotaUnavailable, Refused, Reservation
 from services.gateway.auth import bearer, tenant_of
-from services.gateway.capture import OPENAI, Call, Seen, StreamReader, bill
+from services.gateway.capture import NOT_BILLED, OPENAI, Billed, Call, Seen, StreamReader, bill
 from services.gateway.resources import Resources
 from services.gateway.upstream import (
     Answer,
@@ -72,6 +73,7 @@ PROXY_PATHS = (
 _KINDS = {
     400: ("invalid_request_error", "INVALID_ARGUMENT"),
     401: ("authentication_error", "UNAUTHENTICATED"),
+    402: ("insufficient_quota", "RESOURCE_EXHAUSTED"),
     403: ("permission_error", "PERMISSION_DENIED"),
     404: ("not_found_error", "NOT_FOUND"),
     405: ("invalid_request_error", "FAILED_PRECONDITION"),
@@ -145,22 +147,46 @@ async def forward(
     *,
     stream: bool,
 ) -> Reply:
-    """Send ``body`` to ``url``, pass the answer back and bill it through the emitter."""
+    """Send ``body`` to ``url``, pass the answer back and bill it through the emitter.
+
+    Refused before anything is sent: 503 when the spool is full or the gateway at capacity
+    (or the tenant's limits cannot be checked), 402 when the request's worst-case cost does
+    not fit the tenant's balance or a hard budget (``admission.py``).
+    """
     if not resources.emitter.accepting:
         metrics.PROXY_REFUSED.labels(reason="spool").inc()
         return error(503, "usage spool is full; try again later", {"retry-after": "5"})
+    admission = resources.admission
+    reservation = None
+    if admission is not None:
+        try:
+            reservation = await admission.admit(call)
+        except Refused as exc:
+            return error(402, str(exc))
+        except QuotaUnavailable as exc:
+            metrics.PROXY_REFUSED.labels(reason="quota_unavailable").inc()
+            return error(503, f"{exc}; try again shortly", {"retry-after": "2"})
     in_flight = resources.in_flight
     if not in_flight.enter():
+        _finish(resources, reservation, NOT_BILLED)
         metrics.PROXY_REFUSED.labels(reason="overload").inc()
         return error(503, "the gateway is at capacity; try again shortly", {"retry-after": "1"})
     try:
-        reply = await _send(resources, call, upstream, url, headers, body, stream=stream)
+        reply = await _send(
+            resources, call, upstream, url, headers, body, stream=stream, reservation=reservation
+        )
     except BaseException:
         in_flight.leave()
+        _finish(resources, reservation, NOT_BILLED)  # unless billing already finished it
         raise
     if reply.relay is None:
         in_flight.leave()  # a relay leaves when its stream ends, however it ends
     return reply
+
+
+def _finish(resources: Resources, reservation: Reservation | None, billed: Billed) -> None:
+    if reservation is not None and resources.admission is not None:
+        resources.admission.finish(reservation, billed)
 
 
 async def _send(
@@ -172,12 +198,15 @@ async def _send(
     body: bytes,
     *,
     stream: bool,
+    reservation: Reservation | None,
 ) -> Reply:
     try:
         answer = await _open(call, upstream, url, headers, body)
     except TimedOut:
+        _finish(resources, reservation, NOT_BILLED)
         return error(504, "upstream timed out")
     except UpstreamError as exc:
+        _finish(resources, reservation, NOT_BILLED)
         log.warning("upstream unreachable for %s: %r", call.request_id, exc)
         return error(502, "upstream unreachable")
     # Names lower-case, as ASGI wants them.
@@ -188,16 +217,20 @@ async def _send(
     emitter = resources.emitter
 
     if stream:
-        return Reply(answer.status, relayed, relay=Relay(resources, call, answer, succeeded))
+        relay = Relay(resources, call, answer, succeeded, reservation)
+        return Reply(answer.status, relayed, relay=relay)
     try:
         content = await answer.read()
     except BrokeOff as exc:  # the answer broke off after its status line
         log.warning("upstream answer cut for %s: %r", call.request_id, exc)
+        billed = NOT_BILLED
         if billing and succeeded:
-            bill(emitter, call, Seen(), succeeded)  # the prompt was processed
+            billed = bill(emitter, call, Seen(), succeeded)  # the prompt was processed
+        _finish(resources, reservation, billed)
         return error(504 if exc.timed_out else 502, "the upstream's answer broke off")
     finally:
         await answer.close()
+    billed = NOT_BILLED
     if billing:
         seen = Seen()
         try:
@@ -206,7 +239,8 @@ async def _send(
             document = None  # not JSON (an upstream error page), or too deep to read
         if isinstance(document, dict):
             seen.observe(call.dialect, document)
-        bill(emitter, call, seen, succeeded)
+        billed = bill(emitter, call, seen, succeeded)
+    _finish(resources, reservation, billed)
     return Reply(answer.status, relayed, content)
 
 
@@ -215,15 +249,23 @@ class Relay:
     :meth:`end` — called once the stream is done with, however it ends (finished, cut, the
     client gone, never started) — bills it, frees its in-flight place and the connection."""
 
-    __slots__ = ("_resources", "_call", "_answer", "_succeeded", "_reader", "_ended")
+    __slots__ = ("_resources", "_call", "_answer", "_succeeded", "_reader", "_ended", "_held")
 
-    def __init__(self, resources: Resources, call: Call, answer: Answer, succeeded: bool) -> None:
+    def __init__(
+        self,
+        resources: Resources,
+        call: Call,
+        answer: Answer,
+        succeeded: bool,
+        reservation: Reservation | None = None,
+    ) -> None:
         self._resources = resources
         self._call = call
         self._answer = answer
         self._succeeded = succeeded
         self._reader = StreamReader(call.dialect)
         self._ended = False
+        self._held = reservation
 
     @property
     def request_id(self) -> str:
@@ -243,11 +285,14 @@ class Relay:
         resources = self._resources
         # Billing and the in-flight place first, without awaiting; a failure in reading
         # what was seen must not keep the place or the connection.
+        billed = NOT_BILLED
         try:
             self._reader.end()
             if resources.settings.emit_usage:
-                bill(resources.emitter, self._call, self._reader.seen, self._succeeded)
+                billed = bill(resources.emitter, self._call, self._reader.seen, self._succeeded)
         finally:
+            # Billed or not, the reservation becomes the pending charge or is released.
+            _finish(resources, self._held, billed)
             resources.in_flight.leave()
             await self._answer.close()
 

@@ -31,6 +31,7 @@ from services.adapters.topics import Topics
 from services.adapters.wiring import pricing_cache
 from services.core.backoff import Backoff
 from services.gateway import tokens
+from services.gateway.admission import Admission
 from services.gateway.emitter import Emitter
 from services.gateway.gemini_target import GeminiTarget, gemini_target
 from services.gateway.keys import KeyCache
@@ -60,6 +61,8 @@ class Resources:
     pool: asyncpg.Pool | None = None
     tenants: TenantStore | None = None
     publisher: EventPublisher | None = None
+    admission: Admission | None = None
+    """Balances and budgets enforced before a request goes upstream (needs the database)."""
     key_cache: KeyCache = field(default_factory=KeyCache)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _own_publisher: bool = False
@@ -125,9 +128,12 @@ class Resources:
             pool=pool,
             tenants=PostgresTenantStore(pool) if pool is not None else None,
             publisher=publisher,
+            admission=Admission(pool, settings, prices) if pool is not None else None,
         )
         try:
             await emitter.start()
+            if resources.admission is not None:
+                resources.admission.start()
             # Tokenizers for estimated usage load in the background (about half a second).
             resources._tasks.append(asyncio.create_task(asyncio.to_thread(_warm_tokenizers)))
             if publisher is None and settings.kafka_bootstrap:
@@ -163,6 +169,8 @@ class Resources:
 
     async def _close(self) -> None:
         await self.emitter.close()
+        if self.admission is not None:
+            await self.admission.close()
         for task in self._tasks:
             if not task.done():
                 task.cancel()

@@ -95,6 +95,16 @@ def _plan(request: Request, body: dict[str, Any], prompt_text: str, config: Fake
     h = request.headers
     prompt = max(1, len(prompt_text) // 4 + 4 * len(body.get("messages", [])))
     completion = max(1, _int(h, "x-fake-completion-tokens", config.completion_tokens))
+    # Like a real model, never more than the request's output limit.
+    generation = body.get("generationConfig")
+    for limit in (
+        body.get("max_completion_tokens"),
+        body.get("max_tokens"),
+        generation.get("maxOutputTokens") if isinstance(generation, dict) else None,
+    ):
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            completion = min(completion, limit)
+            break
     reasoning = min(_int(h, "x-fake-reasoning-tokens", config.reasoning_tokens), completion - 1)
     status = _int(h, "x-fake-status", 0) or None
     cut = h.get("x-fake-cut-after")

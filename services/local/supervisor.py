@@ -1,8 +1,9 @@
-"""``billing up``: start what is missing, then run and supervise the three services.
+"""``billing up``: start what is missing, then run and supervise the services.
 
 The broker (embedded Tansu unless ``BILLING_KAFKA_BOOTSTRAP``) and PostgreSQL (embedded
 ``pgserver`` unless ``BILLING_DATABASE_URL``) are started first; migrations are applied and
-the topics created; then gateway, pricer and projector run as child processes, each logging
+the topics created; then gateway, pricer, projector and quota service run as child processes,
+each logging
 to ``<data-dir>/logs/<name>.log`` and restarted (with backoff) if it dies
 (``BILLING_PRICER_PROCESSES`` pricers share the usage topic's partitions). Ctrl-C or SIGTERM
 stops the children, then what was started for them.
@@ -124,7 +125,13 @@ class Stack:
                 (f"pricer {n} metrics", metrics, self.pricer_metrics_port(n))
                 for n in range(2, self.settings.pricer_processes + 1)
             ),
+            ("quota metrics", metrics, self.quota_metrics_port),
         ]
+
+    @property
+    def quota_metrics_port(self) -> int:
+        """After the last pricer's."""
+        return self.port + self.settings.pricer_processes + 2
 
     def pricer_metrics_port(self, n: int) -> int:
         """Pricer 1 serves metrics on port + 1, pricer n ≥ 2 on port + n + 1 (after the
@@ -195,6 +202,12 @@ class Stack:
                 ["projector"],
                 self.logs / "projector.log",
                 env={"BILLING_METRICS_PORT": str(self.port + 2)},
+            ),
+            Child(
+                "quota",
+                ["quota"],
+                self.logs / "quota.log",
+                env={"BILLING_METRICS_PORT": str(self.quota_metrics_port)},
             ),
         ]
         for child in self.children:
@@ -299,7 +312,8 @@ def check_ports(listeners: list[tuple[str, str, int]]) -> None:
                 raise click.ClickException(
                     f"port {port} ({what}) on {host} {reason}; nothing was started. "
                     "Choose other ports with `billing up --port N` (the gateway listens "
-                    "on N, the pricer's and projector's metrics on N+1 and N+2)"
+                    "on N, the pricer's, projector's and quota service's metrics on N+1, N+2"
+                    " and N+3)"
                 ) from None
 
 
@@ -342,6 +356,7 @@ def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> Non
         for n in range(2, stack.settings.pricer_processes + 1):
             port = stack.pricer_metrics_port(n)
             stack.echo(f"            pricer {n} http://127.0.0.1:{port}/metrics")
+        stack.echo(f"            quota http://127.0.0.1:{stack.quota_metrics_port}/metrics")
         stack.echo(f"logs        {stack.logs}")
         stack.echo(
             f"state       {state_path(stack.data_dir)} (billing commands given this "

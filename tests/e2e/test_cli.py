@@ -217,7 +217,7 @@ def _free_port() -> int:
 
 
 def _free_ports(count: int) -> int:
-    """A port N with N … N + count - 1 all free now (``billing up`` listens on N, N+1, N+2)."""
+    """A port N with N … N + count - 1 all free now (``billing up`` listens on N … N+3)."""
     for _ in range(100):
         base = _free_port()
         if base + count > 65535:

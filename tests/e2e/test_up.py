@@ -50,7 +50,7 @@ def run_up_demo(data_dir: Path) -> str:
         if k not in ("BILLING_DATABASE_URL", "BILLING_KAFKA_BOOTSTRAP")
     }
     env["BILLING_DATA_DIR"] = str(data_dir)
-    port = _free_ports(3)
+    port = _free_ports(4)
     process = subprocess.Popen(
         [BILLING, "up", "--demo", "--port", str(port)],
         env=env,
@@ -123,7 +123,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """`billing up --data-dir D` (no BILLING_* variables), its catalogue the fake upstream."""
     data_dir = tmp_path_factory.mktemp("up") / "stack"
     # N-1 free too: a test starts a second stack on N-1, whose metrics port N must clash.
-    port = _free_ports(4) + 1
+    port = _free_ports(5) + 1
     with fake_upstream() as (upstream, _):
         env = _bare_env() | {
             "OPENROUTER_BASE_URL": f"{upstream}/api/v1",

@@ -107,7 +107,10 @@ async def gateway_before(
     else:
         client = HttpxUpstream(base_url=base, timeout=timeout)
     resources: Any = SimpleNamespace(
-        emitter=emitter, settings=SimpleNamespace(emit_usage=True), in_flight=InFlight(8)
+        emitter=emitter,
+        settings=SimpleNamespace(emit_usage=True),
+        in_flight=InFlight(8),
+        admission=None,
     )
 
     async def app(scope: Any, receive: Any, send: Any) -> None:

@@ -247,9 +247,12 @@ async def through_forward(
 ) -> tuple[httpx.Response, list[UsageRecorded]]:
     """One request through ``forward`` to an upstream answered by the function ``upstream``."""
     emitter = CollectingEmitter()
-    # forward() reads only these of the gateway's resources.
+    # forward() reads only these of the gateway's resources (no admission: unlimited).
     resources: Any = SimpleNamespace(
-        emitter=emitter, settings=SimpleNamespace(emit_usage=True), in_flight=InFlight(8)
+        emitter=emitter,
+        settings=SimpleNamespace(emit_usage=True),
+        in_flight=InFlight(8),
+        admission=None,
     )
     client = HttpxUpstream(
         base_url="http://u", timeout=5.0, transport=httpx.MockTransport(upstream)
@@ -293,7 +296,10 @@ async def test_a_client_gone_mid_stream_stops_the_relay_bills_once_and_frees_its
     emitter = CollectingEmitter()
     in_flight = InFlight(8)
     resources: Any = SimpleNamespace(
-        emitter=emitter, settings=SimpleNamespace(emit_usage=True), in_flight=in_flight
+        emitter=emitter,
+        settings=SimpleNamespace(emit_usage=True),
+        in_flight=in_flight,
+        admission=None,
     )
     produced: list[int] = []
 

@@ -32,11 +32,19 @@ def _billing_commands(service: dict[str, Any]) -> list[list[str]]:
 
 def test_services_and_images(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"kafka", "postgres", "init", "gateway", "pricer", "projector"}
+    assert set(services) == {
+        "kafka",
+        "postgres",
+        "init",
+        "gateway",
+        "pricer",
+        "projector",
+        "quota",
+    }
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
     assert services["postgres"]["image"].startswith("postgres:")
-    for name in ("init", "gateway", "pricer", "projector"):
+    for name in ("init", "gateway", "pricer", "projector", "quota"):
         assert services[name]["build"] == "."
 
 

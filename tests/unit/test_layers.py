@@ -3,6 +3,7 @@
     cli                         entry points: may import anything below
     jobs                        reprice, rebuild, reconcile (may use a service's public fold)
     gateway pricer projector    the services: never each other
+    quota
     local                       the local stack (launchers, supervisor, fake upstream)
     adapters                    Kafka, PostgreSQL, price books, settings, key store
     core                        pure rules
@@ -27,6 +28,7 @@ RANK = {
     "gateway": 2,
     "pricer": 2,
     "projector": 2,
+    "quota": 2,
     "local": 2,
     "jobs": 3,
     "cli": 4,
@@ -91,6 +93,7 @@ LIBRARIES_KEPT_OUT = {
     "adapters": {"click", "fastapi", "uvicorn", "starlette", "faust"},
     "pricer": {"click", "fastapi"},
     "projector": {"click", "fastapi", "faust"},
+    "quota": {"click", "fastapi", "faust"},
     "gateway": {"click", "faust"},
 }
 """Libraries of another layer's job: the CLI's (click), the web server's, the pricer's."""

@@ -33,7 +33,9 @@ def test_three_pricers_get_their_own_logs_and_metrics_ports(tmp_path: Path) -> N
     ports = [int(p.env["BILLING_METRICS_PORT"]) for p in pricers]
     assert ports == [9001, 9003, 9004]
     listened = [port for _, _, port in running.listeners()]
-    assert sorted(listened) == [9000, 9001, 9002, 9003, 9004]  # every one checked, no clash
+    # every one checked, no clash; the quota service after the last pricer
+    assert sorted(listened) == [9000, 9001, 9002, 9003, 9004, 9005]
+    assert running.quota_metrics_port == 9005
 
 
 def test_the_setting_is_read_from_the_environment(

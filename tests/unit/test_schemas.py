@@ -7,7 +7,11 @@ from services.adapters.schemas import SCHEMA_DIR, generate
 
 def test_committed_schemas_match_the_models() -> None:
     generated = generate()
-    assert set(generated) == {"usage_recorded.v1.json", "usage_priced.v1.json"}
+    assert set(generated) == {
+        "usage_recorded.v1.json",
+        "usage_priced.v1.json",
+        "quota_alert.v1.json",
+    }
     for name, text in generated.items():
         path = SCHEMA_DIR / name
         assert path.exists(), f"{name} is missing: run `billing schemas`"

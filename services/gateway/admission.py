@@ -1,0 +1,343 @@
+"""Admission with reservations: no tenant spends past its balance or a hard budget.
+
+Before a proxied request goes upstream, :meth:`Admission.admit` reserves its worst-case cost
+(``core.quota.worst_case_cost``: the prompt counted locally with a margin, the request's
+output limit — or the configured default — at the model's dearest prices) in every scope
+that limits it: the tenant's balance when it is prepaid, the tenant's hard budget and its
+key's, this month. It reserves against this process's **lease** of each scope — a slice of
+the scope's headroom taken from PostgreSQL under a per-scope lock (``adapters.quota.refill``)
+— so the request path touches the database only when a lease runs dry, and the sum of every
+gateway's leases never exceeds what the scope allows. When a lease cannot cover a request,
+the request is refused (402) before anything is sent upstream.
+
+After the answer, :meth:`Admission.finish` turns the reservation into the request's
+**pending** charge (the cost of the usage the upstream reported, or the reservation when it
+is estimated) or releases it (nothing billed). Once a second (``lease_refresh_seconds``), the
+upkeep asks which pending requests the quota service has charged, drops those (their cost is
+in the balance now), returns headroom not used since the last round and renews the leases'
+expiry. A gateway that dies stops renewing: its leases stop counting ``lease_ttl_seconds``
+later. The overspend bound is in the README ("Balances and budgets").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+
+from services.adapters import metrics
+from services.adapters.consuming import RETRYABLE
+from services.adapters.pricing_cache import PricingCache
+from services.adapters.quota import Policy, policy, refill, release_all, renew, settled
+from services.adapters.settings import Settings
+from services.core.cost import compute_cost
+from services.core.errors import BillingError
+from services.core.periods import month_of
+from services.core.quota import (
+    ZERO,
+    Scope,
+    balance_scope,
+    budget_scope,
+    reserved_prompt_tokens,
+    worst_case_cost,
+)
+from services.core.usage import Usage
+from services.gateway.capture import Billed, Call
+
+log = logging.getLogger("billing.admission")
+
+POLICY_TTL = 5.0
+"""Seconds a tenant's limits (prepaid? hard budgets?) are cached: a new grant or budget
+takes effect within this long."""
+IDLE_ROUNDS = 3
+"""An empty lease unused for this many upkeep rounds is deleted."""
+SETTLE_CHUNK = 10_000
+
+
+class Refused(Exception):
+    """The request would spend past a limit (answer 402)."""
+
+
+class QuotaUnavailable(Exception):
+    """The limits could not be checked (the database is away): answer 503, send nothing."""
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """This process's slice of one scope's headroom; ``amount`` is what PostgreSQL holds."""
+
+    scope: Scope
+    amount: Decimal = ZERO
+    reserved: Decimal = ZERO
+    pending: Decimal = ZERO
+    recent: Decimal = ZERO
+    """Reserved since the last upkeep round (sizes the next refill)."""
+    waiting: Decimal = ZERO
+    """What requests waiting for a refill need."""
+    idle: int = 0
+    refilling: asyncio.Future[None] | None = None
+
+    @property
+    def free(self) -> Decimal:
+        return self.amount - self.reserved - self.pending
+
+
+@dataclass(slots=True, eq=False)
+class Reservation:
+    request_id: str
+    model: str
+    at: datetime
+    amount: Decimal
+    leases: tuple[Lease, ...]
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _Pending:
+    since: float
+    amount: Decimal
+    leases: tuple[Lease, ...]
+
+
+@dataclass(slots=True)
+class Admission:
+    pool: asyncpg.Pool
+    settings: Settings
+    prices: PricingCache
+    holder: str = field(
+        default_factory=lambda: f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    )
+    _leases: dict[str, Lease] = field(default_factory=dict)
+    _policies: dict[str, tuple[float, Policy]] = field(default_factory=dict)
+    _pending: dict[str, _Pending] = field(default_factory=dict)
+    _write: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Serialises this process's writes of its leases (refills and upkeep)."""
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    def ttl(self) -> timedelta:
+        return timedelta(seconds=self.settings.lease_ttl_seconds)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._upkeep_forever())
+
+    async def close(self) -> None:
+        """Stop the upkeep and hand every lease back (a clean shutdown frees it at once)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            async with self.pool.acquire() as connection:
+                await release_all(connection, self.holder)
+        except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            log.warning("leases not handed back (%r): they expire on their own", exc)
+
+    # -- the request path ------------------------------------------------------------------
+
+    async def admit(self, call: Call) -> Reservation | None:
+        """Reserve ``call``'s worst-case cost in every scope limiting it (``None``: none does).
+
+        Raises :class:`Refused` when a scope has not enough left, :class:`QuotaUnavailable`
+        when the limits cannot be read.
+        """
+        limits = await self._policy(call.key.tenant_id)
+        scopes = self._scopes(call, limits)
+        if not scopes:
+            return None
+        amount = self.worst_case(call)
+        leases = tuple(self._lease(scope) for scope in scopes)
+        for _ in range(8):  # a refill awaits: other requests may take what it brought
+            short = next((lease for lease in leases if lease.free < amount), None)
+            if short is None:
+                break
+            if not await self._refill(short, amount):
+                metrics.RESERVATIONS.labels("refused").inc()
+                raise Refused(_refusal(short.scope, amount))
+        else:  # headroom there, but taken by others each time: the scope is contended dry
+            metrics.RESERVATIONS.labels("refused").inc()
+            raise Refused(_refusal(leases[0].scope, amount))
+        for lease in leases:
+            lease.reserved += amount
+            lease.recent += amount
+        metrics.RESERVATIONS.labels("made").inc()
+        metrics.RESERVED_USD.inc(float(amount))
+        return Reservation(call.request_id, call.model, call.started, amount, leases)
+
+    def finish(self, reservation: Reservation | None, billed: Billed) -> None:
+        """The answer is done: hold its cost until it is charged, or release it."""
+        if reservation is None or reservation.done:
+            return
+        reservation.done = True
+        metrics.RESERVED_USD.dec(float(reservation.amount))
+        for lease in reservation.leases:
+            lease.reserved -= reservation.amount
+        if not billed.billed:
+            metrics.RESERVATIONS.labels("released").inc()
+            return
+        cost = reservation.amount
+        if billed.event is not None:
+            cost = self._cost(reservation, Usage(**billed.event.usage.model_dump()))
+        for lease in reservation.leases:
+            lease.pending += cost
+            # Usage beyond the reservation (an upstream that ignored the limit, a prompt
+            # counted short) is spent already: the lease grows to hold it.
+            lease.amount = max(lease.amount, lease.reserved + lease.pending)
+        self._pending[reservation.request_id] = _Pending(time.monotonic(), cost, reservation.leases)
+        metrics.PENDING_USD.inc(float(cost))
+
+    def worst_case(self, call: Call) -> Decimal:
+        try:
+            version = self.prices.lookup(call.model)
+        except BillingError:
+            return self.settings.unpriced_reservation
+        output = call.dialect.max_output(call.body) or self.settings.model_max_tokens.get(
+            call.model, self.settings.default_max_tokens
+        )
+        prompt = reserved_prompt_tokens(call.dialect.prompt_tokens(call.model, call.body))
+        return worst_case_cost(version.pricing, prompt, output, call.started)
+
+    def _cost(self, reservation: Reservation, usage: Usage) -> Decimal:
+        try:
+            pricing = self.prices.lookup(reservation.model).pricing
+            return compute_cost(usage, pricing, at=reservation.at).total_cost
+        except BillingError:
+            return reservation.amount
+
+    def _scopes(self, call: Call, limits: Policy) -> list[Scope]:
+        tenant_id = call.key.tenant_id
+        scopes = [balance_scope(tenant_id)] if limits.prepaid else []
+        period = month_of(call.started)
+        for key_id in ("", call.key.key_id):
+            if key_id in limits.budgets:
+                scopes.append(budget_scope(tenant_id, key_id, period))
+        return scopes
+
+    def _lease(self, scope: Scope) -> Lease:
+        lease = self._leases.get(scope.key)
+        if lease is None:
+            lease = self._leases[scope.key] = Lease(scope)
+        lease.idle = 0
+        return lease
+
+    async def _policy(self, tenant_id: str) -> Policy:
+        cached = self._policies.get(tenant_id)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            async with self.pool.acquire() as connection:
+                found = await policy(
+                    connection, tenant_id, require_credits=self.settings.require_credits
+                )
+        except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            if cached is not None:  # the last known limits, rather than none or a refusal
+                log.warning("tenant limits not refreshed (%r); using the last known", exc)
+                return cached[1]
+            raise QuotaUnavailable("the tenant's limits cannot be checked now") from exc
+        self._policies[tenant_id] = (now + POLICY_TTL, found)
+        return found
+
+    async def _refill(self, lease: Lease, need: Decimal) -> bool:
+        """Grow ``lease`` from its scope's headroom until ``need`` fits; ``False`` when the
+        scope has not that much left. One refill runs at a time per scope: requests that
+        need one meanwhile wait for it, then look again."""
+        lease.waiting += need
+        try:
+            while lease.free < need:
+                if lease.refilling is not None:
+                    await asyncio.shield(lease.refilling)
+                    continue
+                lease.refilling = asyncio.get_running_loop().create_future()
+                try:
+                    return await self._refill_once(lease, need)
+                finally:
+                    lease.refilling.set_result(None)
+                    lease.refilling = None
+            return True
+        finally:
+            lease.waiting -= need
+
+    async def _refill_once(self, lease: Lease, need: Decimal) -> bool:
+        try:
+            async with self._write, self.pool.acquire() as connection:
+                before = lease.amount
+                reserved, pending = lease.reserved, lease.pending
+                got = await refill(
+                    connection,
+                    holder=self.holder,
+                    scope=lease.scope,
+                    reserved=reserved,
+                    pending=pending,
+                    need=lease.waiting,
+                    recent=lease.recent,
+                    ttl=self.ttl,
+                )
+                # Reservations made meanwhile moved free into reserved: the total is unchanged.
+                lease.amount += reserved + pending + got.free - before
+                fits = lease.free >= need  # judged before anything else can run
+        except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            raise QuotaUnavailable("the tenant's headroom cannot be checked now") from exc
+        metrics.LEASE_REFILLS.inc()
+        return fits
+
+    # -- upkeep ----------------------------------------------------------------------------
+
+    async def _upkeep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_refresh_seconds)
+            try:
+                await self.upkeep()
+            except (*RETRYABLE, asyncpg.PostgresError) as exc:
+                log.warning("lease upkeep failed (%r); trying again", exc)
+
+    async def upkeep(self) -> None:
+        """Settle charged requests, return unused headroom, renew the leases' expiry."""
+        async with self._write, self.pool.acquire() as connection:
+            ids = list(self._pending)
+            charged: set[str] = set()
+            for start in range(0, len(ids), SETTLE_CHUNK):
+                charged |= await settled(connection, ids[start : start + SETTLE_CHUNK])
+            expire_before = time.monotonic() - self.settings.pending_ttl_seconds
+            for request_id in ids:
+                entry = self._pending[request_id]
+                if request_id in charged or entry.since < expire_before:
+                    del self._pending[request_id]
+                    for lease in entry.leases:
+                        lease.pending -= entry.amount
+                        lease.amount -= entry.amount
+                    metrics.PENDING_USD.dec(float(entry.amount))
+                    outcome = "settled" if request_id in charged else "expired"
+                    metrics.RESERVATIONS.labels(outcome).inc()
+            rows, dropped = [], []
+            for key, lease in list(self._leases.items()):
+                if lease.recent == 0 and lease.waiting == 0:
+                    lease.amount = lease.reserved + lease.pending  # hand back what is unused
+                    lease.idle += 1
+                lease.recent = ZERO
+                if lease.amount == 0 and lease.idle >= IDLE_ROUNDS and lease.refilling is None:
+                    del self._leases[key]
+                    dropped.append(key)
+                else:
+                    rows.append((lease.scope, lease.amount, lease.reserved, lease.pending))
+            await renew(connection, self.holder, rows, dropped, self.ttl)
+
+
+def _refusal(scope: Scope, amount: Decimal) -> str:
+    if scope.kind == "balance":
+        what = f"tenant {scope.tenant_id!r} has not enough prepaid credit"
+    elif scope.api_key_id:
+        what = f"API key {scope.api_key_id!r} has reached its monthly budget"
+    else:
+        what = f"tenant {scope.tenant_id!r} has reached its monthly budget"
+    return (
+        f"{what}: this request may cost up to {amount:f} USD (its prompt and output token "
+        "limit at the model's prices); add credits, raise the budget or lower max_tokens"
+    )

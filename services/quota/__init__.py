@@ -1,0 +1,1 @@
+"""The quota service: balances, budget spend and alerts from ``billing.costs.v1``."""
