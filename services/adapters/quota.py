@@ -18,12 +18,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Any
 
 from services.adapters.offsets import Offsets, lock_offsets, store_offsets
 from services.adapters.tenants import tenant_exists
 from services.core.events import Position, QuotaAlert, UsagePriced
+from services.core.money import EXACT
 from services.core.periods import month_of
 from services.core.quota import (
     ZERO,
@@ -90,10 +91,11 @@ async def apply_charges(
             [e.delta_cost for e in fresh.values()],
         )
         sums: dict[tuple[str, str, date], Decimal] = defaultdict(Decimal)
-        for row in charged:
-            sums[(row["tenant_id"], "", row["period"])] += row["amount"]
-            if row["api_key_id"]:
-                sums[(row["tenant_id"], row["api_key_id"], row["period"])] += row["amount"]
+        with localcontext(EXACT):  # costs are exact to 1e-30: a sum is never rounded
+            for row in charged:
+                sums[(row["tenant_id"], "", row["period"])] += row["amount"]
+                if row["api_key_id"]:
+                    sums[(row["tenant_id"], row["api_key_id"], row["period"])] += row["amount"]
         alerts = await _move_spend(connection, sums, low_fraction) if sums else []
         new_alerts = 0
         if alerts:
@@ -297,7 +299,8 @@ class Ledger:
 
     @property
     def balance(self) -> Decimal:
-        return self.granted - self.expired - self.charged
+        with localcontext(EXACT):  # charges carry up to 1e-30: never rounded here
+            return self.granted - self.expired - self.charged
 
     @property
     def prepaid(self) -> bool:
@@ -479,7 +482,8 @@ async def refill(
                 scope.key,
                 holder,
             )
-            available = cap - others - reserved - pending
+            with localcontext(EXACT):
+                available = cap - others - reserved - pending
             free = lease_free(need=need, recent=recent, available=available)
         await _write_leases(
             connection, holder, [(scope, reserved + pending + free, reserved, pending)], ttl

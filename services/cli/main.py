@@ -18,6 +18,7 @@ import click
 import orjson
 
 from services.adapters.paths import DEFAULT_DATA_DIR
+from services.cli.budgets import balance_cmd, budgets
 from services.cli.context import Context, add_data_dir_option
 from services.cli.credits import credits
 from services.cli.partitions import partitions_cmd
@@ -172,6 +173,8 @@ for command in (
     tenants,
     keys,
     credits,
+    budgets,
+    balance_cmd,
     prices,
     reprice_cmd,
     reconcile_cmd,

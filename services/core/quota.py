@@ -105,7 +105,7 @@ def alerts_of(value: object) -> tuple[int, ...]:
     thresholds = set()
     for part in parts:
         number = part
-        if isinstance(part, str) and part.isdigit():
+        if isinstance(part, str) and part.isascii() and part.isdigit():
             number = int(part)
         if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 1000:
             raise BudgetError("alerts", f"{part!r} is not a whole percentage from 1 to 1000")

@@ -22,6 +22,7 @@ from services.gateway import (
     ops,
     prices_api,
     queries,
+    quota_api,
 )
 from services.gateway.resources import Resources
 from services.gateway.responses import ORJSONResponse
@@ -34,6 +35,8 @@ ROUTERS = (
     models.router,
     prices_api.router,
     credits_api.router,
+    quota_api.router,
+    quota_api.tenant_router,
 )
 
 
