@@ -100,9 +100,11 @@ async def apply_charges(
         new_alerts = 0
         if alerts:
             inserted = await connection.fetch(
+                # The documents go as text and are cast in SQL: whatever jsonb codec the
+                # connection has, the column holds the event object itself.
                 "INSERT INTO billing_alerts (alert_id, tenant_id, event)"
-                " SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[])"
-                " ON CONFLICT DO NOTHING RETURNING alert_id",
+                " SELECT a, t, e::jsonb FROM unnest($1::text[], $2::text[], $3::text[])"
+                " AS x(a, t, e) ON CONFLICT DO NOTHING RETURNING alert_id",
                 [a.alert_id for a in alerts],
                 [a.tenant_id for a in alerts],
                 [a.model_dump_json() for a in alerts],
