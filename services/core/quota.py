@@ -190,18 +190,22 @@ def worst_case_cost(
 # -- leases ------------------------------------------------------------------------------------
 
 
+LEASE_HORIZON = 10
+"""Refresh intervals of a process's own traffic one refill takes (when there is room)."""
+
+
 def lease_free(*, need: Decimal, recent: Decimal, available: Decimal) -> Decimal:
     """How much free headroom a gateway asks for in one refill.
 
-    ``need`` is what the request waiting for it must reserve, ``recent`` what this process
-    reserved in the scope over the last refresh interval, ``available`` the scope's headroom
-    not held by any lease. It takes enough for a few intervals of its own traffic, but
-    never more than half of what is left unless the request needs it (so another gateway
-    is not starved), and never more than there is.
+    ``need`` is what the requests waiting for it must reserve, ``recent`` what this process
+    reserves in the scope per refresh interval (smoothed), ``available`` the scope's headroom
+    not held by any lease. It takes enough for :data:`LEASE_HORIZON` intervals of its own
+    traffic (at least 8 requests' worth), but never more than half of what is left unless
+    the request needs it (so another gateway is not starved), and never more than there is.
     """
     if available <= 0:
         return ZERO
-    want = max(need, recent * 4, need * 8)
+    want = max(need, recent * LEASE_HORIZON, need * 8)
     share = max(need, available / 2)
     return min(want, share, available)
 

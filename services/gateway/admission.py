@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -55,8 +56,9 @@ from services.gateway.capture import Billed, Call
 log = logging.getLogger("billing.admission")
 
 POLICY_TTL = 5.0
-"""Seconds a tenant's limits (prepaid? hard budgets?) are cached: a new grant or budget
-takes effect within this long."""
+"""Seconds a tenant's limits (prepaid? hard budgets?) are cached — a new grant or budget
+takes effect within this long — give or take a random tenth, so that tenants cached
+together do not all expire together."""
 IDLE_ROUNDS = 3
 """An empty lease unused for this many upkeep rounds is deleted."""
 SETTLE_CHUNK = 10_000
@@ -79,11 +81,16 @@ class Lease:
     reserved: Decimal = ZERO
     pending: Decimal = ZERO
     recent: Decimal = ZERO
-    """Reserved since the last upkeep round (sizes the next refill)."""
+    """Reserved since the last upkeep round."""
+    rate: Decimal = ZERO
+    """Reserved per upkeep round, smoothed over the last few (sizes refills)."""
     waiting: Decimal = ZERO
     """What requests waiting for a refill need."""
     idle: int = 0
     refilling: asyncio.Future[None] | None = None
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while this lease's row is written (a refill, or the upkeep's renewal): a
+    renewal computed before a refill must not land after it."""
 
     @property
     def free(self) -> Decimal:
@@ -117,9 +124,10 @@ class Admission:
     )
     _leases: dict[str, Lease] = field(default_factory=dict)
     _policies: dict[str, tuple[float, Policy]] = field(default_factory=dict)
+    _looking_up: dict[str, asyncio.Task[Policy]] = field(default_factory=dict)
+    """One look-up of a tenant's limits at a time: the requests that find them expired
+    meanwhile wait for it rather than each asking the database."""
     _pending: dict[str, _Pending] = field(default_factory=dict)
-    _write: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Serialises this process's writes of its leases (refills and upkeep)."""
     _task: asyncio.Task[None] | None = None
 
     @property
@@ -229,20 +237,28 @@ class Admission:
 
     async def _policy(self, tenant_id: str) -> Policy:
         cached = self._policies.get(tenant_id)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        task = self._looking_up.get(tenant_id)
+        if task is None:
+            task = asyncio.create_task(self._look_up(tenant_id))
+            self._looking_up[tenant_id] = task
+            task.add_done_callback(lambda _: self._looking_up.pop(tenant_id, None))
         try:
-            async with self.pool.acquire() as connection:
-                found = await policy(
-                    connection, tenant_id, require_credits=self.settings.require_credits
-                )
+            return await asyncio.shield(task)
         except (*RETRYABLE, asyncpg.PostgresError) as exc:
             if cached is not None:  # the last known limits, rather than none or a refusal
                 log.warning("tenant limits not refreshed (%r); using the last known", exc)
                 return cached[1]
             raise QuotaUnavailable("the tenant's limits cannot be checked now") from exc
-        self._policies[tenant_id] = (now + POLICY_TTL, found)
+
+    async def _look_up(self, tenant_id: str) -> Policy:
+        async with self.pool.acquire() as connection:
+            found = await policy(
+                connection, tenant_id, require_credits=self.settings.require_credits
+            )
+        ttl = POLICY_TTL * random.uniform(0.9, 1.1)  # noqa: S311 - spreading, not secrecy
+        self._policies[tenant_id] = (time.monotonic() + ttl, found)
         return found
 
     async def _refill(self, lease: Lease, need: Decimal) -> bool:
@@ -267,7 +283,7 @@ class Admission:
 
     async def _refill_once(self, lease: Lease, need: Decimal) -> bool:
         try:
-            async with self._write, self.pool.acquire() as connection:
+            async with lease.writing, self.pool.acquire() as connection:
                 before = lease.amount
                 reserved, pending = lease.reserved, lease.pending
                 got = await refill(
@@ -277,7 +293,7 @@ class Admission:
                     reserved=reserved,
                     pending=pending,
                     need=lease.waiting,
-                    recent=lease.recent,
+                    recent=max(lease.rate, lease.recent),
                     ttl=self.ttl,
                 )
                 # Reservations made meanwhile moved free into reserved: the total is unchanged.
@@ -299,35 +315,49 @@ class Admission:
                 log.warning("lease upkeep failed (%r); trying again", exc)
 
     async def upkeep(self) -> None:
-        """Settle charged requests, return unused headroom, renew the leases' expiry."""
-        async with self._write, self.pool.acquire() as connection:
-            ids = list(self._pending)
-            charged: set[str] = set()
+        """Settle charged requests, return unused headroom, renew the leases' expiry.
+
+        The settlement query runs without holding any lease; only the renewal's write holds
+        the leases it writes (those being refilled are skipped: the refill writes them).
+        """
+        ids = list(self._pending)
+        charged: set[str] = set()
+        async with self.pool.acquire() as connection:
             for start in range(0, len(ids), SETTLE_CHUNK):
                 charged |= await settled(connection, ids[start : start + SETTLE_CHUNK])
-            expire_before = time.monotonic() - self.settings.pending_ttl_seconds
-            for request_id in ids:
-                entry = self._pending[request_id]
-                if request_id in charged or entry.since < expire_before:
-                    del self._pending[request_id]
-                    for lease in entry.leases:
-                        lease.pending -= entry.amount
-                        lease.amount -= entry.amount
-                    metrics.PENDING_USD.dec(float(entry.amount))
-                    outcome = "settled" if request_id in charged else "expired"
-                    metrics.RESERVATIONS.labels(outcome).inc()
-            rows, dropped = [], []
-            for key, lease in list(self._leases.items()):
-                if lease.recent == 0 and lease.waiting == 0:
-                    lease.amount = lease.reserved + lease.pending  # hand back what is unused
-                    lease.idle += 1
-                lease.recent = ZERO
-                if lease.amount == 0 and lease.idle >= IDLE_ROUNDS and lease.refilling is None:
-                    del self._leases[key]
-                    dropped.append(key)
-                else:
-                    rows.append((lease.scope, lease.amount, lease.reserved, lease.pending))
-            await renew(connection, self.holder, rows, dropped, self.ttl)
+        expire_before = time.monotonic() - self.settings.pending_ttl_seconds
+        for request_id in ids:
+            entry = self._pending.get(request_id)
+            if entry is None or (request_id not in charged and entry.since >= expire_before):
+                continue
+            del self._pending[request_id]
+            for lease in entry.leases:
+                lease.pending -= entry.amount
+                lease.amount -= entry.amount
+            metrics.PENDING_USD.dec(float(entry.amount))
+            metrics.RESERVATIONS.labels("settled" if request_id in charged else "expired").inc()
+        rows, dropped, held = [], [], []
+        for key, lease in list(self._leases.items()):
+            if lease.writing.locked():
+                continue  # a refill is writing it, with a fresh expiry
+            await lease.writing.acquire()  # free: returns at once, nothing runs in between
+            held.append(lease)
+            if lease.recent == 0 and lease.waiting == 0:
+                lease.amount = lease.reserved + lease.pending  # hand back what is unused
+                lease.idle += 1
+            lease.rate = (lease.rate + lease.recent) / 2
+            lease.recent = ZERO
+            if lease.amount == 0 and lease.idle >= IDLE_ROUNDS and lease.refilling is None:
+                del self._leases[key]
+                dropped.append(key)
+            else:
+                rows.append((lease.scope, lease.amount, lease.reserved, lease.pending))
+        try:
+            async with self.pool.acquire() as connection:
+                await renew(connection, self.holder, rows, dropped, self.ttl)
+        finally:
+            for lease in held:
+                lease.writing.release()
 
 
 def _refusal(scope: Scope, amount: Decimal) -> str:

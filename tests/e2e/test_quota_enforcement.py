@@ -153,9 +153,7 @@ def _wait(predicate: object, what: str, seconds: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def test_no_bypass_with_four_gateway_processes(
-    stack: Stack, report: Callable[[str], None]
-) -> None:
+def test_no_bypass_with_four_gateway_processes(stack: Stack, report: Callable[[str], None]) -> None:
     _four_workers(stack.url)
     key = stack.tenant("0.05")
     before = stack.tap.requests

@@ -14,13 +14,12 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
-from services.adapters import offsets
+from services.adapters import consuming, offsets
 from services.adapters.kafka import ensure_topics, make_producer
 from services.adapters.topics import Topics
 from services.core.events import UsagePriced
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
-from services.projector import service
 from services.projector.service import Projector
 from tests.integration.pipeline import until
 from tests.integration.test_projector_apply import T0, recorded
@@ -90,7 +89,7 @@ async def test_a_new_assignment_starts_at_the_stored_offsets_not_the_groups(
         await asyncio.sleep(1.5)
         return await stored_offsets(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(service, "stored_offsets", slow_stored_offsets)
+    monkeypatch.setattr(consuming, "stored_offsets", slow_stored_offsets)
     await send(kafka_bootstrap, topics.costs, events[300:])
     before = duplicates()
     await project_until(kafka_bootstrap, database_url, topics, f"{topic_prefix}second", 400)

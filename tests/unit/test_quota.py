@@ -250,7 +250,7 @@ def test_lease_free_examples() -> None:
     assert lease_free(need=D(1), recent=D(0), available=D(0)) == 0
     assert lease_free(need=D(1), recent=D(0), available=D(-5)) == 0
     assert lease_free(need=D(1), recent=D(0), available=D(100)) == 8  # 8 requests' worth
-    assert lease_free(need=D(1), recent=D(10), available=D(100)) == 40  # 4 intervals
+    assert lease_free(need=D(1), recent=D(10), available=D(1000)) == 100  # 10 intervals
     assert lease_free(need=D(1), recent=D(1000), available=D(100)) == 50  # half at most
     assert lease_free(need=D(70), recent=D(0), available=D(100)) == 70  # unless it needs more
     assert lease_free(need=D(150), recent=D(0), available=D(100)) == 100  # never beyond
