@@ -56,10 +56,13 @@ from services.gateway.capture import Billed, Call
 log = logging.getLogger("billing.admission")
 
 POLICY_TTL = 5.0
-"""Seconds a tenant's limits (prepaid? hard budgets?) are cached — a new grant or budget
-takes effect within this long — give or take a random tenth, so that tenants cached
-together do not all expire together."""
-IDLE_ROUNDS = 3
+"""Seconds a tenant's limits (prepaid? hard budgets?) are cached, give or take a random
+tenth (so tenants cached together do not expire together); for one more TTL an expired
+entry still answers while it is looked up again: a new grant or budget takes effect within
+10 s."""
+HAND_BACK_ROUNDS = 2
+"""A lease unused for this many upkeep rounds hands its free headroom back."""
+IDLE_ROUNDS = 4
 """An empty lease unused for this many upkeep rounds is deleted."""
 SETTLE_CHUNK = 10_000
 
@@ -128,6 +131,7 @@ class Admission:
     """One look-up of a tenant's limits at a time: the requests that find them expired
     meanwhile wait for it rather than each asking the database."""
     _pending: dict[str, _Pending] = field(default_factory=dict)
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
     _task: asyncio.Task[None] | None = None
 
     @property
@@ -139,9 +143,10 @@ class Admission:
 
     async def close(self) -> None:
         """Stop the upkeep and hand every lease back (a clean shutdown frees it at once)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             async with self.pool.acquire() as connection:
                 await release_all(connection, self.holder)
@@ -175,6 +180,8 @@ class Admission:
         for lease in leases:
             lease.reserved += amount
             lease.recent += amount
+            if lease.refilling is None and lease.free < max(lease.rate, lease.recent) * 2:
+                self._refill_ahead(lease)
         metrics.RESERVATIONS.labels("made").inc()
         metrics.RESERVED_USD.inc(float(amount))
         return Reservation(call.request_id, call.model, call.started, amount, leases)
@@ -237,13 +244,19 @@ class Admission:
 
     async def _policy(self, tenant_id: str) -> Policy:
         cached = self._policies.get(tenant_id)
-        if cached is not None and cached[0] > time.monotonic():
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
             return cached[1]
         task = self._looking_up.get(tenant_id)
         if task is None:
             task = asyncio.create_task(self._look_up(tenant_id))
             self._looking_up[tenant_id] = task
             task.add_done_callback(lambda _: self._looking_up.pop(tenant_id, None))
+        if cached is not None and cached[0] + POLICY_TTL > now:
+            # Just expired: answer from it while the look-up runs (a change takes effect
+            # within two TTLs at most, and no request waits for the database here).
+            task.add_done_callback(_retrieve)
+            return cached[1]
         try:
             return await asyncio.shield(task)
         except (*RETRYABLE, asyncpg.PostgresError) as exc:
@@ -280,6 +293,25 @@ class Admission:
             return True
         finally:
             lease.waiting -= need
+
+    def _refill_ahead(self, lease: Lease) -> None:
+        """Refill in the background while the lease still has two rounds of traffic left,
+        so that requests seldom wait for one."""
+
+        async def refill_ahead() -> None:
+            try:
+                await self._refill_once(lease, ZERO)
+            except QuotaUnavailable as exc:
+                log.info("refilling ahead failed (%r): the next request will try", exc)
+            finally:
+                assert lease.refilling is not None  # noqa: S101 - set just below
+                lease.refilling.set_result(None)
+                lease.refilling = None
+
+        lease.refilling = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(refill_ahead())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _refill_once(self, lease: Lease, need: Decimal) -> bool:
         try:
@@ -343,8 +375,9 @@ class Admission:
             await lease.writing.acquire()  # free: returns at once, nothing runs in between
             held.append(lease)
             if lease.recent == 0 and lease.waiting == 0:
-                lease.amount = lease.reserved + lease.pending  # hand back what is unused
                 lease.idle += 1
+                if lease.idle >= HAND_BACK_ROUNDS:  # (a quiet round alone is common)
+                    lease.amount = lease.reserved + lease.pending  # hand back what is unused
             lease.rate = (lease.rate + lease.recent) / 2
             lease.recent = ZERO
             if lease.amount == 0 and lease.idle >= IDLE_ROUNDS and lease.refilling is None:
@@ -358,6 +391,12 @@ class Admission:
         finally:
             for lease in held:
                 lease.writing.release()
+
+
+def _retrieve(task: asyncio.Task[Policy]) -> None:
+    """Take a background look-up's outcome (a failure was logged by whoever waits next)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _refusal(scope: Scope, amount: Decimal) -> str:
