@@ -4,7 +4,9 @@ Two tenants, three models; one model's price is corrected from a past time; ``bi
 reprice`` is run as the CLI, dry and for real, and everything is checked against a
 recomputation done here: the diff, the transactions, the summary (a fresh fold of the
 transactions), the adjustments and the cost topic. The same re-rate again changes nothing,
-and a second correction applied while the projector is SIGKILLed still ends exact.
+and a second correction applied while the projector is SIGKILLed still ends exact. With the
+quota service running, a correction that lowers past costs refunds prepaid balances by
+exactly the re-rating deltas.
 """
 
 from __future__ import annotations
@@ -252,3 +254,81 @@ async def test_a_run_waits_for_the_last_one_and_a_killed_projector_still_ends_ex
     again = billing(pipeline, "reprice", *window)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.splitlines()[-1])["emitted"] == 0
+
+
+async def test_a_correction_that_lowers_past_costs_refunds_prepaid_balances_exactly(
+    services: Pipeline, snapshot_book: InMemoryPriceBook
+) -> None:
+    """The quota service follows re-rating: each tenant's balance rises by exactly the
+    deltas of its re-rated requests (issue #11)."""
+    pipeline = services
+    pipeline.start("quota")
+    for tenant in ("tenant-0", "tenant-1"):
+        assert billing(pipeline, "tenants", "create", tenant).returncode == 0
+        added = billing(pipeline, "credits", "add", tenant, "1000", "--reason", "prepaid")
+        assert added.returncode == 0, added.stderr
+    items = facts(120)
+    await ingest(pipeline, items)
+    old = {i.request_id: rate(i, snapshot_book, priced_at=T0).total_cost for i in items}
+
+    async def balances(revisions: int) -> dict[str, Decimal]:
+        """tenant → balance, once the quota service has charged ``revisions`` rows."""
+        connection = await asyncpg.connect(pipeline.database_url)
+        try:
+            for _ in range(600):
+                if await connection.fetchval("SELECT count(*) FROM billing_credit_charges") >= (
+                    revisions
+                ):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(
+                    f"the quota service did not charge {revisions}:\n{pipeline.log('quota')}"
+                )
+            shown = billing(pipeline, "balance", "tenant-0", "--json")
+            assert shown.returncode == 0, shown.stderr
+            rows = await connection.fetch(
+                "SELECT t.tenant_id, (SELECT sum(amount) FROM billing_credit_grants g"
+                " WHERE g.tenant_id = t.tenant_id) - coalesce((SELECT sum(amount)"
+                " FROM billing_credit_charges c WHERE c.tenant_id = t.tenant_id), 0) AS balance"
+                " FROM tenants t ORDER BY 1"
+            )
+        finally:
+            await connection.close()
+        assert Decimal(json.loads(shown.stdout)["balance"]) == rows[0]["balance"]
+        return {r["tenant_id"]: r["balance"] for r in rows}
+
+    before = await balances(len(items))
+    for tenant in ("tenant-0", "tenant-1"):
+        spent = sum(c for i, c in zip(items, old.values(), strict=True) if i.tenant_id == tenant)
+        assert before[tenant] == Decimal(1000) - spent
+
+    corrected_from = T0 + timedelta(hours=10)
+    fix = billing(
+        pipeline,
+        "prices",
+        "set",
+        "openai/gpt-5",
+        "--prompt",
+        "0.50",
+        "--per-million",
+        "--effective-from",
+        corrected_from.isoformat(),
+        "--reason",
+        "lower",
+    )
+    assert fix.returncode == 0, fix.stderr
+    new_book = corrected(snapshot_book, "openai/gpt-5", {"prompt": Decimal("5E-7")}, corrected_from)
+    new = {i.request_id: rate(i, new_book, priced_at=T0).total_cost for i in items}
+    changed = [i for i in items if new[i.request_id] != old[i.request_id]]
+    assert changed and all(new[i.request_id] < old[i.request_id] for i in changed)
+    window = ["--since", SINCE.isoformat(), "--until", UNTIL.isoformat()]
+    applied = billing(pipeline, "reprice", *window, "--reason", "gpt-5 lower")
+    assert applied.returncode == 0, applied.stderr
+
+    after = await balances(len(items) + len(changed))
+    for tenant in ("tenant-0", "tenant-1"):
+        refund = sum(
+            old[i.request_id] - new[i.request_id] for i in changed if i.tenant_id == tenant
+        )
+        assert after[tenant] - before[tenant] == refund  # exactly the re-rating deltas
