@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from services.adapters.credits import add_grant
 from services.adapters.database import init_connection
@@ -183,3 +184,48 @@ def test_the_reservation_becomes_pending_then_settles_when_charged(
 
     rows = run(database_url, stored)
     assert [(r["reserved"], r["pending"]) for r in rows] == [(0, 0)]
+
+
+@pytest.fixture
+def strict_with_gemini(
+    database_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> Iterator[Setup]:
+    with gateway_before_fake_upstream(
+        database_url,
+        kafka_bootstrap,
+        topic_prefix,
+        tmp_path,
+        require_credits=True,
+        vertex_base_url="http://gemini.test",
+    ) as setup:
+        yield setup
+
+
+def test_the_gemini_routes_are_admitted_alike_and_refusals_are_counted(
+    strict_with_gemini: Setup, database_url: str
+) -> None:
+    client, transport, key, _ = strict_with_gemini
+    body = {
+        "contents": [{"role": "user", "parts": [{"text": "hello"}]}],
+        "generationConfig": {"maxOutputTokens": 64},
+    }
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+    before = {o: _reservations(o) for o in ("refused", "made")}
+    refused = client.post(path, json=body, headers={"x-goog-api-key": key})
+    assert refused.status_code == 402
+    assert refused.json()["error"]["status"] == "RESOURCE_EXHAUSTED"  # Google's field
+    assert transport.requests == []
+
+    grant = grant_of("acme", "1", "test", now=datetime.now(UTC))
+    run(database_url, lambda c: add_grant(c, grant))
+    client.app.state.resources.admission._policies.clear()
+    admitted = client.post(path, json=body, headers={"x-goog-api-key": key})
+    assert admitted.status_code == 200, admitted.text
+    assert len(transport.requests) == 1
+    assert {o: _reservations(o) - n for o, n in before.items()} == {"refused": 1, "made": 1}
+    assert "billing_quota_reservations_total" in client.get("/metrics").text
+
+
+def _reservations(outcome: str) -> float:
+    value = REGISTRY.get_sample_value("billing_quota_reservations_total", {"outcome": outcome})
+    return value or 0.0
