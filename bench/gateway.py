@@ -74,18 +74,16 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
+from scratch_db import scratch_database  # this folder (the script's own)
 
 from services.local.broker import EmbeddedBroker
-from services.local.postgres import EmbeddedPostgres
 
 BILLING = shutil.which("billing", path=os.path.dirname(sys.executable)) or "billing"
-DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 HOST = "127.0.0.1"
 MODEL = "openai/gpt-4o-mini"
 LATENCY_MS, TOKENS = 20, 24
@@ -1158,39 +1156,13 @@ def hot_spots(path: Path, top: int = 12) -> tuple[list[tuple[float, str]], list[
     )
 
 
-async def open_database(workdir: Path) -> tuple[str, str, EmbeddedPostgres | None]:
-    """(server URL, database name, embedded server) with a fresh database created."""
-    base, embedded = os.environ.get("BILLING_DATABASE_URL") or DEFAULT_DB, None
-    try:
-        await (await asyncpg.connect(base, timeout=5)).close()
-    except (OSError, asyncpg.PostgresError) as exc:
-        print(f"PostgreSQL at {base} unreachable ({exc!r}): starting the embedded one")
-        embedded = EmbeddedPostgres(workdir)
-        base = embedded.start()
-    name = f"bench_gateway_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(base)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return base, name, embedded
-
-
-async def drop_database(base: str, name: str) -> None:
-    admin = await asyncpg.connect(base)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 async def main(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     broker = EmbeddedBroker(log_path=workdir / "tansu.log")
     stack = Stack(workdir, {})
-    base, name, embedded = "", "", None
+    exits = contextlib.AsyncExitStack()
     try:
-        base, name, embedded = await open_database(workdir)
+        database_url = await exits.enter_async_context(scratch_database(workdir, "gateway"))
         broker.start()
         run_id = secrets.token_hex(3)
         prefixes = {"on": f"bench-gw-{run_id}-on.", "off": f"bench-gw-{run_id}-off."}
@@ -1201,7 +1173,7 @@ async def main(args: argparse.Namespace) -> None:
             for reference in references:
                 del ports[reference]
         stack.env = {**os.environ, "BILLING_KAFKA_BOOTSTRAP": broker.bootstrap,
-                     "BILLING_DATABASE_URL": urlunsplit(urlsplit(base)._replace(path=f"/{name}")),
+                     "BILLING_DATABASE_URL": database_url,
                      "BILLING_DATA_DIR": str(workdir), "BILLING_CATALOGUE_SYNC": "false",
                      "OPENROUTER_BASE_URL": f"http://{HOST}:{ports['upstream']}/api/v1",
                      "OPENROUTER_API_KEY": "sk-or-bench-not-a-real-key"}  # fmt: skip
@@ -1239,7 +1211,8 @@ async def main(args: argparse.Namespace) -> None:
         load = os.getloadavg()[0]
         print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs (load average "
               f"{load:.1f} at start); fake upstream {LATENCY_MS} ms to first byte, {TOKENS} "
-              f"completion tokens; broker Tansu {broker.bootstrap}; database {name}")  # fmt: skip
+              f"completion tokens; broker Tansu {broker.bootstrap}; database "
+              f"{urlsplit(database_url).path[1:]}")  # fmt: skip
         if not args.workers:
             await run_cpu_phases(bench)
         if not args.cpu_only:
@@ -1259,10 +1232,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         stack.stop_all()
         broker.stop()
-        if name:
-            await drop_database(base, name)
-        if embedded is not None:
-            embedded.stop()
+        await exits.aclose()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -52,10 +52,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 from prometheus_client import REGISTRY
+from scratch_db import scratch_database  # this folder (the script's own)
 
 from services.adapters.credits import add_grant
 from services.adapters.database import create_pool, migrate
@@ -71,9 +72,7 @@ from services.gateway.admission import Admission, QuotaUnavailable, Refused, Res
 from services.gateway.capture import OPENAI, Billed, Call, usage_event
 from services.gateway.keys import TenantKey
 from services.gateway.tokens import prompt_tokens
-from services.local.postgres import EmbeddedPostgres
 
-DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 MODEL = "openai/gpt-4o-mini"
 MAX_TOKENS = 256
 COMPLETION = 180
@@ -596,40 +595,12 @@ async def run(args: argparse.Namespace, url: str) -> None:
             close()
 
 
-async def open_database(workdir: Path) -> tuple[str, str, EmbeddedPostgres | None]:
-    """(server URL, database name, embedded server) with a fresh database created."""
-    base, embedded = os.environ.get("BILLING_DATABASE_URL") or DEFAULT_DB, None
-    try:
-        await (await asyncpg.connect(base, timeout=5)).close()
-    except (OSError, asyncpg.PostgresError) as exc:
-        print(f"PostgreSQL at {base} unreachable ({exc!r}): starting the embedded one")
-        embedded = EmbeddedPostgres(workdir)
-        base = embedded.start()
-    name = f"bench_quota_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(base)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return base, name, embedded
-
-
 async def main(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-quota-"))
-    base, name, embedded = "", "", None
     try:
-        base, name, embedded = await open_database(workdir)
-        await run(args, urlunsplit(urlsplit(base)._replace(path=f"/{name}")))
+        async with scratch_database(workdir, "quota") as database_url:
+            await run(args, database_url)
     finally:
-        if name:
-            admin = await asyncpg.connect(base)
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await admin.close()
-            print(f"dropped {name}")
-        if embedded is not None:
-            embedded.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

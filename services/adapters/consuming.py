@@ -5,6 +5,8 @@ consumed in one transaction (``adapters/offsets.py``), and on (re)assignment pos
 partition where PostgreSQL says it stopped (:class:`SeekToStored`). Kafka's own commits are
 only a mirror, for ordinary lag tooling (:func:`mirror_offsets`). Undecodable messages go to
 the dead-letter topic with where they came from and why (:func:`dead_letter`).
+:func:`consume_exactly_once` is the loop itself; a service gives it what to do with a
+batch (:func:`priced_batch` decodes one, :func:`retried` applies it through outages).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -21,9 +26,11 @@ from aiokafka.errors import KafkaError
 
 from services.adapters import metrics
 from services.adapters.database import create_pool
+from services.adapters.kafka import make_consumer, make_producer
 from services.adapters.offsets import stored_offsets
 from services.adapters.topics import dead_letter_headers
 from services.core.backoff import Backoff
+from services.core.events import Position, UsagePriced, decode_priced
 
 log = logging.getLogger("billing.consumer")
 
@@ -147,3 +154,98 @@ async def wait_for_pool(url: str, stop: asyncio.Event) -> asyncpg.Pool | None:
             log.warning("waiting for PostgreSQL: %s", exc)
             await asyncio.sleep(backoff.next())
     return None
+
+
+Offsets = dict[tuple[str, int], int]
+Handle = Callable[[list[ConsumerRecord], AIOKafkaProducer], Awaitable[Offsets]]
+"""Apply a batch of records exactly once; return the offsets stored with it."""
+T = TypeVar("T")
+
+
+async def consume_exactly_once(
+    *,
+    bootstrap: str,
+    group: str,
+    topic: str,
+    name: str,
+    pool: asyncpg.Pool,
+    stop: asyncio.Event,
+    handle: Handle,
+    batch_max: int,
+    maintain: Callable[[AIOKafkaProducer], Awaitable[None]] | None = None,
+    maintenance_seconds: float = 3600.0,
+) -> None:
+    """Consume ``topic`` in ``group`` until ``stop``: each batch to ``handle`` (which stores
+    its effects and offsets under ``name`` in one transaction), offsets mirrored to Kafka
+    afterwards; ``maintain`` at start and every ``maintenance_seconds`` between batches."""
+    consumer = make_consumer(bootstrap, group_id=group, max_poll_records=batch_max)
+    listener = SeekToStored(consumer, pool, stop, name)
+    consumer.subscribe([topic], listener=listener)
+    producer = make_producer(bootstrap)
+    await consumer.start()
+    await producer.start()
+    maintained = -maintenance_seconds
+    try:
+        while not stop.is_set():
+            if maintain is not None and time.monotonic() - maintained >= maintenance_seconds:
+                await maintain(producer)
+                maintained = time.monotonic()
+            fetched = await consumer.getmany(timeout_ms=500, max_records=batch_max)
+            # Only what was fetched after the listener's seek (see SeekToStored).
+            positioned = listener.positioned
+            records = [r for tp, batch in fetched.items() if tp in positioned for r in batch]
+            if not records:
+                continue
+            listener.idle.clear()
+            try:
+                offsets = await handle(records, producer)
+            finally:
+                listener.idle.set()
+            await mirror_offsets(consumer, offsets)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+@dataclass(slots=True)
+class PricedBatch:
+    """The ``UsagePriced`` events of a batch, where each sits, and the offsets it consumed
+    (the undecodable ones included: they went to the dead-letter topic)."""
+
+    events: list[UsagePriced] = field(default_factory=list)
+    positions: list[Position] = field(default_factory=list)
+    offsets: Offsets = field(default_factory=dict)
+
+
+async def priced_batch(
+    records: list[ConsumerRecord], producer: AIOKafkaProducer, dlq: str
+) -> PricedBatch:
+    """Decode ``billing.costs.v1`` records; dead-letter those that do not decode."""
+    batch = PricedBatch()
+    for record in records:
+        batch.offsets[(record.topic, record.partition)] = record.offset + 1
+        try:
+            batch.events.append(decode_priced(record.value))
+            batch.positions.append(Position(record.topic, record.partition, record.offset))
+        except Exception as exc:  # decoding is pure: whatever it raises, the message is bad
+            reason = f"undecodable UsagePriced: {exc}"[:1000]
+            await dead_letter(producer, dlq, record, reason)
+    return batch
+
+
+async def retried(
+    attempt: Callable[[], Awaitable[T]], stop: asyncio.Event, max_delay: float = 5.0
+) -> T:
+    """``attempt()`` until it gets through the database (a batch's transaction rolls back
+    whole on failure, so running it again is safe); the last failure once ``stop`` is set."""
+    backoff = Backoff(min(0.2, max_delay), max_delay)
+    while True:
+        try:
+            return await attempt()
+        except RETRYABLE as exc:
+            metrics.DB_RETRIES.inc()
+            delay = backoff.next()
+            log.warning("database unavailable (%r); retrying the batch in %.1fs", exc, delay)
+            if stop.is_set():
+                raise
+            await asyncio.sleep(delay)

@@ -39,7 +39,10 @@ DB_WRITE_SECONDS = Histogram(
     "Duration of one projector transaction",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-DB_RETRIES = Counter("billing_db_retries_total", "Projector transactions retried after a failure")
+DB_RETRIES = Counter(
+    "billing_db_retries_total",
+    "Projector and quota-service batch transactions retried after a database failure",
+)
 PIPELINE_LAG = Gauge(
     "billing_pipeline_lag_seconds",
     "Now minus recorded_at of the newest event a service handled (from event timestamps)",

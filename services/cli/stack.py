@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from services.adapters.errors import DatabaseError
 from services.cli.context import Context
 
 if TYPE_CHECKING:
+    import asyncio
+
     from services.adapters.settings import Settings
 
 # The web stack, faust, the database driver and the supervisor are imported by the commands
@@ -172,9 +175,7 @@ def pricer_cmd(obj: Context, log_level: str) -> None:
 @click.pass_obj
 def projector_cmd(obj: Context) -> None:
     """Run the projector: billing.costs.v1 → PostgreSQL read models, exactly once."""
-    import asyncio
     import logging
-    import signal
 
     from services.adapters.topics import Topics
     from services.projector.service import Projector
@@ -192,24 +193,14 @@ def projector_cmd(obj: Context) -> None:
     )
 
     _serve_metrics(settings)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await projector.run(stop)
-
-    asyncio.run(run())
+    _run_until_signalled(projector.run)
 
 
 @click.command("quota")
 @click.pass_obj
 def quota_cmd(obj: Context) -> None:
     """Run the quota service: billing.costs.v1 → balances, budget spend and alerts."""
-    import asyncio
     import logging
-    import signal
 
     from services.adapters.topics import Topics
     from services.quota.alerts import Webhook
@@ -236,15 +227,22 @@ def quota_cmd(obj: Context) -> None:
         webhook=webhook,
     )
     _serve_metrics(settings)
+    _run_until_signalled(service.run)
 
-    async def run() -> None:
+
+def _run_until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """``run(stop)`` in a new event loop; SIGTERM or SIGINT sets ``stop``."""
+    import asyncio
+    import signal
+
+    async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await service.run(stop)
+        await run(stop)
 
-    asyncio.run(run())
+    asyncio.run(main())
 
 
 def _serve_metrics(settings: Settings) -> None:

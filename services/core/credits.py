@@ -55,19 +55,34 @@ def grant_of(
 
 
 def _amount(value: object) -> Decimal:
+    return usd(value, "amount", CreditError, example="25.00", most="in one grant")
+
+
+def usd(
+    value: object,
+    field: str,
+    error: type[FieldError],
+    *,
+    example: str,
+    zero: bool = False,
+    most: str = "",
+) -> Decimal:
+    """An amount of USD given by a client: a decimal string (a JSON integer or a Decimal too,
+    never a float), finite, positive (or zero with ``zero``), at most :data:`MAX_AMOUNT`,
+    exact to :data:`PLACES` places; else ``error(field, why)``."""
     if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
-        raise CreditError("amount", 'must be a decimal string such as "25.00"')
+        raise error(field, f'must be a decimal string such as "{example}"')
     try:
         amount = Decimal(value.strip() if isinstance(value, str) else value)
     except InvalidOperation:
-        raise CreditError("amount", f"{value!r} is not a decimal number") from None
-    if not amount.is_finite() or amount <= 0:
-        raise CreditError("amount", "must be a positive number of USD")
+        raise error(field, f"{value!r} is not a decimal number") from None
+    if not amount.is_finite() or amount < 0 or (amount == 0 and not zero):
+        raise error(field, f"must be {'zero or ' if zero else ''}a positive number of USD")
     if amount > MAX_AMOUNT:
-        raise CreditError("amount", f"must be at most {MAX_AMOUNT} USD in one grant")
+        raise error(field, f"must be at most {MAX_AMOUNT} USD{' ' + most if most else ''}")
     exponent = amount.as_tuple().exponent
     if isinstance(exponent, int) and exponent < -PLACES:
-        raise CreditError("amount", f"has more than {PLACES} decimal places")
+        raise error(field, f"has more than {PLACES} decimal places")
     return amount
 
 

@@ -20,10 +20,10 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal, localcontext
 from typing import Literal
 
-from services.core.credits import MAX_AMOUNT, PLACES
+from services.core.credits import usd
 from services.core.errors import FieldError
 from services.core.money import EXACT
 from services.core.pricing import ModelPricing
@@ -75,20 +75,7 @@ def budget_of(
 
 
 def _limit(value: object) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
-        raise BudgetError("monthly_limit", 'must be a decimal string such as "100.00"')
-    try:
-        limit = Decimal(value.strip() if isinstance(value, str) else value)
-    except InvalidOperation:
-        raise BudgetError("monthly_limit", f"{value!r} is not a decimal number") from None
-    if not limit.is_finite() or limit < 0:
-        raise BudgetError("monthly_limit", "must be zero or a positive number of USD")
-    if limit > MAX_AMOUNT:
-        raise BudgetError("monthly_limit", f"must be at most {MAX_AMOUNT} USD")
-    exponent = limit.as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -PLACES:
-        raise BudgetError("monthly_limit", f"has more than {PLACES} decimal places")
-    return limit
+    return usd(value, "monthly_limit", BudgetError, example="100.00", zero=True)
 
 
 def alerts_of(value: object) -> tuple[int, ...]:

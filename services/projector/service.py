@@ -22,13 +22,13 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from services.adapters import metrics
 from services.adapters.consuming import (
     RETRYABLE,
-    SeekToStored,
-    dead_letter,
-    mirror_offsets,
+    Offsets,
+    consume_exactly_once,
+    priced_batch,
+    retried,
     tune_gc,
     wait_for_pool,
 )
-from services.adapters.kafka import make_consumer, make_producer
 from services.adapters.partitions import (
     RetentionAction,
     create_partitions,
@@ -38,9 +38,7 @@ from services.adapters.partitions import (
 )
 from services.adapters.readmodels import PROJECTOR_CONSUMER
 from services.adapters.topics import Topics
-from services.core.backoff import Backoff
-from services.core.events import Position, UsagePriced, decode_priced
-from services.projector.apply import apply_batch
+from services.projector.apply import BatchResult, apply_batch
 
 log = logging.getLogger("billing.projector")
 
@@ -77,35 +75,28 @@ class Projector:
         if pool is None:
             return
         tune_gc()
-        consumer = make_consumer(
-            self.bootstrap, group_id=self.group, max_poll_records=self.batch_max
-        )
-        listener = SeekToStored(consumer, pool, stop, PROJECTOR_CONSUMER)
-        consumer.subscribe([self.topics.costs], listener=listener)
-        producer = make_producer(self.bootstrap)
-        await consumer.start()
-        await producer.start()
         log.info("projecting %s into PostgreSQL", self.topics.costs)
-        maintained = -MAINTENANCE_SECONDS
+
+        async def handle(records: list[ConsumerRecord], producer: AIOKafkaProducer) -> Offsets:
+            return await self._handle(records, pool, producer, stop)
+
+        async def maintain(_: AIOKafkaProducer) -> None:
+            await self._maintain(pool)
+
         try:
-            while not stop.is_set():
-                if time.monotonic() - maintained >= MAINTENANCE_SECONDS:
-                    await self._maintain(pool)
-                    maintained = time.monotonic()
-                fetched = await consumer.getmany(timeout_ms=500, max_records=self.batch_max)
-                # Only what was fetched after the listener's seek (see SeekToStored).
-                positioned = listener.positioned
-                records = [r for tp, batch in fetched.items() if tp in positioned for r in batch]
-                if records:
-                    listener.idle.clear()
-                    try:
-                        offsets = await self._handle(records, pool, producer, stop)
-                    finally:
-                        listener.idle.set()
-                    await mirror_offsets(consumer, offsets)
+            await consume_exactly_once(
+                bootstrap=self.bootstrap,
+                group=self.group,
+                topic=self.topics.costs,
+                name=PROJECTOR_CONSUMER,
+                pool=pool,
+                stop=stop,
+                handle=handle,
+                batch_max=self.batch_max,
+                maintain=maintain,
+                maintenance_seconds=MAINTENANCE_SECONDS,
+            )
         finally:
-            await consumer.stop()
-            await producer.stop()
             await pool.close()
 
     async def _maintain(self, pool: asyncpg.Pool) -> None:
@@ -126,36 +117,22 @@ class Projector:
         pool: asyncpg.Pool,
         producer: AIOKafkaProducer,
         stop: asyncio.Event,
-    ) -> dict[tuple[str, int], int]:
+    ) -> Offsets:
         """Apply one batch (retrying through database outages); return the offsets stored."""
-        events: list[UsagePriced] = []
-        positions: list[Position] = []
-        offsets: dict[tuple[str, int], int] = {}
-        for record in records:
-            offsets[(record.topic, record.partition)] = record.offset + 1
-            try:
-                events.append(decode_priced(record.value))
-                positions.append(Position(record.topic, record.partition, record.offset))
-            except Exception as exc:  # decoding is pure: whatever it raises, the message is bad
-                reason = f"undecodable UsagePriced: {exc}"[:1000]
-                await dead_letter(producer, self.topics.dlq, record, reason)
+        batch = await priced_batch(records, producer, self.topics.dlq)
+        events, offsets = batch.events, batch.offsets
         metrics.BATCH_SIZE.labels("projector").observe(len(records))
-        backoff = Backoff(min(0.2, self.retry_max_seconds), self.retry_max_seconds)
-        while True:
+        started = 0.0
+
+        async def attempt() -> BatchResult:
+            nonlocal started
             started = time.perf_counter()
-            try:
-                async with pool.acquire() as connection:
-                    result = await apply_batch(
-                        connection, PROJECTOR_CONSUMER, events, offsets, positions
-                    )
-                break
-            except RETRYABLE as exc:
-                metrics.DB_RETRIES.inc()
-                delay = backoff.next()
-                log.warning("database unavailable (%r); retrying the batch in %.1fs", exc, delay)
-                if stop.is_set():
-                    raise
-                await asyncio.sleep(delay)
+            async with pool.acquire() as connection:
+                return await apply_batch(
+                    connection, PROJECTOR_CONSUMER, events, offsets, batch.positions
+                )
+
+        result = await retried(attempt, stop, self.retry_max_seconds)
         metrics.DB_WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.PROJECTED.inc(result.inserted + result.revised)
         metrics.DUPLICATES.inc(result.duplicates)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -26,23 +25,22 @@ from aiokafka.errors import KafkaError
 from services.adapters import metrics
 from services.adapters.consuming import (
     RETRYABLE,
-    SeekToStored,
-    dead_letter,
-    mirror_offsets,
+    Offsets,
+    consume_exactly_once,
+    priced_batch,
+    retried,
     tune_gc,
     wait_for_pool,
 )
-from services.adapters.kafka import make_consumer, make_producer
 from services.adapters.quota import (
     QUOTA_CONSUMER,
+    ChargeResult,
     apply_charges,
     mark_published,
     post_expiries,
     unpublished_alerts,
 )
 from services.adapters.topics import Topics
-from services.core.backoff import Backoff
-from services.core.events import Position, UsagePriced, decode_priced
 from services.quota.alerts import Webhook, deliver_webhooks
 
 log = logging.getLogger("billing.quota")
@@ -78,43 +76,37 @@ class QuotaService:
         if pool is None:
             return
         tune_gc()
-        consumer = make_consumer(
-            self.bootstrap, group_id=self.group, max_poll_records=self.batch_max
-        )
-        listener = SeekToStored(consumer, pool, stop, QUOTA_CONSUMER)
-        consumer.subscribe([self.topics.costs], listener=listener)
-        producer = make_producer(self.bootstrap)
-        await consumer.start()
-        await producer.start()
         webhooks = None
         if self.webhook is not None:
             webhooks = asyncio.create_task(deliver_webhooks(pool, self.webhook, stop))
         log.info("charging %s to balances and budgets", self.topics.costs)
-        maintained = -self.maintenance_seconds
+
+        async def handle(records: list[ConsumerRecord], producer: AIOKafkaProducer) -> Offsets:
+            offsets, alerts = await self._handle(records, pool, producer, stop)
+            if alerts:
+                await self._publish(pool, producer)
+            return offsets
+
+        async def maintain(producer: AIOKafkaProducer) -> None:
+            await self._maintain(pool, producer)
+
         try:
-            while not stop.is_set():
-                if time.monotonic() - maintained >= self.maintenance_seconds:
-                    await self._maintain(pool, producer)
-                    maintained = time.monotonic()
-                fetched = await consumer.getmany(timeout_ms=500, max_records=self.batch_max)
-                positioned = listener.positioned
-                records = [r for tp, batch in fetched.items() if tp in positioned for r in batch]
-                if not records:
-                    continue
-                listener.idle.clear()
-                try:
-                    offsets, alerts = await self._handle(records, pool, producer, stop)
-                finally:
-                    listener.idle.set()
-                await mirror_offsets(consumer, offsets)
-                if alerts:
-                    await self._publish(pool, producer)
+            await consume_exactly_once(
+                bootstrap=self.bootstrap,
+                group=self.group,
+                topic=self.topics.costs,
+                name=QUOTA_CONSUMER,
+                pool=pool,
+                stop=stop,
+                handle=handle,
+                batch_max=self.batch_max,
+                maintain=maintain,
+                maintenance_seconds=self.maintenance_seconds,
+            )
         finally:
             if webhooks is not None:
                 webhooks.cancel()
                 await asyncio.gather(webhooks, return_exceptions=True)
-            await consumer.stop()
-            await producer.stop()
             await pool.close()
 
     async def _handle(
@@ -123,41 +115,29 @@ class QuotaService:
         pool: asyncpg.Pool,
         producer: AIOKafkaProducer,
         stop: asyncio.Event,
-    ) -> tuple[dict[tuple[str, int], int], int]:
+    ) -> tuple[Offsets, int]:
         """Apply one batch (retried through database outages); return the offsets stored
         and how many new alerts it recorded."""
-        events: list[UsagePriced] = []
-        positions: list[Position] = []
-        offsets: dict[tuple[str, int], int] = {}
-        for record in records:
-            offsets[(record.topic, record.partition)] = record.offset + 1
-            try:
-                events.append(decode_priced(record.value))
-                positions.append(Position(record.topic, record.partition, record.offset))
-            except Exception as exc:  # decoding is pure: whatever it raises, the message is bad
-                reason = f"undecodable UsagePriced: {exc}"[:1000]
-                await dead_letter(producer, self.topics.dlq, record, reason)
+        batch = await priced_batch(records, producer, self.topics.dlq)
         metrics.BATCH_SIZE.labels("quota").observe(len(records))
-        backoff = Backoff(0.2, 5.0)
-        while True:
-            try:
-                async with pool.acquire() as connection:
-                    result = await apply_charges(
-                        connection, events, offsets, positions, low_fraction=self.low_fraction
-                    )
-                break
-            except RETRYABLE as exc:
-                delay = backoff.next()
-                log.warning("database unavailable (%r); retrying the batch in %.1fs", exc, delay)
-                if stop.is_set():
-                    raise
-                await asyncio.sleep(delay)
+
+        async def attempt() -> ChargeResult:
+            async with pool.acquire() as connection:
+                return await apply_charges(
+                    connection,
+                    batch.events,
+                    batch.offsets,
+                    batch.positions,
+                    low_fraction=self.low_fraction,
+                )
+
+        result = await retried(attempt, stop)
         metrics.CHARGES.inc(result.applied)
         metrics.ALERTS.inc(result.alerts)
-        if events:
-            newest = max(e.recorded_at for e in events)
+        if batch.events:
+            newest = max(e.recorded_at for e in batch.events)
             metrics.PIPELINE_LAG.labels("quota").set((datetime.now(UTC) - newest).total_seconds())
-        return offsets, result.alerts
+        return batch.offsets, result.alerts
 
     async def _maintain(self, pool: asyncpg.Pool, producer: AIOKafkaProducer) -> None:
         """Post expired grants and publish what the outbox still holds; a failure is logged
