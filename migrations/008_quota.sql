@@ -16,6 +16,8 @@ CREATE TABLE billing_credit_charges (
     charged_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (request_id, revision)
 );
+-- A grant's expiry is posted as of its expires_at: the charges applied by then.
+CREATE INDEX billing_credit_charges_by_tenant ON billing_credit_charges (tenant_id, charged_at);
 
 -- Running sums of the charges per tenant × key ('' = the whole tenant) × month.
 CREATE TABLE billing_quota_spend (

@@ -14,12 +14,15 @@ Three writers share these tables:
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from services.adapters.offsets import Offsets, lock_offsets, store_offsets
 from services.adapters.tenants import tenant_exists
@@ -41,6 +44,8 @@ from services.core.quota import (
 
 if TYPE_CHECKING:
     import asyncpg
+
+log = logging.getLogger("billing.quota")
 
 QUOTA_CONSUMER = "quota"
 """The name the quota service's offsets are stored under in ``consumer_offsets``."""
@@ -144,41 +149,54 @@ async def _move_spend(
         if budget is None:
             continue
         for threshold in thresholds_reached(row["spent"], budget.monthly_limit, budget.alerts):
-            alerts.append(
-                QuotaAlert(
-                    event_type="BudgetThresholdCrossed",
-                    alert_id=budget_alert_id(
+            _add_alert(
+                alerts,
+                {
+                    "event_type": "BudgetThresholdCrossed",
+                    "alert_id": budget_alert_id(
                         budget.tenant_id, budget.api_key_id, row["period"], threshold
                     ),
-                    tenant_id=budget.tenant_id,
-                    api_key_id=budget.api_key_id or None,
-                    period=period_label(row["period"]),
-                    threshold_percent=threshold,
-                    limit=budget.monthly_limit,
-                    spent=row["spent"],
-                    hard=budget.hard,
-                    occurred_at=now,
-                )
+                    "tenant_id": budget.tenant_id,
+                    "api_key_id": budget.api_key_id or None,
+                    "period": period_label(row["period"]),
+                    "threshold_percent": threshold,
+                    "limit": budget.monthly_limit,
+                    "spent": row["spent"],
+                    "hard": budget.hard,
+                    "occurred_at": now,
+                },
             )
     for tenant_id, ledger in (await ledgers(connection, tenants)).items():
         for kind in balance_alerts(ledger.balance, ledger.granted - ledger.expired, low_fraction):
-            alerts.append(
-                QuotaAlert(
-                    event_type=kind,
-                    alert_id=balance_alert_id(tenant_id, kind, ledger.last_grant_id),
-                    tenant_id=tenant_id,
-                    balance=ledger.balance,
-                    granted=ledger.granted,
-                    occurred_at=now,
-                )
+            _add_alert(
+                alerts,
+                {
+                    "event_type": kind,
+                    "alert_id": balance_alert_id(tenant_id, kind, ledger.last_grant_id),
+                    "tenant_id": tenant_id,
+                    "balance": ledger.balance,
+                    "granted": ledger.granted,
+                    "occurred_at": now,
+                },
             )
     return alerts
+
+
+def _add_alert(alerts: list[QuotaAlert], fields: dict[str, Any]) -> None:
+    """Add the alert of ``fields``; one that cannot be made (an amount beyond what an event
+    carries, 10⁹ USD) is logged and left out: charging never stops for an alert."""
+    try:
+        alerts.append(QuotaAlert.model_validate(fields))
+    except ValidationError as exc:
+        log.error("an alert could not be made and is left out: %s", exc)
 
 
 async def post_expiries(connection: asyncpg.Connection, now: datetime) -> int:
     """Post what was left of every grant that has expired (once per grant); return how many.
 
-    Spending draws on the grant that expires first (``core.quota.expired_remainder``).
+    Spending draws on the grant that expires first (``core.quota.expired_remainder``), and
+    what is left is reckoned as of the grant's ``expires_at``: the grants made and the
+    charges applied by then, the grants that had expired before posted first.
     """
     due = await connection.fetch(
         "SELECT grant_id, tenant_id, amount, expires_at FROM billing_credit_grants g"
@@ -189,29 +207,35 @@ async def post_expiries(connection: asyncpg.Connection, now: datetime) -> int:
     )
     for grant in due:
         async with connection.transaction():
-            tenant_id = grant["tenant_id"]
+            tenant_id, at = grant["tenant_id"], grant["expires_at"]
             await connection.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"expiry/{tenant_id}"
             )
-            ledger = (await ledgers(connection, [tenant_id]))[tenant_id]
-            later = await connection.fetchval(
-                "SELECT coalesce(sum(amount), 0) FROM billing_credit_grants g"
-                " WHERE tenant_id = $1 AND grant_id <> $2"
-                " AND (expires_at IS NULL OR (expires_at, grant_id) > ($3, $2))"
-                " AND NOT EXISTS (SELECT 1 FROM billing_credit_expiries e"
-                " WHERE e.grant_id = g.grant_id)",
+            then = await connection.fetchrow(
+                "SELECT"
+                " (SELECT coalesce(sum(amount), 0) FROM billing_credit_grants"
+                "   WHERE tenant_id = $1 AND granted_at <= $2) AS granted,"
+                " (SELECT coalesce(sum(amount), 0) FROM billing_credit_expiries"
+                "   WHERE tenant_id = $1 AND grant_id <> $3) AS expired,"
+                " (SELECT coalesce(sum(amount), 0) FROM billing_credit_charges"
+                "   WHERE tenant_id = $1 AND charged_at <= $2) AS charged,"
+                " (SELECT coalesce(sum(amount), 0) FROM billing_credit_grants"
+                "   WHERE tenant_id = $1 AND granted_at <= $2 AND grant_id <> $3"
+                "   AND (expires_at IS NULL OR (expires_at, grant_id) > ($2, $3))) AS later",
                 tenant_id,
+                at,
                 grant["grant_id"],
-                grant["expires_at"],
             )
-            left = expired_remainder(ledger.balance, grant["amount"], later)
+            with localcontext(EXACT):
+                balance = then["granted"] - then["expired"] - then["charged"]
+            left = expired_remainder(balance, grant["amount"], then["later"])
             await connection.execute(
                 "INSERT INTO billing_credit_expiries (grant_id, tenant_id, amount, expired_at)"
                 " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
                 grant["grant_id"],
                 tenant_id,
                 left,
-                grant["expires_at"],
+                at,
             )
     return len(due)
 
@@ -298,11 +322,14 @@ class Ledger:
     expired: Decimal = ZERO
     charged: Decimal = ZERO
     last_grant_id: int = 0
+    lapsed: Decimal = ZERO
+    """Grants past their expiry whose remainder is not posted yet: they count as spent in
+    full until the quota service posts it (within ``maintenance_seconds``)."""
 
     @property
     def balance(self) -> Decimal:
         with localcontext(EXACT):  # charges carry up to 1e-30: never rounded here
-            return self.granted - self.expired - self.charged
+            return self.granted - self.expired - self.lapsed - self.charged
 
     @property
     def prepaid(self) -> bool:
@@ -320,12 +347,17 @@ async def ledgers(connection: asyncpg.Connection, tenant_ids: Iterable[str]) -> 
         " (SELECT coalesce(sum(amount), 0) FROM billing_credit_expiries e"
         "   WHERE e.tenant_id = t.tenant_id) AS expired,"
         " (SELECT coalesce(sum(spent), 0) FROM billing_quota_spend s"
-        "   WHERE s.tenant_id = t.tenant_id AND s.api_key_id = '') AS charged"
+        "   WHERE s.tenant_id = t.tenant_id AND s.api_key_id = '') AS charged,"
+        " (SELECT coalesce(sum(amount), 0) FROM billing_credit_grants g"
+        "   WHERE g.tenant_id = t.tenant_id AND g.expires_at <= now() AND NOT EXISTS"
+        "   (SELECT 1 FROM billing_credit_expiries e WHERE e.grant_id = g.grant_id)) AS lapsed"
         " FROM unnest($1::text[]) AS t(tenant_id)",
         list(tenant_ids),
     )
     return {
-        r["tenant_id"]: Ledger(r["granted"], r["expired"], r["charged"], r["last_grant_id"])
+        r["tenant_id"]: Ledger(
+            r["granted"], r["expired"], r["charged"], r["last_grant_id"], r["lapsed"]
+        )
         for r in rows
     }
 
@@ -499,19 +531,41 @@ async def renew(
     leases: Sequence[tuple[Scope, Decimal, Decimal, Decimal]],
     dropped: Sequence[str],
     ttl: timedelta,
-) -> None:
-    """Write ``holder``'s leases as (scope, amount, reserved, pending) with a new expiry and
-    delete those of ``dropped`` scopes. Only ever lowers an amount below what a refill
-    granted (settled charges, returned headroom), so no lock is needed."""
+) -> set[str]:
+    """Write ``holder``'s live leases as (scope, amount, reserved, pending) with a new expiry,
+    delete the empty ones of ``dropped`` scopes; return the scopes renewed.
+
+    Without the scopes' locks, so it writes only rows still live: an expired row no longer
+    counts in its scope, and taking it back must go through :func:`refill`, under the lock,
+    where the cap is checked. An amount renewed is at most what the last refill granted plus
+    what answers cost beyond their reservations (spent already)."""
+    renewed: set[str] = set()
     async with connection.transaction():
         if leases:
-            await _write_leases(connection, holder, leases, ttl)
+            rows = await connection.fetch(
+                "UPDATE billing_quota_leases l SET amount = x.amount, reserved = x.reserved,"
+                " pending = x.pending, expires_at = now() + $6::interval, updated_at = now()"
+                " FROM unnest($2::text[], $3::numeric[], $4::numeric[], $5::numeric[])"
+                " AS x(scope, amount, reserved, pending)"
+                " WHERE l.holder = $1 AND l.scope = x.scope AND l.expires_at > now()"
+                " RETURNING l.scope",
+                holder,
+                [scope.key for scope, _, _, _ in leases],
+                [amount for _, amount, _, _ in leases],
+                [reserved for _, _, reserved, _ in leases],
+                [pending for _, _, _, pending in leases],
+                ttl,
+            )
+            renewed = {r["scope"] for r in rows}
         if dropped:
+            # Only if still empty: the same process may have taken the scope again since.
             await connection.execute(
-                "DELETE FROM billing_quota_leases WHERE holder = $1 AND scope = ANY($2::text[])",
+                "DELETE FROM billing_quota_leases WHERE holder = $1"
+                " AND scope = ANY($2::text[]) AND amount = 0",
                 holder,
                 list(dropped),
             )
+    return renewed
 
 
 async def _write_leases(
@@ -535,8 +589,16 @@ async def _write_leases(
 
 
 async def release_all(connection: asyncpg.Connection, holder: str) -> None:
-    """Delete every lease of ``holder`` (a gateway shutting down cleanly)."""
-    await connection.execute("DELETE FROM billing_quota_leases WHERE holder = $1", holder)
+    """Hand back ``holder``'s free headroom (a gateway shutting down cleanly): each lease keeps
+    only what answered requests not yet charged hold, until it expires."""
+    await connection.execute(
+        "DELETE FROM billing_quota_leases WHERE holder = $1 AND pending = 0", holder
+    )
+    await connection.execute(
+        "UPDATE billing_quota_leases SET amount = pending, reserved = 0, updated_at = now()"
+        " WHERE holder = $1",
+        holder,
+    )
 
 
 async def settled(connection: asyncpg.Connection, request_ids: Sequence[str]) -> set[str]:

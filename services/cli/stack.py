@@ -215,9 +215,16 @@ def quota_cmd(obj: Context) -> None:
             raise click.ClickException(
                 "BILLING_ALERT_WEBHOOK_URL needs BILLING_ALERT_WEBHOOK_SECRET (alerts are signed)"
             )
-        webhook = Webhook(
-            settings.alert_webhook_url, settings.alert_webhook_secret.get_secret_value()
-        )
+        import httpx
+
+        try:
+            scheme = httpx.URL(settings.alert_webhook_url).scheme
+        except httpx.InvalidURL as exc:
+            raise click.ClickException(f"BILLING_ALERT_WEBHOOK_URL: {exc}") from None
+        if scheme not in ("http", "https"):
+            raise click.ClickException("BILLING_ALERT_WEBHOOK_URL must be an http(s) URL")
+        secret = settings.alert_webhook_secret.get_secret_value()
+        webhook = Webhook(settings.alert_webhook_url, secret)
     service = QuotaService(
         bootstrap,
         database_url,

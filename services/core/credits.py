@@ -15,7 +15,8 @@ from services.core.errors import FieldError, QuoteRequestError
 from services.core.quote import parse_time
 
 MAX_AMOUNT = Decimal("1000000000")
-"""The largest single grant (USD): a typo guard, far above any real top-up."""
+"""A single grant or budget is below this (USD): a typo guard, far above any real top-up, and
+the bound of the money an event carries (``core.money``)."""
 PLACES = 9
 """Money is exact to 1e-9 USD in this project; a grant finer than that is refused."""
 
@@ -68,7 +69,8 @@ def usd(
     most: str = "",
 ) -> Decimal:
     """An amount of USD given by a client: a decimal string (a JSON integer or a Decimal too,
-    never a float), finite, positive (or zero with ``zero``), at most :data:`MAX_AMOUNT`,
+    never a float), finite, positive (or zero with ``zero``), below :data:`MAX_AMOUNT` (the
+    largest amount an event carries),
     exact to :data:`PLACES` places; else ``error(field, why)``."""
     if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
         raise error(field, f'must be a decimal string such as "{example}"')
@@ -78,8 +80,8 @@ def usd(
         raise error(field, f"{value!r} is not a decimal number") from None
     if not amount.is_finite() or amount < 0 or (amount == 0 and not zero):
         raise error(field, f"must be {'zero or ' if zero else ''}a positive number of USD")
-    if amount > MAX_AMOUNT:
-        raise error(field, f"must be at most {MAX_AMOUNT} USD{' ' + most if most else ''}")
+    if amount >= MAX_AMOUNT:
+        raise error(field, f"must be below {MAX_AMOUNT} USD{' ' + most if most else ''}")
     exponent = amount.as_tuple().exponent
     if isinstance(exponent, int) and exponent < -PLACES:
         raise error(field, f"has more than {PLACES} decimal places")

@@ -16,7 +16,7 @@ is estimated) or releases it (nothing billed). Once a second (``lease_refresh_se
 upkeep asks which pending requests the quota service has charged, drops those (their cost is
 in the balance now), returns headroom not used since the last round and renews the leases'
 expiry. A gateway that dies stops renewing: its leases stop counting ``lease_ttl_seconds``
-later. The overspend bound is in the README ("Balances and budgets").
+later. The overspend bound is in the README ("Balances, budgets and admission").
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
 import asyncpg
 
@@ -41,6 +41,7 @@ from services.adapters.quota import Policy, policy, refill, release_all, renew, 
 from services.adapters.settings import Settings
 from services.core.cost import compute_cost
 from services.core.errors import BillingError
+from services.core.money import EXACT
 from services.core.periods import month_of
 from services.core.quota import (
     ZERO,
@@ -65,6 +66,14 @@ HAND_BACK_ROUNDS = 2
 IDLE_ROUNDS = 4
 """An empty lease unused for this many upkeep rounds is deleted."""
 SETTLE_CHUNK = 10_000
+MAX_PENDING = 500_000
+"""Answered requests one process holds uncharged at most: beyond it the quota service is not
+keeping up (or is down), and new requests are refused with 503 rather than held unbounded."""
+MAX_OUTPUT_TOKENS = 10_000_000
+"""An output limit above any model's is reserved as this (a 4,000-digit max_tokens must not
+make a 4,000-digit reservation)."""
+VALIDITY = 2 / 3
+"""A lease row written at t is trusted until t + VALIDITY × ttl (it expires at t + ttl)."""
 
 
 class Refused(Exception):
@@ -94,6 +103,13 @@ class Lease:
     writing: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while this lease's row is written (a refill, or the upkeep's renewal): a
     renewal computed before a refill must not land after it."""
+    valid_until: float = 0.0
+    """(monotonic) Past this, the row may have expired in PostgreSQL — other gateways no
+    longer count it — so nothing is reserved against it before a refill has written it
+    again under the scope's lock."""
+
+    def stale(self, now: float) -> bool:
+        return self.valid_until <= now
 
     @property
     def free(self) -> Decimal:
@@ -142,7 +158,8 @@ class Admission:
         self._task = asyncio.create_task(self._upkeep_forever())
 
     async def close(self) -> None:
-        """Stop the upkeep and hand every lease back (a clean shutdown frees it at once)."""
+        """Stop the upkeep and hand the leases' free headroom back at once (what answered
+        requests still hold uncharged stays held until the rows expire)."""
         tasks = [t for t in (self._task, *self._background) if t is not None]
         for task in tasks:
             task.cancel()
@@ -165,10 +182,15 @@ class Admission:
         scopes = self._scopes(call, limits)
         if not scopes:
             return None
+        if len(self._pending) >= MAX_PENDING:
+            raise QuotaUnavailable(
+                f"{len(self._pending)} answered requests are waiting to be charged"
+            )
         amount = self.worst_case(call)
         leases = tuple(self._lease(scope) for scope in scopes)
         for _ in range(8):  # a refill awaits: other requests may take what it brought
-            short = next((lease for lease in leases if lease.free < amount), None)
+            now = time.monotonic()
+            short = next((le for le in leases if le.free < amount or le.stale(now)), None)
             if short is None:
                 break
             if not await self._refill(short, amount):
@@ -177,11 +199,12 @@ class Admission:
         else:  # headroom there, but taken by others each time: the scope is contended dry
             metrics.RESERVATIONS.labels("refused").inc()
             raise Refused(_refusal(leases[0].scope, amount))
-        for lease in leases:
-            lease.reserved += amount
-            lease.recent += amount
-            if lease.refilling is None and lease.free < max(lease.rate, lease.recent) * 2:
-                self._refill_ahead(lease)
+        with localcontext(EXACT):
+            for lease in leases:
+                lease.reserved += amount
+                lease.recent += amount
+                if lease.refilling is None and lease.free < max(lease.rate, lease.recent) * 2:
+                    self._refill_ahead(lease)
         metrics.RESERVATIONS.labels("made").inc()
         metrics.RESERVED_USD.inc(float(amount))
         return Reservation(call.request_id, call.model, call.started, amount, leases)
@@ -192,19 +215,23 @@ class Admission:
             return
         reservation.done = True
         metrics.RESERVED_USD.dec(float(reservation.amount))
-        for lease in reservation.leases:
-            lease.reserved -= reservation.amount
-        if not billed.billed:
-            metrics.RESERVATIONS.labels("released").inc()
-            return
-        cost = reservation.amount
-        if billed.event is not None:
-            cost = self._cost(reservation, Usage(**billed.event.usage.model_dump()))
-        for lease in reservation.leases:
-            lease.pending += cost
-            # Usage beyond the reservation (an upstream that ignored the limit, a prompt
-            # counted short) is spent already: the lease grows to hold it.
-            lease.amount = max(lease.amount, lease.reserved + lease.pending)
+        with localcontext(EXACT):
+            for lease in reservation.leases:
+                lease.reserved -= reservation.amount
+            if not billed.billed:
+                metrics.RESERVATIONS.labels("released").inc()
+                return
+            # Held until charged: the reservation, or more if the answer cost more (an
+            # upstream that ignored the limit, a prompt counted short): spent already, so
+            # the lease grows to hold it. Never less: the pricer may price it higher than
+            # this process's prices (a newer price), and the difference must stay held.
+            cost = reservation.amount
+            if billed.event is not None:
+                usage = Usage(**billed.event.usage.model_dump())
+                cost = max(cost, self._cost(reservation, usage))
+            for lease in reservation.leases:
+                lease.pending += cost
+                lease.amount = max(lease.amount, lease.reserved + lease.pending)
         self._pending[reservation.request_id] = _Pending(time.monotonic(), cost, reservation.leases)
         metrics.PENDING_USD.inc(float(cost))
 
@@ -213,9 +240,10 @@ class Admission:
             version = self.prices.lookup(call.model)
         except BillingError:
             return self.settings.unpriced_reservation
-        output = call.dialect.max_output(call.body) or self.settings.model_max_tokens.get(
-            call.model, self.settings.default_max_tokens
-        )
+        limit, choices = call.dialect.max_output(call.body)
+        if limit is None:
+            limit = self.settings.model_max_tokens.get(call.model, self.settings.default_max_tokens)
+        output = min(limit * choices, MAX_OUTPUT_TOKENS)
         prompt = reserved_prompt_tokens(call.dialect.prompt_tokens(call.model, call.body))
         return worst_case_cost(version.pricing, prompt, output, call.started)
 
@@ -271,7 +299,14 @@ class Admission:
                 connection, tenant_id, require_credits=self.settings.require_credits
             )
         ttl = POLICY_TTL * random.uniform(0.9, 1.1)  # noqa: S311 - spreading, not secrecy
+        earlier = self._policies.get(tenant_id)
         self._policies[tenant_id] = (time.monotonic() + ttl, found)
+        if earlier is not None and earlier[1] != found:
+            # A budget lowered or removed, credits added: the free headroom taken under the
+            # old limits is handed back (at the next renewal) and taken again under the new.
+            for lease in self._leases.values():
+                if lease.scope.tenant_id == tenant_id and lease.refilling is None:
+                    lease.amount = lease.reserved + lease.pending
         return found
 
     async def _refill(self, lease: Lease, need: Decimal) -> bool:
@@ -280,7 +315,7 @@ class Admission:
         need one meanwhile wait for it, then look again."""
         lease.waiting += need
         try:
-            while lease.free < need:
+            while lease.free < need or lease.stale(time.monotonic()):
                 if lease.refilling is not None:
                     await asyncio.shield(lease.refilling)
                     continue
@@ -316,6 +351,7 @@ class Admission:
     async def _refill_once(self, lease: Lease, need: Decimal) -> bool:
         try:
             async with lease.writing, self.pool.acquire() as connection:
+                written = time.monotonic()
                 before = lease.amount
                 reserved, pending = lease.reserved, lease.pending
                 got = await refill(
@@ -329,7 +365,9 @@ class Admission:
                     ttl=self.ttl,
                 )
                 # Reservations made meanwhile moved free into reserved: the total is unchanged.
-                lease.amount += reserved + pending + got.free - before
+                with localcontext(EXACT):
+                    lease.amount += reserved + pending + got.free - before
+                lease.valid_until = written + VALIDITY * self.settings.lease_ttl_seconds
                 fits = lease.free >= need  # judged before anything else can run
         except (*RETRYABLE, asyncpg.PostgresError) as exc:
             raise QuotaUnavailable("the tenant's headroom cannot be checked now") from exc
@@ -349,48 +387,71 @@ class Admission:
     async def upkeep(self) -> None:
         """Settle charged requests, return unused headroom, renew the leases' expiry.
 
-        The settlement query runs without holding any lease; only the renewal's write holds
-        the leases it writes (those being refilled are skipped: the refill writes them).
+        The settlement query runs without holding any lease (and its failure does not stop
+        the renewal); only the renewal's write holds the leases it writes (those being
+        refilled are skipped: the refill writes them). A lease whose row had expired is not
+        renewed but refilled, under the scope's lock.
         """
+        try:
+            self._settle(await self._charged())
+        except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            log.warning("settlement skipped this round (%r)", exc)
+        rows, dropped, held = [], [], []
+        with localcontext(EXACT):
+            for key, lease in list(self._leases.items()):
+                if lease.writing.locked():
+                    continue  # a refill is writing it, with a fresh expiry
+                await lease.writing.acquire()  # free: returns at once, nothing runs in between
+                held.append(lease)
+                if lease.recent == 0 and lease.waiting == 0:
+                    lease.idle += 1
+                    if lease.idle >= HAND_BACK_ROUNDS:  # (a quiet round alone is common)
+                        lease.amount = lease.reserved + lease.pending  # hand back what is free
+                lease.rate = (lease.rate + lease.recent) / 2
+                lease.recent = ZERO
+                if lease.amount == 0 and lease.idle >= IDLE_ROUNDS and lease.refilling is None:
+                    del self._leases[key]
+                    dropped.append(key)
+                else:
+                    rows.append((lease.scope, lease.amount, lease.reserved, lease.pending))
+        try:
+            written = time.monotonic()
+            async with self.pool.acquire() as connection:
+                renewed = await renew(connection, self.holder, rows, dropped, self.ttl)
+            for lease in held:
+                if lease.scope.key in renewed:
+                    lease.valid_until = written + VALIDITY * self.settings.lease_ttl_seconds
+                elif lease.scope.key not in dropped:
+                    lease.valid_until = 0.0  # expired or gone: taken again under the lock
+        finally:
+            for lease in held:
+                lease.writing.release()
+        for lease in held:
+            if lease.valid_until == 0.0 and lease.refilling is None and lease.amount > 0:
+                self._refill_ahead(lease)
+
+    async def _charged(self) -> set[str]:
         ids = list(self._pending)
         charged: set[str] = set()
         async with self.pool.acquire() as connection:
             for start in range(0, len(ids), SETTLE_CHUNK):
                 charged |= await settled(connection, ids[start : start + SETTLE_CHUNK])
+        return charged
+
+    def _settle(self, charged: set[str]) -> None:
+        """Drop the pending charges the quota service has applied (or that waited too long)."""
         expire_before = time.monotonic() - self.settings.pending_ttl_seconds
-        for request_id in ids:
-            entry = self._pending.get(request_id)
-            if entry is None or (request_id not in charged and entry.since >= expire_before):
-                continue
-            del self._pending[request_id]
-            for lease in entry.leases:
-                lease.pending -= entry.amount
-                lease.amount -= entry.amount
-            metrics.PENDING_USD.dec(float(entry.amount))
-            metrics.RESERVATIONS.labels("settled" if request_id in charged else "expired").inc()
-        rows, dropped, held = [], [], []
-        for key, lease in list(self._leases.items()):
-            if lease.writing.locked():
-                continue  # a refill is writing it, with a fresh expiry
-            await lease.writing.acquire()  # free: returns at once, nothing runs in between
-            held.append(lease)
-            if lease.recent == 0 and lease.waiting == 0:
-                lease.idle += 1
-                if lease.idle >= HAND_BACK_ROUNDS:  # (a quiet round alone is common)
-                    lease.amount = lease.reserved + lease.pending  # hand back what is unused
-            lease.rate = (lease.rate + lease.recent) / 2
-            lease.recent = ZERO
-            if lease.amount == 0 and lease.idle >= IDLE_ROUNDS and lease.refilling is None:
-                del self._leases[key]
-                dropped.append(key)
-            else:
-                rows.append((lease.scope, lease.amount, lease.reserved, lease.pending))
-        try:
-            async with self.pool.acquire() as connection:
-                await renew(connection, self.holder, rows, dropped, self.ttl)
-        finally:
-            for lease in held:
-                lease.writing.release()
+        with localcontext(EXACT):
+            for request_id, entry in list(self._pending.items()):
+                if request_id not in charged and entry.since >= expire_before:
+                    continue
+                del self._pending[request_id]
+                for lease in entry.leases:
+                    lease.pending -= entry.amount
+                    lease.amount -= entry.amount
+                metrics.PENDING_USD.dec(float(entry.amount))
+                outcome = "settled" if request_id in charged else "expired"
+                metrics.RESERVATIONS.labels(outcome).inc()
 
 
 def _retrieve(task: asyncio.Task[Policy]) -> None:

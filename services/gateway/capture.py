@@ -46,8 +46,8 @@ class Dialect:
     """``(model, request body, generated text)`` → estimated usage (runs off the loop)."""
     prompt_tokens: Callable[[str, Mapping[str, Any]], int]
     """``(model, request body)`` → its input tokens, counted locally (for a reservation)."""
-    max_output: Callable[[Mapping[str, Any]], int | None]
-    """The most output tokens a request body allows, or ``None`` when it sets no limit."""
+    max_output: Callable[[Mapping[str, Any]], tuple[int | None, int]]
+    """(output token limit per choice or ``None`` when the body sets none, choices asked)."""
 
 
 def _openai_text(document: Mapping[str, Any]) -> str:
@@ -77,12 +77,10 @@ def _openai_prompt_tokens(model: str, body: Mapping[str, Any]) -> int:
     return prompt_tokens(model, body)
 
 
-def _openai_max_output(body: Mapping[str, Any]) -> int | None:
-    """``max_completion_tokens`` (reasoning included) or ``max_tokens``, times ``n`` choices."""
+def _openai_max_output(body: Mapping[str, Any]) -> tuple[int | None, int]:
+    """``max_completion_tokens`` (reasoning included) or ``max_tokens``; ``n`` choices."""
     limit = positive_int(body.get("max_completion_tokens")) or positive_int(body.get("max_tokens"))
-    if limit is None:
-        return None
-    return limit * (positive_int(body.get("n")) or 1)
+    return limit, positive_int(body.get("n")) or 1
 
 
 def positive_int(value: object) -> int | None:

@@ -8,8 +8,9 @@ response machinery was about a quarter of the CPU of a proxied request (py-spy,
 ``bench/gateway.py --cpu-only``), on the one route where it buys nothing: the body is passed
 on as it came.
 
-Errors take the SDKs' shape (``proxy.error``): 401 (``auth.Unauthorized``), 405 for another
-method on the chat route, and a logged 500 for anything unexpected, never a traceback. A
+Errors take the SDKs' shape (``proxy.error``): 401 (``auth.Unauthorized``), 402 (not enough
+credit or budget: ``admission.py``), 405 for another method on the chat route, and a logged
+500 for anything unexpected, never a traceback. A
 client that leaves while sending its body gets nothing and nothing is forwarded. A streamed
 answer is relayed chunk by chunk while a watcher waits for the client to leave; if it does,
 the relay stops, the upstream connection is closed and what was seen is billed.
@@ -158,8 +159,17 @@ def openapi_paths() -> dict[str, Any]:
         for status, description in (
             (400, "The body is not a JSON object with a model (or the route's own checks)."),
             (401, "No API key, or an unknown or revoked one."),
+            (
+                402,
+                "Not enough prepaid credit or monthly budget left for the request's worst-case"
+                " cost (type insufficient_quota); nothing was sent upstream.",
+            ),
             (502, "The upstream could not be reached, or its answer broke off."),
-            (503, "The gateway is at capacity or its usage spool is full (Retry-After)."),
+            (
+                503,
+                "The gateway is at capacity, its usage spool is full, or the tenant's limits"
+                " cannot be checked now (Retry-After).",
+            ),
             (504, "The upstream did not answer in time."),
         )
     }

@@ -102,16 +102,14 @@ def _prompt_tokens(model: str, body: Mapping[str, Any]) -> int:
     return gemini_prompt_tokens(model, body)
 
 
-def _max_output(body: Mapping[str, Any]) -> int | None:
-    """``generationConfig.maxOutputTokens`` times ``candidateCount``."""
+def _max_output(body: Mapping[str, Any]) -> tuple[int | None, int]:
+    """``generationConfig.maxOutputTokens``; ``candidateCount`` choices."""
     config = body.get("generationConfig") or body.get("generation_config")
     if not isinstance(config, Mapping):
-        return None
+        return None, 1
     limit = positive_int(config.get("maxOutputTokens") or config.get("max_output_tokens"))
-    if limit is None:
-        return None
     count = config.get("candidateCount") or config.get("candidate_count")
-    return limit * (positive_int(count) or 1)
+    return limit, positive_int(count) or 1
 
 
 GEMINI = Dialect(

@@ -51,8 +51,10 @@ async def deliver_webhooks(
             try:
                 async with pool.acquire() as connection:
                     due = await due_webhooks(connection, datetime.now(UTC), webhook.max_attempts)
-                    for alert_id, attempts, body in due:
-                        await _deliver(connection, client, webhook, alert_id, attempts, body)
+                for alert_id, attempts, body in due:  # no connection held while posting
+                    outcome = await _post(client, webhook, body)
+                    async with pool.acquire() as connection:
+                        await _record(connection, webhook, alert_id, attempts, outcome)
             except (*RETRYABLE, asyncpg.PostgresError) as exc:
                 log.warning("webhook delivery paused (%r)", exc)
             try:
@@ -61,23 +63,26 @@ async def deliver_webhooks(
                 pass
 
 
-async def _deliver(
-    connection: asyncpg.Connection,
-    client: httpx.AsyncClient,
-    webhook: Webhook,
-    alert_id: str,
-    attempts: int,
-    body: bytes,
-) -> None:
+async def _post(client: httpx.AsyncClient, webhook: Webhook, body: bytes) -> str | None:
+    """POST one alert; ``None`` when delivered, else why not."""
     headers = {
         "content-type": "application/json",
         SIGNATURE_HEADER: webhook_signature(webhook.secret, int(time.time()), body),
     }
     try:
         response = await client.post(webhook.url, content=body, headers=headers)
-        error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
-    except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"[:500]
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        return f"{type(exc).__name__}: {exc}"[:500]
+    return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+
+
+async def _record(
+    connection: asyncpg.Connection,
+    webhook: Webhook,
+    alert_id: str,
+    attempts: int,
+    error: str | None,
+) -> None:
     if error is None:
         await record_webhook(connection, alert_id, delivered=True)
         metrics.WEBHOOKS.labels("delivered").inc()

@@ -156,9 +156,11 @@ class QuotaService:
         try:
             async with pool.acquire() as connection:
                 while batch := await unpublished_alerts(connection):
-                    for _, tenant_id, event in batch:
+                    sent = [
                         await producer.send(self.topics.alerts, event, key=tenant_id.encode())
-                    await producer.flush()
+                        for _, tenant_id, event in batch
+                    ]
+                    await asyncio.gather(*sent)  # each acknowledged (or the first error)
                     await mark_published(connection, [alert_id for alert_id, _, _ in batch])
                     log.info("published %d alerts", len(batch))
         except (*RETRYABLE, asyncpg.PostgresError, KafkaError) as exc:

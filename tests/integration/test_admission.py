@@ -7,6 +7,7 @@ written straight into the tables the quota service and the admin API maintain.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -229,3 +230,45 @@ def test_the_gemini_routes_are_admitted_alike_and_refusals_are_counted(
 def _reservations(outcome: str) -> float:
     value = REGISTRY.get_sample_value("billing_quota_reservations_total", {"outcome": outcome})
     return value or 0.0
+
+
+def test_a_lease_whose_row_expired_is_taken_again_under_the_lock_not_renewed(
+    gateway: Setup, database_url: str
+) -> None:
+    """A renewal never brings back a row that expired (other gateways stopped counting it,
+    so its headroom may have been leased again): the lease is refilled, cap checked."""
+    client, _, key, _ = gateway
+    grant = grant_of("acme", "5", "test", now=datetime.now(UTC))
+    run(database_url, lambda c: add_grant(c, grant))
+    auth = _auth(key)
+    assert client.post("/v1/chat/completions", json=LIMITED, headers=auth).status_code == 200
+    admission = client.app.state.resources.admission
+    (lease,) = admission._leases.values()
+
+    async def expire(connection: asyncpg.Connection) -> None:  # the upkeep was held up
+        await connection.execute(
+            "UPDATE billing_quota_leases SET expires_at = now() - interval '1 second'"
+        )
+
+    async def live(connection: asyncpg.Connection) -> int:
+        return int(
+            await connection.fetchval(
+                "SELECT count(*) FROM billing_quota_leases WHERE expires_at > now()"
+            )
+        )
+
+    run(database_url, expire)
+    refills = REGISTRY.get_sample_value("billing_quota_lease_refills_total") or 0.0
+    client.portal.call(admission.upkeep)
+    deadline = time.monotonic() + 5
+    while run(database_url, live) == 0:  # taken again by a refill, in the background
+        assert time.monotonic() < deadline, "the expired lease was not taken again"
+        time.sleep(0.05)
+    assert (REGISTRY.get_sample_value("billing_quota_lease_refills_total") or 0.0) > refills
+
+    # A lease this process has not written for too long is not reserved against either.
+    lease.valid_until = 0.0
+    before = REGISTRY.get_sample_value("billing_quota_lease_refills_total") or 0.0
+    assert client.post("/v1/chat/completions", json=LIMITED, headers=auth).status_code == 200
+    assert (REGISTRY.get_sample_value("billing_quota_lease_refills_total") or 0.0) > before
+    assert not lease.stale(time.monotonic())

@@ -170,7 +170,7 @@ def test_the_openapi_document_describes_the_proxy_routes(tmp_path: Path) -> None
         document = client.get("/openapi.json").json()
     chat = document["paths"]["/v1/chat/completions"]["post"]
     assert "application/json" in chat["requestBody"]["content"]
-    assert {"200", "400", "401", "502", "503", "504"} <= chat["responses"].keys()
+    assert {"200", "400", "401", "402", "502", "503", "504"} <= chat["responses"].keys()
     error = chat["responses"]["401"]["content"]["application/json"]["schema"]["$ref"]
     assert document["components"]["schemas"][error.rsplit("/", 1)[1]]["required"] == ["error"]
     for path in (

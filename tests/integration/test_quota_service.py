@@ -440,35 +440,64 @@ async def test_an_expired_grant_leaves_what_first_expiring_spending_did_not_use(
     )
     trial = int(row["grant_id"])
     await grant(connection, "acme", "20")  # never expires
+    # Before its expiry is posted, the promo counts as gone entirely (it cannot be spent).
+    assert (await ledgers(connection, ["acme"]))["acme"].balance == D(70)
     feed = Feed(connection)
-    await feed(priced("a", "acme", "7"), priced("b", "acme", "5.5"))  # 12.5 spent
+    await feed(priced("a", "acme", "7"), priced("b", "acme", "5.5"))  # 12.5, after it expired
 
     assert await post_expiries(connection, now) == 1
     left = await connection.fetchval(
         "SELECT amount FROM billing_credit_expiries WHERE grant_id = $1", promo
     )
-    assert left == expired_remainder(D("87.5"), D(30), D(70)) == D("17.5")
-    assert (await ledgers(connection, ["acme"]))["acme"].balance == D(70)
+    # As of its expiry nothing had been spent (the charges came after): all 30 expired.
+    assert left == expired_remainder(D(30), D(30), D(0)) == D(30)
+    assert (await ledgers(connection, ["acme"]))["acme"].balance == D("57.5")
     assert await post_expiries(connection, now) == 0  # posted once
     assert await post_expiries(connection, now + timedelta(seconds=1)) == 0
     assert await connection.fetchval("SELECT count(*) FROM billing_credit_expiries") == 1
 
-    # Ten days on the trial expires too: spending drew on the promo, then on the trial;
-    # the grant that never expires is untouched.
-    await feed(priced("c", "acme", "45"))  # balance 25: 20 of it the grant that stays
+    # Ten days on the trial expires too. By then 57.5 had been charged: spending drew on
+    # the trial (the first to expire of what was left) before the grant that never expires,
+    # so the trial is used up and 12.5 of the permanent 20 remains.
+    await feed(priced("c", "acme", "45"))
     later = now + timedelta(days=11)
     assert await post_expiries(connection, later) == 1
     left = await connection.fetchval(
         "SELECT amount FROM billing_credit_expiries WHERE grant_id = $1", trial
     )
-    assert left == expired_remainder(D(25), D(50), D(20)) == D(5)
-    assert (await ledgers(connection, ["acme"]))["acme"].balance == D(20)
+    assert left == expired_remainder(D("12.5"), D(50), D(20)) == D(0)
+    assert (await ledgers(connection, ["acme"]))["acme"].balance == D("12.5")
     assert await post_expiries(connection, later) == 0
     expiries = await connection.fetch(
         "SELECT grant_id, amount, expired_at FROM billing_credit_expiries ORDER BY grant_id"
     )
     assert [r["grant_id"] for r in expiries] == [promo, trial]
     assert expiries[1]["expired_at"] == now + timedelta(days=10)
+
+
+async def test_what_an_expired_grant_leaves_is_reckoned_as_of_its_expiry(
+    connection: asyncpg.Connection,
+) -> None:
+    """Charges applied after a grant expired do not eat into what it left (they were drawn
+    from the grants still valid)."""
+    now = datetime.now(UTC)
+    await create_tenant(connection, "acme")
+    await connection.execute(
+        "INSERT INTO billing_credit_grants (tenant_id, amount, reason, expires_at, granted_at)"
+        " VALUES ('acme', 10, 'a', $1, $2), ('acme', 10, 'b', NULL, $2)",
+        now - timedelta(hours=1),
+        now - timedelta(days=1),
+    )
+    await connection.execute(  # 3 charged before the expiry, 8 after
+        "INSERT INTO billing_credit_charges (request_id, revision, tenant_id, period, amount,"
+        " charged_at) VALUES ('r1', 1, 'acme', $1, 3, $2), ('r2', 1, 'acme', $1, 8, $3)",
+        now.date().replace(day=1),
+        now - timedelta(hours=2),
+        now - timedelta(minutes=30),
+    )
+    assert await post_expiries(connection, now) == 1
+    left = await connection.fetchval("SELECT amount FROM billing_credit_expiries")
+    assert left == D(7)  # 10 - the 3 spent before it expired, not 10 - 11
 
 
 async def test_overspent_expiring_grants_leave_nothing(connection: asyncpg.Connection) -> None:
@@ -478,6 +507,10 @@ async def test_overspent_expiring_grants_leave_nothing(connection: asyncpg.Conne
     late = await expired_grant(connection, "acme", "10", now - timedelta(days=1))
     await grant(connection, "acme", "20")
     await Feed(connection)(priced("a", "acme", "15"), priced("b", "acme", "30"))  # -15
+    # As if charged four days ago, before either expired: both were drawn on first.
+    await connection.execute(
+        "UPDATE billing_credit_charges SET charged_at = $1", now - timedelta(days=4)
+    )
 
     assert await post_expiries(connection, now) == 2
     expiries = await connection.fetch(

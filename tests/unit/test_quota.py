@@ -49,7 +49,7 @@ def test_a_valid_budget_keeps_what_was_given() -> None:
     assert budget == Budget("acme", "k1", D(7), False, (50, 80, 100))
     assert budget_of("acme", D("0"), api_key_id=None).api_key_id == ""
     assert budget_of("acme", " 12.000000001 ").monthly_limit == D("12.000000001")
-    assert budget_of("acme", "1000000000").monthly_limit == D("1000000000")
+    assert budget_of("acme", "999999999.999999999").monthly_limit == D("999999999.999999999")
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_a_valid_budget_keeps_what_was_given() -> None:
         ({"monthly_limit": "-1"}, "monthly_limit"),
         ({"monthly_limit": "NaN"}, "monthly_limit"),
         ({"monthly_limit": "Infinity"}, "monthly_limit"),
-        ({"monthly_limit": "1000000000.000000001"}, "monthly_limit"),
+        ({"monthly_limit": "1000000000"}, "monthly_limit"),
         ({"monthly_limit": "0.0000000001"}, "monthly_limit"),
         ({"api_key_id": 12}, "key_id"),
         ({"api_key_id": "k\x00"}, "key_id"),
