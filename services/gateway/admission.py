@@ -11,12 +11,13 @@ gateway's leases never exceeds what the scope allows. When a lease cannot cover 
 the request is refused (402) before anything is sent upstream.
 
 After the answer, :meth:`Admission.finish` turns the reservation into the request's
-**pending** charge (the cost of the usage the upstream reported, or the reservation when it
-is estimated) or releases it (nothing billed). Once a second (``lease_refresh_seconds``), the
+**pending** charge (the reservation, or the cost of the usage the upstream reported when
+that is more) or releases it (nothing billed). Once a second (``lease_refresh_seconds``), the
 upkeep asks which pending requests the quota service has charged, drops those (their cost is
-in the balance now), returns headroom not used since the last round and renews the leases'
-expiry. A gateway that dies stops renewing: its leases stop counting ``lease_ttl_seconds``
-later. The overspend bound is in the README ("Balances, budgets and admission").
+in the balance now), returns headroom unused for two rounds and renews the leases' expiry —
+only rows still live: an expired one is taken again by a refill, under the lock. A gateway
+that dies stops renewing: its leases stop counting ``lease_ttl_seconds`` later. The
+overspend bound is in the README ("Balances, budgets and admission").
 """
 
 from __future__ import annotations
