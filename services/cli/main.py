@@ -21,6 +21,7 @@ from services.adapters.paths import DEFAULT_DATA_DIR
 from services.cli.budgets import balance_cmd, budgets
 from services.cli.context import Context, add_data_dir_option
 from services.cli.credits import credits
+from services.cli.invoices import invoices
 from services.cli.partitions import partitions_cmd
 from services.cli.prices import _load_json, prices
 from services.cli.rebuild import rebuild_cmd
@@ -174,6 +175,7 @@ for command in (
     keys,
     credits,
     budgets,
+    invoices,
     balance_cmd,
     prices,
     reprice_cmd,
