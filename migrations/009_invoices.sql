@@ -52,3 +52,9 @@ CREATE TRIGGER billing_invoices_immutable BEFORE UPDATE OR DELETE ON billing_inv
     FOR EACH ROW EXECUTE FUNCTION billing_invoices_are_immutable();
 CREATE TRIGGER billing_invoice_lines_immutable BEFORE UPDATE OR DELETE ON billing_invoice_lines
     FOR EACH ROW EXECUTE FUNCTION billing_invoices_are_immutable();
+
+-- InvoiceIssued events sent to billing.invoices.v1 (the invoices themselves stay untouched).
+CREATE TABLE billing_invoices_published (
+    number        text PRIMARY KEY REFERENCES billing_invoices (number),
+    published_at  timestamptz NOT NULL DEFAULT now()
+);

@@ -8,6 +8,7 @@ from datetime import date, datetime
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Any
 
+from services.core.events import InvoiceIssued
 from services.core.invoices import TOKEN_FIELDS, Invoice, Usage
 from services.core.money import EXACT
 from services.core.periods import add_months
@@ -204,3 +205,38 @@ async def invoice_document(connection: asyncpg.Connection, number: str) -> str |
         "SELECT document FROM billing_invoices WHERE number = $1", number
     )
     return None if value is None else str(value)
+
+
+async def unpublished(connection: asyncpg.Connection) -> list[tuple[str, str, bytes]]:
+    """(number, tenant_id, InvoiceIssued JSON) of issued invoices not yet on the topic."""
+    rows = await connection.fetch(
+        "SELECT number, tenant_id, period, issued_at, currency, subtotal, credits_applied,"
+        " amount_due FROM billing_invoices i WHERE NOT EXISTS (SELECT 1 FROM"
+        " billing_invoices_published p WHERE p.number = i.number) ORDER BY issuer, sequence"
+    )
+    return [
+        (
+            r["number"],
+            r["tenant_id"],
+            InvoiceIssued(
+                number=r["number"],
+                tenant_id=r["tenant_id"],
+                period=f"{r['period']:%Y-%m}",
+                issued_at=r["issued_at"],
+                subtotal=r["subtotal"],
+                credits_applied=r["credits_applied"],
+                amount_due=r["amount_due"],
+            )
+            .model_dump_json()
+            .encode(),
+        )
+        for r in rows
+    ]
+
+
+async def mark_published(connection: asyncpg.Connection, numbers: list[str]) -> None:
+    await connection.execute(
+        "INSERT INTO billing_invoices_published (number) SELECT unnest($1::text[])"
+        " ON CONFLICT DO NOTHING",
+        numbers,
+    )

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.adapters.errors import ConfigError
 from services.adapters.paths import DEFAULT_DATA_DIR, price_book_path
+from services.core.periods import parse_grace
 
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "admin", "token", "xxx"})
 
@@ -125,6 +127,22 @@ class Settings(BaseSettings):
     alert_webhook_url: str | None = None
     """Alerts are also POSTed here, signed with ``alert_webhook_secret`` (quota service)."""
     alert_webhook_secret: SecretStr | None = None
+
+    close_grace: str = "72h"
+    """``billing up`` closes month M (issues its invoices) once this long has passed after
+    its end (a duration such as ``72h``, ``3d``; ``off`` disables it)."""
+    invoice_issuer: str = Field(default="INV", pattern=r"^[A-Z0-9][A-Z0-9-]{0,15}$")
+    """The invoice numbers' prefix (``INV-2026-11-000042``); numbers are gapless per issuer."""
+
+    @field_validator("close_grace")
+    @classmethod
+    def _grace(cls, value: str) -> str:
+        parse_grace(value)  # ValueError: pydantic names the setting
+        return value
+
+    @property
+    def close_grace_delta(self) -> timedelta | None:
+        return parse_grace(self.close_grace)
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

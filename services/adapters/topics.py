@@ -20,6 +20,8 @@ class Topics(NamedTuple):
     """Undecodable messages, with where they came from and why in their headers."""
     alerts: str = "billing.alerts.v1"
     """``QuotaAlert`` (budget thresholds crossed, balances low or exhausted), key ``tenant_id``."""
+    invoices: str = "billing.invoices.v1"
+    """``InvoiceIssued``, key ``tenant_id``."""
 
     @classmethod
     def named(cls, prefix: str = "") -> Topics:

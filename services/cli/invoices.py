@@ -58,6 +58,7 @@ def invoices_close(obj: Context, month_text: str, tenant: str | None, allow_unpr
                 now=datetime.now(UTC),
                 tenant_id=tenant,
                 allow_unpriced=allow_unpriced,
+                issuer=obj.settings.invoice_issuer,
             ),
         )
     except CloseError as exc:
@@ -68,6 +69,28 @@ def invoices_close(obj: Context, month_text: str, tenant: str | None, allow_unpr
         click.echo(f"closed {month_text}: issued {', '.join(report.issued)}")
     else:
         click.echo(f"closed {month_text}: nothing new to issue")
+    _publish(obj)
+
+
+def _publish(obj: Context) -> None:
+    """InvoiceIssued for every invoice not yet on billing.invoices.v1 (a broker configured)."""
+    from aiokafka.errors import KafkaError
+
+    from services.adapters.topics import Topics
+    from services.jobs.invoicing import publish_issued
+
+    bootstrap = obj.settings.kafka_bootstrap
+    if not bootstrap:
+        click.echo("no broker configured: InvoiceIssued not published yet", err=True)
+        return
+    topic = Topics.named(obj.settings.topic_prefix).invoices
+    try:
+        sent = with_database(obj, lambda c: publish_issued(c, bootstrap, topic))
+    except (KafkaError, OSError) as exc:
+        click.echo(f"InvoiceIssued not published ({exc!r}); the next close sends it", err=True)
+        return
+    if sent:
+        click.echo(f"published {sent} InvoiceIssued to {topic}", err=True)
 
 
 @invoices.command("list")
@@ -113,18 +136,37 @@ def invoices_list(obj: Context, tenant: str | None, month_text: str | None, as_j
 
 @invoices.command("show")
 @click.argument("number")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "html", "pdf"]),
+    default="json",
+    show_default=True,
+    help="json: the issued document byte for byte; html, pdf: rendered from it.",
+)
 @click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.pass_obj
-def invoices_show(obj: Context, number: str, output: Path | None) -> None:
-    """Invoice NUMBER as issued (the JSON document, byte for byte; HTML and PDF are not
-    built yet)."""
+def invoices_show(obj: Context, number: str, fmt: str, output: Path | None) -> None:
+    """Invoice NUMBER as issued: the JSON document byte for byte, or that document rendered
+    as an HTML page or a PDF (``--format pdf`` writes to a file with -o, or to a pipe)."""
     from services.adapters.invoices import invoice_document
 
+    stdout = click.get_binary_stream("stdout")
+    if fmt == "pdf" and output is None and stdout.isatty():
+        raise click.UsageError("a PDF is binary: write it to a file with -o FILE (or a pipe)")
     document = with_database(obj, lambda c: invoice_document(c, number))
     if document is None:
         raise click.ClickException(f"no invoice {number!r}")
+    if fmt == "json":
+        data = document.encode()
+    else:
+        from services.adapters.invoice_documents import render_html, render_pdf
+
+        parsed = json.loads(document)
+        data = render_pdf(parsed) if fmt == "pdf" else render_html(parsed).encode()
     if output is not None:
-        output.write_text(document)
+        output.write_bytes(data)
         click.echo(f"wrote {output}", err=True)
     else:
-        click.echo(document, nl=False)
+        stdout.write(data)
+        stdout.flush()

@@ -231,6 +231,23 @@ class QuotaAlert(_Fact):
     occurred_at: Timestamp
 
 
+class InvoiceIssued(_Fact):
+    """A tenant's invoice for a closed month was issued (topic ``billing.invoices.v1``, key
+    ``tenant_id``); the invoice itself never changes afterwards. Published at least once:
+    deduplicate on ``number``."""
+
+    event_type: Literal["InvoiceIssued"] = "InvoiceIssued"
+    schema_version: Literal[1] = 1
+    number: Identifier
+    tenant_id: Identifier
+    period: Annotated[str, Field(pattern=r"^\d{4}-\d{2}$")]
+    issued_at: Timestamp
+    currency: Literal["USD"] = "USD"
+    subtotal: Money
+    credits_applied: Money
+    amount_due: Money
+
+
 @dataclass(frozen=True, slots=True)
 class Position:
     """Where a message sits in the log (offsets, dead letters)."""
@@ -408,6 +425,7 @@ EVENT_TYPES: Final[dict[str, type[BaseModel]]] = {
     "UsageRecorded": UsageRecorded,
     "UsagePriced": UsagePriced,
     "QuotaAlert": QuotaAlert,
+    "InvoiceIssued": InvoiceIssued,
 }
 
 # One function per schema change, keyed by (event type, version it upgrades *from*).

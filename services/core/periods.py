@@ -4,7 +4,7 @@ invoices are cut by them. Pure date arithmetic; an instant's month is its UTC mo
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 
 def month_of(instant: datetime) -> date:
@@ -41,3 +41,22 @@ def month_range(first: date, last: date) -> list[date]:
         months.append(month)
         month = add_months(month, 1)
     return months
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_grace(text: str) -> timedelta | None:
+    """``"72h"``, ``"3d"``, ``"90m"``, ``"0s"`` → a duration; ``"off"`` → ``None``."""
+    value = text.strip().lower()
+    if value == "off":
+        return None
+    number, unit = value[:-1], value[-1:]
+    if unit not in _UNITS or not number.isascii() or not number.isdigit():
+        raise ValueError(f"{text!r}: a duration such as 72h, 3d, 90m or 0s, or off")
+    return timedelta(seconds=int(number) * _UNITS[unit])
+
+
+def closable_month(now: datetime, grace: timedelta) -> date:
+    """The latest month that has been over for ``grace`` at ``now``."""
+    return add_months(month_of(now - grace), -1)

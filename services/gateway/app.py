@@ -18,6 +18,7 @@ from services.gateway import (
     errors,
     front,
     ingest,
+    invoices_api,
     models,
     ops,
     prices_api,
@@ -37,6 +38,8 @@ ROUTERS = (
     credits_api.router,
     quota_api.router,
     quota_api.tenant_router,
+    invoices_api.tenant_router,
+    invoices_api.admin_router,
 )
 
 

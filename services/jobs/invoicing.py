@@ -81,3 +81,26 @@ async def close_month(
             await store.insert_invoice(connection, invoice, issuer, sequence, document)
             report.issued.append(invoice.number)
     return report
+
+
+async def publish_issued(connection: asyncpg.Connection, bootstrap: str, topic: str) -> int:
+    """Send an ``InvoiceIssued`` for every issued invoice not yet on ``topic``; each is
+    marked sent once the broker acknowledged it (at least once). Returns how many."""
+    import asyncio
+
+    from services.adapters.kafka import make_producer
+
+    pending = await store.unpublished(connection)
+    if not pending:
+        return 0
+    producer = make_producer(bootstrap)
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(topic, event, key=tenant.encode()) for _, tenant, event in pending
+        ]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    await store.mark_published(connection, [number for number, _, _ in pending])
+    return len(pending)

@@ -40,6 +40,7 @@ from services.adapters.database import connect, migrate
 from services.adapters.kafka import ensure_topics
 from services.adapters.settings import Settings
 from services.adapters.topics import Topics
+from services.core.periods import closable_month
 from services.local.broker import EmbeddedBroker
 from services.local.postgres import EmbeddedPostgres
 from services.local.state import (
@@ -52,6 +53,8 @@ from services.local.state import (
 )
 
 RESTART_BACKOFF_MAX = 10.0
+CLOSE_EVERY_SECONDS = 3600.0
+"""How often ``billing up`` looks for a month to close (BILLING_CLOSE_GRACE)."""
 GATEWAY_HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
 
@@ -108,6 +111,8 @@ class Stack:
         self.stopping = False
         self.state: StackState | None = None
         self._lock_file: IO[str] | None = None
+        self._next_close = 0.0
+        self._closer: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -286,10 +291,35 @@ class Stack:
                 child.next_start = 0.0
                 child.start(self.env)
 
+    def close_due_month(self, now: datetime) -> None:
+        """Hourly (and at start): ``billing invoices close`` for the latest month over for
+        ``BILLING_CLOSE_GRACE``, as a child of its own (closing again issues nothing; a month
+        with usage held unpriced is refused and tried again next hour — see its log)."""
+        grace = self.settings.close_grace_delta
+        if grace is None or time.monotonic() < self._next_close:
+            return
+        if self._closer is not None and self._closer.poll() is None:
+            return  # the last one is still running
+        self._next_close = time.monotonic() + CLOSE_EVERY_SECONDS
+        month = closable_month(now, grace)
+        log = (self.logs / "invoices.log").open("ab")
+        self._closer = subprocess.Popen(  # noqa: S603 - our own executable and arguments
+            [sys.executable, "-m", "services.cli.main", "invoices", "close", "--month",
+             f"{month:%Y-%m}"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+
     def stop(self) -> None:
         if self.state is not None:  # first: no command should pick a stack that is going
             remove_state(self.data_dir, self.state.pid)
             self.state = None
+        if self._closer is not None and self._closer.poll() is None:
+            self._closer.terminate()  # a close is one transaction: nothing half-issued
+            self._closer.wait(15)
         for child in reversed(self.children):
             child.stop()
         if self.broker is not None:
@@ -370,6 +400,7 @@ def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> Non
         stack.echo("\nrunning; Ctrl-C stops everything")
         while not stack.stopping:
             stack.supervise()
+            stack.close_due_month(datetime.now(UTC))
             time.sleep(0.2)
     finally:
         stack.echo("stopping…")

@@ -20,14 +20,17 @@ from click.testing import CliRunner, Result
 from services.adapters.credits import add_grant
 from services.adapters.database import init_connection
 from services.adapters.invoices import invoice_document
+from services.adapters.kafka import ensure_topics
 from services.adapters.tenants import create_tenant
+from services.adapters.topics import Topics
 from services.cli.main import main
 from services.core.credits import grant_of
-from services.core.events import UsagePriced
+from services.core.events import InvoiceIssued, UsagePriced
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
-from services.jobs.invoicing import CloseError, close_month
+from services.jobs.invoicing import CloseError, close_month, publish_issued
 from services.projector.apply import apply_batch
+from tests.integration.test_ingest import read_all
 from tests.integration.test_projector_apply import recorded
 
 pytestmark = pytest.mark.integration
@@ -181,3 +184,27 @@ async def test_credits_are_applied_and_unpriced_usage_blocks_the_close(
     assert D(t0["amount_due"]) == (subtotal - min(subtotal, D(5))).quantize(D("0.01"))
     shown = await billing("invoices", "show", t0["number"])
     assert json.loads(shown.output)["number"] == t0["number"]
+
+
+async def test_invoice_issued_is_published_once(
+    connection: asyncpg.Connection,
+    snapshot_book: InMemoryPriceBook,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    for tenant in ("t0", "t1"):
+        await create_tenant(connection, tenant)
+    await apply_batch(connection, "projector", events(snapshot_book, 0, 20, NOV), {})
+    issued = (await close_month(connection, NOV.date(), now=AFTER_NOV)).issued
+    topics = Topics.named(topic_prefix)
+    await ensure_topics(kafka_bootstrap, topics.partitions())
+    assert await publish_issued(connection, kafka_bootstrap, topics.invoices) == 2
+    assert await publish_issued(connection, kafka_bootstrap, topics.invoices) == 0  # once
+    values = await read_all(kafka_bootstrap, topics.invoices, 2)
+    published = [InvoiceIssued.model_validate_json(v) for v in values]
+    assert sorted(e.number for e in published) == sorted(issued)
+    for event in published:
+        row = await connection.fetchrow(
+            "SELECT subtotal, amount_due FROM billing_invoices WHERE number = $1", event.number
+        )
+        assert (event.subtotal, event.amount_due) == (row["subtotal"], row["amount_due"])

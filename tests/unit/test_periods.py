@@ -55,3 +55,24 @@ def test_long_index_names_stay_distinct() -> None:
     names = {_identifier(f"{part}_{role}") for role in ("tenant_time", "tenant_model_time")}
     assert len(names) == 2 and all(len(n) <= 63 for n in names)
     assert _identifier("billing_transactions_y2027m01_pkey") == "billing_transactions_y2027m01_pkey"
+
+
+def test_grace_durations_and_the_month_they_make_closable() -> None:
+    from datetime import timedelta
+
+    import pytest
+
+    from services.core.periods import closable_month, parse_grace
+
+    assert parse_grace("72h") == timedelta(hours=72)
+    assert parse_grace("3d") == parse_grace("4320m") == timedelta(days=3)
+    assert parse_grace("0s") == timedelta(0)
+    assert parse_grace("off") is None and parse_grace(" OFF ") is None
+    for bad in ("", "72", "h", "-1h", "1.5h", "3w", "٣d"):
+        with pytest.raises(ValueError, match="a duration such as"):
+            parse_grace(bad)
+    grace = timedelta(hours=72)
+    # November ends on 1 December 00:00 UTC: closable 72 h later, not a minute before.
+    assert closable_month(datetime(2026, 12, 4, 0, 0, tzinfo=UTC), grace) == date(2026, 11, 1)
+    assert closable_month(datetime(2026, 12, 3, 23, 59, tzinfo=UTC), grace) == date(2026, 10, 1)
+    assert closable_month(datetime(2027, 1, 1, tzinfo=UTC), timedelta(0)) == date(2026, 12, 1)

@@ -11,6 +11,7 @@ def test_committed_schemas_match_the_models() -> None:
         "usage_recorded.v1.json",
         "usage_priced.v1.json",
         "quota_alert.v1.json",
+        "invoice_issued.v1.json",
     }
     for name, text in generated.items():
         path = SCHEMA_DIR / name
