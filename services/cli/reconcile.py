@@ -61,8 +61,10 @@ def reconcile_cmd(
 ) -> None:
     """Compare a UTC month's per-model totals with a provider's invoice export.
 
-    Ours: the sum of total_cost per model of billing_transactions that occurred in the month
-    (every tenant unless --tenant). Theirs: the CSV summed per model, its model names mapped
+    Ours: once the month is closed, what its issued invoices say per model plus the
+    adjustments later invoices made to it; before (or with --provider), the sum of total_cost
+    per model of billing_transactions that occurred in the month (every tenant unless
+    --tenant). The output says which. Theirs: the CSV summed per model, its model names mapped
     to ours through the price book (aliases, e.g. OpenRouter permaslugs; unknown names are
     compared as written and listed). Prints model, ours, theirs, difference and % (of
     theirs), models found on one side only, and the invoice rows ignored.
@@ -106,7 +108,7 @@ def reconcile_cmd(
         message = str(exc) if str(exc).startswith("--") else f"--tolerance-pct: {exc}"
         raise NoComparison(message) from None
     invoice = _read(invoice_path, start, end)
-    ours = _our_totals(obj, start, end, tenant, provider)
+    ours, source = _our_totals(obj, start, end, tenant, provider)
     theirs, unknown = canonical_totals(invoice.totals, _resolver(obj))
     lines = compare(ours, theirs, tolerance)
 
@@ -114,6 +116,7 @@ def reconcile_cmd(
     scope += f", provider {provider}" if provider else ", all providers"
     click.echo(f"reconcile {month} (UTC), {scope}, against {invoice_path.name}")
     click.echo(f"invoice columns ({invoice.layout.describe()})")
+    click.echo(f"ours: {source}")
     click.echo()
     _print_table(lines)
     click.echo()
@@ -153,7 +156,7 @@ def _read(path: Path, start: datetime, end: datetime) -> Invoice:
 
 def _our_totals(
     obj: Context, start: datetime, end: datetime, tenant: str | None, provider: str | None
-) -> dict[str, Decimal]:
+) -> tuple[dict[str, Decimal], str]:
     try:
         url = obj.settings.database_url
     except click.ClickException as exc:

@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -208,3 +209,40 @@ async def test_invoice_issued_is_published_once(
             "SELECT subtotal, amount_due FROM billing_invoices WHERE number = $1", event.number
         )
         assert (event.subtotal, event.amount_due) == (row["subtotal"], row["amount_due"])
+
+
+async def test_reconcile_compares_the_provider_bill_with_the_issued_invoices(
+    connection: asyncpg.Connection,
+    snapshot_book: InMemoryPriceBook,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    for tenant in ("t0", "t1"):
+        await create_tenant(connection, tenant)
+    await apply_batch(connection, "projector", events(snapshot_book, 0, 40, NOV), {})
+    await close_month(connection, NOV.date(), now=AFTER_NOV)
+    late = events(snapshot_book, 900, 3, NOV)  # after the close: an adjustment on December's
+    await apply_batch(connection, "projector", late, {})
+    await apply_batch(connection, "projector", events(snapshot_book, 700, 5, DEC), {})
+    await close_month(connection, DEC.date(), now=datetime(2027, 1, 2, tzinfo=UTC))
+    rows = await connection.fetch(
+        "SELECT model, sum(total_cost) AS total FROM billing_transactions"
+        " WHERE occurred_at < $1 GROUP BY model",
+        DEC,
+    )
+    exact = tmp_path / "provider.csv"
+    exact.write_text("model,cost\n" + "".join(f"{r['model']},{r['total']}\n" for r in rows))
+    off = tmp_path / "off.csv"
+    off.write_text("model,cost\n" + "".join(f"{r['model']},{r['total'] * 2}\n" for r in rows))
+
+    runner = CliRunner()
+
+    async def reconcile(path: Path) -> Result:
+        args = ["reconcile", "--month", "2026-11", "--invoice", str(path)]
+        env = {"BILLING_DATABASE_URL": database_url}
+        return await asyncio.to_thread(runner.invoke, main, args, env=env)
+
+    matched = await reconcile(exact)  # invoices + the adjustment December's made to November
+    assert matched.exit_code == 0, matched.output
+    assert "ours: issued invoices and their adjustments" in matched.output
+    assert (await reconcile(off)).exit_code == 1
