@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.core.events import InvoiceIssued
 from services.core.invoices import TOKEN_FIELDS, Invoice, Usage
-from services.core.money import EXACT
+from services.core.money import EXACT, fmt
 from services.core.periods import add_months
 
 if TYPE_CHECKING:
@@ -189,6 +189,8 @@ async def insert_invoice(
 async def list_invoices(
     connection: asyncpg.Connection, tenant_id: str | None, period: date | None
 ) -> list[dict[str, Any]]:
+    """The issued invoices (of a tenant, of a month) in number order, as the CLI and the API
+    list them: money as decimal strings, the amount due to the cent."""
     rows = await connection.fetch(
         "SELECT number, tenant_id, period, issued_at, subtotal, credits_applied, amount_due"
         " FROM billing_invoices WHERE ($1::text IS NULL OR tenant_id = $1)"
@@ -196,7 +198,18 @@ async def list_invoices(
         tenant_id,
         period,
     )
-    return [dict(r) for r in rows]
+    return [
+        {
+            "number": r["number"],
+            "tenant_id": r["tenant_id"],
+            "period": f"{r['period']:%Y-%m}",
+            "issued_at": r["issued_at"].isoformat().replace("+00:00", "Z"),
+            "subtotal": fmt(r["subtotal"]),
+            "credits_applied": fmt(r["credits_applied"]),
+            "amount_due": format(r["amount_due"], "f"),
+        }
+        for r in rows
+    ]
 
 
 async def invoice_document(connection: asyncpg.Connection, number: str) -> str | None:

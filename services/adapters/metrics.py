@@ -136,6 +136,12 @@ PENDING_USD = Gauge(
 LEASE_REFILLS = Counter(
     "billing_quota_lease_refills_total", "Leases of a scope's headroom taken from PostgreSQL"
 )
+LEASES_LOST = Counter(
+    "billing_quota_leases_lost_total",
+    "Leases whose row expired before this process renewed it while it still held"
+    " reservations or pending charges (it stalled longer than BILLING_LEASE_TTL_SECONDS):"
+    " meanwhile others could lease that headroom again",
+)
 CHARGES = Counter(
     "billing_quota_charges_total", "Cost deltas the quota service applied to balances"
 )

@@ -101,22 +101,9 @@ def _publish(obj: Context) -> None:
 def invoices_list(obj: Context, tenant: str | None, month_text: str | None, as_json: bool) -> None:
     """The issued invoices, in number order."""
     from services.adapters.invoices import list_invoices
-    from services.core.money import fmt
 
     month = _month(month_text)
-    rows: list[dict[str, Any]] = with_database(obj, lambda c: list_invoices(c, tenant, month))
-    shown = [
-        {
-            "number": r["number"],
-            "tenant_id": r["tenant_id"],
-            "period": f"{r['period']:%Y-%m}",
-            "issued_at": r["issued_at"].isoformat().replace("+00:00", "Z"),
-            "subtotal": fmt(r["subtotal"]),
-            "credits_applied": fmt(r["credits_applied"]),
-            "amount_due": format(r["amount_due"], "f"),
-        }
-        for r in rows
-    ]
+    shown: list[dict[str, Any]] = with_database(obj, lambda c: list_invoices(c, tenant, month))
     if as_json:
         click.echo(json.dumps(shown, indent=2))
         return

@@ -424,6 +424,14 @@ class Admission:
                     lease.valid_until = written + VALIDITY * self.settings.lease_ttl_seconds
                 elif lease.scope.key not in dropped:
                     lease.valid_until = 0.0  # expired or gone: taken again under the lock
+                    if lease.reserved or lease.pending:
+                        metrics.LEASES_LOST.inc()
+                        log.warning(
+                            "lease of %s expired while holding %s USD (this process stalled"
+                            " longer than BILLING_LEASE_TTL_SECONDS); taking it again",
+                            lease.scope.key,
+                            lease.reserved + lease.pending,
+                        )
         finally:
             for lease in held:
                 lease.writing.release()

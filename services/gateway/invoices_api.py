@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from services.adapters.invoice_documents import render_html, render_pdf
 from services.adapters.invoices import invoice_document, list_invoices
 from services.core.errors import QuoteRequestError
-from services.core.money import fmt
 from services.core.reconciliation import parse_month
 from services.gateway.auth import require_admin, require_tenant
 from services.gateway.keys import TenantKey
@@ -40,18 +39,6 @@ def _pool(resources: Resources) -> asyncpg.Pool:
     return resources.pool
 
 
-def _summary(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "number": row["number"],
-        "tenant_id": row["tenant_id"],
-        "period": f"{row['period']:%Y-%m}",
-        "issued_at": row["issued_at"].isoformat().replace("+00:00", "Z"),
-        "subtotal": fmt(row["subtotal"]),
-        "credits_applied": fmt(row["credits_applied"]),
-        "amount_due": format(row["amount_due"], "f"),
-    }
-
-
 @tenant_router.get("")
 async def own_invoices(
     resources: Deps, key: Annotated[TenantKey, Depends(require_tenant)]
@@ -59,7 +46,7 @@ async def own_invoices(
     """The calling key's tenant's issued invoices, in number order."""
     async with _pool(resources).acquire() as connection:
         rows = await list_invoices(connection, key.tenant_id, None)
-    return {"invoices": [_summary(r) for r in rows]}
+    return {"invoices": rows}
 
 
 @tenant_router.get("/{number}")
@@ -114,4 +101,4 @@ async def all_invoices(
             raise QuoteRequestError("month", str(exc).removeprefix("--month ")) from None
     async with _pool(resources).acquire() as connection:
         rows = await list_invoices(connection, tenant_id, period)
-    return {"invoices": [_summary(r) for r in rows]}
+    return {"invoices": rows}

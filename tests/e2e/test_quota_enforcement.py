@@ -38,6 +38,9 @@ MODEL = "openai/gpt-4o"  # $2.50 / M input, $10 / M output in the bundled price 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300}
 FULL = {"x-fake-completion-tokens": "300"}  # the answer uses its whole output limit
 LEASE_TTL = 3.0
+"""The spare gateway's (the one killed): short, so its headroom returns quickly. The four
+workers keep the default (15 s): a lease must outlive the longest stall of its process, and
+on 2 busy cores a burst of 200 requests stalls event loops for seconds."""
 
 
 @dataclass
@@ -64,12 +67,15 @@ class Stack:
         self.billing("credits", "add", name, credits, "--reason", "e2e")
         return key
 
-    def gateway(self, name: str, port: int, *extra: str) -> None:
-        env = self.env | {
-            "OPENROUTER_BASE_URL": f"http://127.0.0.1:{self.tap.port}/api/v1",
-            "BILLING_SPOOL_DIR": str(self.pipeline.workdir / f"spool-{name}"),
-            "BILLING_LEASE_TTL_SECONDS": str(LEASE_TTL),
-        }
+    def gateway(self, name: str, port: int, *extra: str, **settings: str) -> None:
+        env = (
+            self.env
+            | settings
+            | {
+                "OPENROUTER_BASE_URL": f"http://127.0.0.1:{self.tap.port}/api/v1",
+                "BILLING_SPOOL_DIR": str(self.pipeline.workdir / f"spool-{name}"),
+            }
+        )
         _spawn(self.pipeline, name, ["gateway", "--port", str(port), *extra], env)
         _wait_until_ok(f"http://127.0.0.1:{port}/readyz", self.pipeline, name)
 
@@ -109,7 +115,7 @@ def stack(
                 f"http://127.0.0.1:{fake_port}",
             )
             stack.gateway("gateway", port, "--workers", "4")
-            stack.gateway("spare", spare)
+            stack.gateway("spare", spare, BILLING_LEASE_TTL_SECONDS=str(LEASE_TTL))
             yield stack
         finally:
             pipeline.stop_all()
