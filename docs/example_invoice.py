@@ -58,7 +58,7 @@ def main() -> None:
         issued_at=datetime(2026, 12, 4, 0, 0, tzinfo=UTC),
         usage=[Usage(m, requests[m], tokens[m], amounts[m]) for m in sorted(amounts)],
         adjustments=[(date(2026, 10, 1), "openai/gpt-4o-mini", Decimal("0.003417"))],
-        credits_available=Decimal("10"),
+        credits=(Decimal("10"), Decimal(0)),
     )
     out = ROOT / "docs"
     pdf = out / "example-invoice.pdf"

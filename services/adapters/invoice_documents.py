@@ -262,16 +262,23 @@ COLUMNS = (
 )
 
 
+PAGES = "\x01pages\x01"
+"""Where the page count goes (fpdf2 replaces it in the whole page text at the end): control
+characters, which ``latin1`` turns into spaces in every text shown, so no tenant or model
+name can contain it (fpdf2's default, ``{nb}``, could be part of one)."""
+
+
 class _InvoicePDF(FPDF):
     def __init__(self, number: str) -> None:
         super().__init__(orientation="portrait", unit="mm", format="A4")
         self._number = number
+        self.alias_nb_pages(PAGES)
 
     def footer(self) -> None:
         self.set_y(-12)
         self.set_font("Helvetica", size=8)
         self.set_text_color(110)
-        self.cell(0, 5, f"{self._number}  -  page {self.page_no()}/{{nb}}", align=Align.C)
+        self.cell(0, 5, f"{self._number}  -  page {self.page_no()}/{PAGES}", align=Align.C)
 
 
 def render_pdf(document: Mapping[str, Any]) -> bytes:

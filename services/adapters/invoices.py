@@ -8,6 +8,7 @@ from datetime import date, datetime
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Any
 
+from services.adapters.quota import ledgers
 from services.core.events import InvoiceIssued
 from services.core.invoices import TOKEN_FIELDS, Invoice, Usage
 from services.core.money import EXACT, fmt
@@ -56,8 +57,25 @@ async def tenants_to_invoice(
     return [r["tenant_id"] for r in rows]
 
 
+async def _invoiced(
+    connection: asyncpg.Connection, tenant_id: str, months: str, period: date
+) -> dict[tuple[date, str], Decimal]:
+    """(month, model) → what the tenant's invoices have said of it so far (usage lines and
+    adjustments), for the months ``months`` ("<": before ``period``, "=": ``period``)."""
+    rows = await connection.fetch(
+        "SELECT period_of, model, sum(exact_amount) AS amount FROM billing_invoice_lines"  # noqa: S608 - fixed operator
+        f" WHERE tenant_id = $1 AND kind IN ('usage', 'adjustment') AND period_of {months} $2"
+        " GROUP BY 1, 2",
+        tenant_id,
+        period,
+    )
+    return {(r["period_of"], r["model"]): r["amount"] for r in rows}
+
+
 async def month_usage(connection: asyncpg.Connection, tenant_id: str, period: date) -> list[Usage]:
-    """The tenant's usage in ``period``, per model (from the summary: exact sums)."""
+    """The tenant's usage in ``period``, per model (from the summary: exact sums), less what
+    invoices already said of that month (nothing, unless it was swept into a later invoice
+    as an adjustment before being closed itself)."""
     rows = await connection.fetch(
         "SELECT model, sum(requests) AS requests, sum(total_cost) AS amount,"
         " sum(uncached_input_tokens) AS uncached_input_tokens,"
@@ -71,67 +89,55 @@ async def month_usage(connection: asyncpg.Connection, tenant_id: str, period: da
         period,
         add_months(period, 1),
     )
-    return [
-        Usage(
-            r["model"],
-            int(r["requests"]),
-            {name: int(r[name]) for name in TOKEN_FIELDS},
-            r["amount"],
-        )
-        for r in rows
-        if r["requests"] or r["amount"]
-    ]
+    before = await _invoiced(connection, tenant_id, "=", period)
+    usage = []
+    with localcontext(EXACT):
+        for r in rows:
+            said = before.get((period, r["model"]))
+            amount = r["amount"] - (said or Decimal(0))
+            if amount or (said is None and r["requests"]):  # (free usage is shown too, once)
+                tokens = {name: int(r[name]) for name in TOKEN_FIELDS}
+                usage.append(Usage(r["model"], int(r["requests"]), tokens, amount))
+    return usage
 
 
 async def adjustments(
     connection: asyncpg.Connection, tenant_id: str, period: date
 ) -> list[tuple[date, str, Decimal]]:
-    """(earlier invoiced month, model, its total now − what invoices said of it so far)."""
-    invoiced = await connection.fetch(
-        "SELECT l.period_of, l.model, sum(l.exact_amount) AS amount FROM billing_invoice_lines l"
-        " WHERE l.tenant_id = $1 AND l.kind IN ('usage', 'adjustment') AND l.period_of < $2"
-        " GROUP BY 1, 2",
-        tenant_id,
-        period,
-    )
-    closed = await connection.fetch(
-        "SELECT period FROM billing_invoices WHERE tenant_id = $1 AND period < $2",
-        tenant_id,
-        period,
-    )
-    months = sorted({r["period"] for r in closed})
-    if not months:
-        return []
+    """(earlier month, model, its total now − what invoices said of it so far), for every
+    earlier month with usage: late usage and re-rating of invoiced months, and the usage of
+    a month never closed for this tenant, so nothing is ever left out."""
+    invoiced = await _invoiced(connection, tenant_id, "<", period)
     now = await connection.fetch(
         "SELECT date_trunc('month', day)::date AS month, model, sum(total_cost) AS amount"
-        " FROM tenant_billing_summary WHERE tenant_id = $1 AND day >= $2 AND day < $3"
-        " GROUP BY 1, 2",
+        " FROM tenant_billing_summary WHERE tenant_id = $1 AND day < $2 GROUP BY 1, 2",
         tenant_id,
-        months[0],
         period,
     )
     change: dict[tuple[date, str], Decimal] = defaultdict(Decimal)
-    closed_months = set(months)
     with localcontext(EXACT):
         for r in now:
-            if r["month"] in closed_months:
-                change[(r["month"], r["model"])] += r["amount"]
-        for r in invoiced:
-            change[(r["period_of"], r["model"])] -= r["amount"]
+            change[(r["month"], r["model"])] += r["amount"]
+        for key, amount in invoiced.items():
+            change[key] -= amount
     return sorted((month, model, amount) for (month, model), amount in change.items() if amount)
 
 
-async def credits_available(connection: asyncpg.Connection, tenant_id: str) -> Decimal:
-    """Prepaid credit not yet applied to an invoice: grants − what expired unused − what
-    earlier invoices applied."""
-    value = await connection.fetchval(
-        "SELECT (SELECT coalesce(sum(amount), 0) FROM billing_credit_grants WHERE tenant_id = $1)"
-        " - (SELECT coalesce(sum(amount), 0) FROM billing_credit_expiries WHERE tenant_id = $1)"
-        " - (SELECT coalesce(sum(credits_applied), 0) FROM billing_invoices"
-        "    WHERE tenant_id = $1)",
-        tenant_id,
+async def credits_position(
+    connection: asyncpg.Connection, tenant_id: str
+) -> tuple[Decimal, Decimal]:
+    """(prepaid credit still to apply, credit applied so far). Still to apply: grants − what
+    expired unused (a grant past its expiry and not yet posted counts as expired in full, as
+    the ledger counts it) − what invoices applied."""
+    ledger = (await ledgers(connection, [tenant_id]))[tenant_id]
+    applied = Decimal(
+        await connection.fetchval(
+            "SELECT coalesce(sum(credits_applied), 0) FROM billing_invoices WHERE tenant_id = $1",
+            tenant_id,
+        )
     )
-    return Decimal(value)
+    with localcontext(EXACT):
+        return ledger.granted - ledger.expired - ledger.lapsed - applied, applied
 
 
 async def next_sequence(connection: asyncpg.Connection, issuer: str) -> int:

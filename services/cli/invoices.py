@@ -62,6 +62,7 @@ def invoices_close(obj: Context, month_text: str, tenant: str | None, allow_unpr
             ),
         )
     except CloseError as exc:
+        _publish(obj)  # what earlier closes issued goes out even when this one is refused
         raise click.ClickException(str(exc)) from None
     for model, count in report.unpriced.items():
         click.echo(f"warning: {count} requests of {model} still unpriced in {month_text}", err=True)

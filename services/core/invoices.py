@@ -103,10 +103,13 @@ def build_invoice(
     issued_at: datetime,
     usage: Sequence[Usage],
     adjustments: Sequence[tuple[date, str, Decimal]],
-    credits_available: Decimal,
+    credits: tuple[Decimal, Decimal] = (ZERO, ZERO),
 ) -> Invoice:
     """The invoice of ``usage`` (the month's, per model) and ``adjustments`` ((earlier month,
-    model, change since invoiced)), applying up to ``credits_available`` of prepaid credit."""
+    model, change since invoiced)), with ``credits`` = (prepaid credit still to apply, credit
+    applied by earlier invoices): up to the first pays a positive subtotal; a negative one
+    (refunds) gives back credit applied before, up to all of it, before anything is owed to
+    the tenant."""
     lines: list[Line] = []
     with localcontext(EXACT):
         for item in sorted(usage, key=lambda u: u.model):
@@ -134,16 +137,23 @@ def build_invoice(
                 )
             )
         subtotal = sum((line.exact_amount for line in lines), ZERO)
-        credits = min(max(subtotal, ZERO), max(credits_available, ZERO))
-        if credits:
-            lines.append(Line("credits", "prepaid credits applied", _shown(-credits), -credits))
-        amount_due = (subtotal - credits).quantize(CENT, context=ROUNDING)
+        available, applied_before = credits
+        if subtotal >= 0:
+            credits_applied = min(subtotal, max(available, ZERO))
+        else:  # a refund returns prepaid credit first (it was paid with it)
+            credits_applied = max(subtotal, -max(applied_before, ZERO))
+        if credits_applied:
+            what = "prepaid credits applied"
+            if credits_applied < 0:
+                what = "prepaid credits returned (a refund of usage paid with them)"
+            lines.append(Line("credits", what, _shown(-credits_applied), -credits_applied))
+        amount_due = (subtotal - credits_applied).quantize(CENT, context=ROUNDING)
         shown = sum((line.amount for line in lines), ZERO)
         if shown != amount_due:
             rounding = amount_due - shown
             lines.append(Line("rounding", "rounding", rounding, rounding))
     return Invoice(
-        number, tenant_id, period, issued_at, tuple(lines), subtotal, credits, amount_due
+        number, tenant_id, period, issued_at, tuple(lines), subtotal, credits_applied, amount_due
     )
 
 

@@ -52,9 +52,12 @@ def parse_grace(text: str) -> timedelta | None:
     if value == "off":
         return None
     number, unit = value[:-1], value[-1:]
-    if unit not in _UNITS or not number.isascii() or not number.isdigit():
+    if unit not in _UNITS or not number.isascii() or not number.isdigit() or len(number) > 9:
         raise ValueError(f"{text!r}: a duration such as 72h, 3d, 90m or 0s, or off")
-    return timedelta(seconds=int(number) * _UNITS[unit])
+    seconds = int(number) * _UNITS[unit]
+    if seconds > 3650 * 86400:
+        raise ValueError(f"{text!r}: at most ten years")
+    return timedelta(seconds=seconds)
 
 
 def closable_month(now: datetime, grace: timedelta) -> date:

@@ -75,7 +75,7 @@ async def close_month(
                 issued_at=now,
                 usage=usage,
                 adjustments=changes,
-                credits_available=await store.credits_available(connection, tenant),
+                credits=await store.credits_position(connection, tenant),
             )
             document = json.dumps(invoice.document(), indent=2, ensure_ascii=False) + "\n"
             await store.insert_invoice(connection, invoice, issuer, sequence, document)

@@ -319,7 +319,11 @@ class Stack:
             self.state = None
         if self._closer is not None and self._closer.poll() is None:
             self._closer.terminate()  # a close is one transaction: nothing half-issued
-            self._closer.wait(15)
+            try:
+                self._closer.wait(15)
+            except subprocess.TimeoutExpired:
+                self._closer.kill()
+                self._closer.wait()
         for child in reversed(self.children):
             child.stop()
         if self.broker is not None:

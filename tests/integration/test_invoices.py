@@ -246,3 +246,26 @@ async def test_reconcile_compares_the_provider_bill_with_the_issued_invoices(
     assert matched.exit_code == 0, matched.output
     assert "ours: issued invoices and their adjustments" in matched.output
     assert (await reconcile(off)).exit_code == 1
+
+
+async def test_months_never_closed_are_swept_in_and_closing_them_later_adds_nothing(
+    connection: asyncpg.Connection, snapshot_book: InMemoryPriceBook
+) -> None:
+    """Nothing is left out: October was never closed (the stack was down), so November's
+    invoice carries October's usage as adjustments naming it; closing October afterwards
+    issues nothing more. A late October event then lands on December's invoice."""
+    for tenant in ("t0", "t1"):
+        await create_tenant(connection, tenant)
+    october = datetime(2026, 10, 1, tzinfo=UTC)
+    await apply_batch(connection, "projector", events(snapshot_book, 0, 20, october), {})
+    await apply_batch(connection, "projector", events(snapshot_book, 100, 20, NOV), {})
+    await close_month(connection, NOV.date(), now=AFTER_NOV)
+    for number in await connection.fetch("SELECT number FROM billing_invoices"):
+        document = json.loads(await invoice_document(connection, number[0]) or "")
+        assert {line.get("period") for line in document["lines"]} >= {"2026-10", "2026-11"}
+    assert (await close_month(connection, october.date(), now=AFTER_NOV)).issued == []
+    await apply_batch(connection, "projector", events(snapshot_book, 900, 2, october), {})
+    await close_month(connection, DEC.date(), now=datetime(2027, 1, 2, tzinfo=UTC))
+    invoiced = await connection.fetchval("SELECT sum(subtotal) FROM billing_invoices")
+    current = await connection.fetchval("SELECT sum(total_cost) FROM billing_transactions")
+    assert Decimal(invoiced) == Decimal(current)  # conservation, exactly

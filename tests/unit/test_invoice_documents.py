@@ -40,7 +40,7 @@ def document(tenant: str = "acme", model: str = "openai/gpt-4o") -> dict[str, An
             Usage("anthropic/claude-sonnet-4.5", 10, {"completion_tokens": 7}, D("0.000123")),
         ],
         adjustments=[(date(2026, 10, 1), model, D("-0.5000000004"))],
-        credits_available=D("5"),
+        credits=(D("5"), D(0)),
     )
     doc = invoice.document()
     # The stored document is JSON text: render what reading it back gives.

@@ -36,7 +36,7 @@ def test_lines_add_up_to_the_amount_due_and_the_subtotal_is_exact(
         issued_at=datetime(2026, 12, 4, tzinfo=UTC),
         usage=[Usage(m, 1, {}, a) for m, a in models.items()],
         adjustments=[(date(2026, 10, 1), f"m{i}", a) for i, a in enumerate(changes)],
-        credits_available=credits,
+        credits=(credits, D(0)),
     )
     exact = sum(models.values(), D(0)) + sum(changes, D(0))
     assert invoice.subtotal == exact
@@ -58,8 +58,29 @@ def test_half_even_to_the_cent() -> None:
         issued_at=datetime(2026, 12, 4, tzinfo=UTC),
         usage=[Usage("m", 3, {}, D("0.125"))],
         adjustments=[],
-        credits_available=D(0),
+        credits=(D(0), D(0)),
     )
     assert invoice.amount_due == D("0.12") and invoice.document()["amount_due"] == "0.12"
     assert [line.kind for line in invoice.lines] == ["usage", "rounding"]
     assert invoice.lines[1].amount == D("-0.005")
+
+
+def test_a_refund_returns_the_prepaid_credit_that_paid_for_it_before_anything_is_owed() -> None:
+    def invoice(change: str, available: str, applied: str) -> tuple[Decimal, Decimal]:
+        built = build_invoice(
+            number="n",
+            tenant_id="acme",
+            period=NOV,
+            issued_at=datetime(2026, 12, 4, tzinfo=UTC),
+            usage=[],
+            adjustments=[(date(2026, 10, 1), "m", D(change))],
+            credits=(D(available), D(applied)),
+        )
+        assert sum((line.amount for line in built.lines), D(0)) == built.amount_due
+        return built.credits_applied, built.amount_due
+
+    # October (100, paid with credit) re-rated to 40: the 60 goes back to the credit.
+    assert invoice("-60", "0", "100") == (D(-60), D("0.00"))
+    # Only 25 of credit was ever applied: 25 goes back, 35 is owed to the tenant.
+    assert invoice("-60", "0", "25") == (D(-25), D("-35.00"))
+    assert invoice("-60", "0", "0") == (D(0), D("-60.00"))  # postpaid: a credit note
