@@ -107,6 +107,12 @@ async def connection_to(
         await connection.close()
 
 
+async def lock_named(connection: asyncpg.Connection, name: str) -> None:
+    """Take the transaction-scoped advisory lock called ``name`` (released at commit or
+    rollback): one holder of a name at a time across every process on the database."""
+    await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", name)
+
+
 async def init_connection(connection: asyncpg.Connection) -> None:
     """Per-connection codecs: jsonb as Python objects (used for ``metadata`` and prices)."""
     # Binary format (a version byte, then the text), so COPY can write jsonb columns too.

@@ -8,6 +8,7 @@ from datetime import date, datetime
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Any
 
+from services.adapters.database import lock_named
 from services.adapters.quota import ledgers
 from services.core.events import InvoiceIssued
 from services.core.invoices import TOKEN_FIELDS, Invoice, Usage
@@ -22,7 +23,7 @@ CLOSE_LOCK = "billing-invoices-close"
 
 
 async def lock_closing(connection: asyncpg.Connection) -> None:
-    await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", CLOSE_LOCK)
+    await lock_named(connection, CLOSE_LOCK)
 
 
 async def unpriced_models(
@@ -58,16 +59,16 @@ async def tenants_to_invoice(
 
 
 async def _invoiced(
-    connection: asyncpg.Connection, tenant_id: str, months: str, period: date
+    connection: asyncpg.Connection, tenant_id: str, through: date
 ) -> dict[tuple[date, str], Decimal]:
     """(month, model) → what the tenant's invoices have said of it so far (usage lines and
-    adjustments), for the months ``months`` ("<": before ``period``, "=": ``period``)."""
+    adjustments), for the months up to ``through``."""
     rows = await connection.fetch(
-        "SELECT period_of, model, sum(exact_amount) AS amount FROM billing_invoice_lines"  # noqa: S608 - fixed operator
-        f" WHERE tenant_id = $1 AND kind IN ('usage', 'adjustment') AND period_of {months} $2"
+        "SELECT period_of, model, sum(exact_amount) AS amount FROM billing_invoice_lines"
+        " WHERE tenant_id = $1 AND kind IN ('usage', 'adjustment') AND period_of <= $2"
         " GROUP BY 1, 2",
         tenant_id,
-        period,
+        through,
     )
     return {(r["period_of"], r["model"]): r["amount"] for r in rows}
 
@@ -89,7 +90,7 @@ async def month_usage(connection: asyncpg.Connection, tenant_id: str, period: da
         period,
         add_months(period, 1),
     )
-    before = await _invoiced(connection, tenant_id, "=", period)
+    before = await _invoiced(connection, tenant_id, period)
     usage = []
     with localcontext(EXACT):
         for r in rows:
@@ -107,7 +108,7 @@ async def adjustments(
     """(earlier month, model, its total now − what invoices said of it so far), for every
     earlier month with usage: late usage and re-rating of invoiced months, and the usage of
     a month never closed for this tenant, so nothing is ever left out."""
-    invoiced = await _invoiced(connection, tenant_id, "<", period)
+    invoiced = await _invoiced(connection, tenant_id, add_months(period, -1))
     now = await connection.fetch(
         "SELECT date_trunc('month', day)::date AS month, model, sum(total_cost) AS amount"
         " FROM tenant_billing_summary WHERE tenant_id = $1 AND day < $2 GROUP BY 1, 2",

@@ -133,6 +133,13 @@ PENDING_USD = Gauge(
     "USD this gateway process holds for answered requests not yet charged (approximate)",
     multiprocess_mode="livesum",
 )
+
+
+def add_usd(gauge: Gauge, amount: Decimal) -> None:
+    """Move a USD gauge by ``amount`` (float only here: a metric approximates, never money)."""
+    gauge.inc(float(amount))
+
+
 LEASE_REFILLS = Counter(
     "billing_quota_lease_refills_total", "Leases of a scope's headroom taken from PostgreSQL"
 )

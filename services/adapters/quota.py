@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from services.adapters.database import lock_named
 from services.adapters.offsets import Offsets, lock_offsets, store_offsets
 from services.adapters.tenants import tenant_exists
 from services.core.events import Position, QuotaAlert, UsagePriced
@@ -140,10 +141,7 @@ async def _move_spend(
     tenants = sorted({k[0] for k in keys})
     now = datetime.now(UTC)
     alerts: list[QuotaAlert] = []
-    budgets = {
-        (b.tenant_id, b.api_key_id): b
-        for b in await _budgets(connection, "tenant_id = ANY($1::text[])", tenants)
-    }
+    budgets = {(b.tenant_id, b.api_key_id): b for b in await _budgets(connection, tenants)}
     for row in rows:
         budget = budgets.get((row["tenant_id"], row["api_key_id"]))
         if budget is None:
@@ -208,9 +206,7 @@ async def post_expiries(connection: asyncpg.Connection, now: datetime) -> int:
     for grant in due:
         async with connection.transaction():
             tenant_id, at = grant["tenant_id"], grant["expires_at"]
-            await connection.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"expiry/{tenant_id}"
-            )
+            await lock_named(connection, f"expiry/{tenant_id}")
             then = await connection.fetchrow(
                 "SELECT"
                 " (SELECT coalesce(sum(amount), 0) FROM billing_credit_grants"
@@ -362,11 +358,11 @@ async def ledgers(connection: asyncpg.Connection, tenant_ids: Iterable[str]) -> 
     }
 
 
-async def _budgets(connection: asyncpg.Connection, where: str, *args: Any) -> list[Budget]:
+async def _budgets(connection: asyncpg.Connection, tenant_ids: Sequence[str]) -> list[Budget]:
     rows = await connection.fetch(
-        "SELECT tenant_id, api_key_id, monthly_limit, hard, alerts FROM billing_budgets"  # noqa: S608 - fixed clauses only
-        f" WHERE {where} ORDER BY tenant_id, api_key_id",
-        *args,
+        "SELECT tenant_id, api_key_id, monthly_limit, hard, alerts FROM billing_budgets"
+        " WHERE tenant_id = ANY($1::text[]) ORDER BY tenant_id, api_key_id",
+        list(tenant_ids),
     )
     return [
         Budget(r["tenant_id"], r["api_key_id"], r["monthly_limit"], r["hard"], tuple(r["alerts"]))
@@ -376,7 +372,7 @@ async def _budgets(connection: asyncpg.Connection, where: str, *args: Any) -> li
 
 async def budgets_of(connection: asyncpg.Connection, tenant_id: str) -> list[Budget]:
     """The tenant's budgets: its own (``api_key_id`` '') first, then its keys'."""
-    return await _budgets(connection, "tenant_id = $1", tenant_id)
+    return await _budgets(connection, [tenant_id])
 
 
 class BudgetTargetError(LookupError):
@@ -504,7 +500,7 @@ async def refill(
     same scope are serialised: the sum of the live leases never exceeds the cap.
     """
     async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", scope.key)
+        await lock_named(connection, scope.key)
         cap = await _cap(connection, scope)
         if cap is None:
             available = None

@@ -40,7 +40,6 @@ from services.adapters.consuming import RETRYABLE
 from services.adapters.pricing_cache import PricingCache
 from services.adapters.quota import Policy, policy, refill, release_all, renew, settled
 from services.adapters.settings import Settings
-from services.core.cost import compute_cost
 from services.core.errors import BillingError
 from services.core.money import EXACT
 from services.core.periods import month_of
@@ -52,6 +51,7 @@ from services.core.quota import (
     reserved_prompt_tokens,
     worst_case_cost,
 )
+from services.core.rating import price
 from services.core.usage import Usage
 from services.gateway.capture import Billed, Call
 
@@ -207,7 +207,7 @@ class Admission:
                 if lease.refilling is None and lease.free < max(lease.rate, lease.recent) * 2:
                     self._refill_ahead(lease)
         metrics.RESERVATIONS.labels("made").inc()
-        metrics.RESERVED_USD.inc(float(amount))
+        metrics.add_usd(metrics.RESERVED_USD, amount)
         return Reservation(call.request_id, call.model, call.started, amount, leases)
 
     def finish(self, reservation: Reservation | None, billed: Billed) -> None:
@@ -215,7 +215,7 @@ class Admission:
         if reservation is None or reservation.done:
             return
         reservation.done = True
-        metrics.RESERVED_USD.dec(float(reservation.amount))
+        metrics.add_usd(metrics.RESERVED_USD, -reservation.amount)
         with localcontext(EXACT):
             for lease in reservation.leases:
                 lease.reserved -= reservation.amount
@@ -228,13 +228,12 @@ class Admission:
             # this process's prices (a newer price), and the difference must stay held.
             cost = reservation.amount
             if billed.event is not None:
-                usage = Usage(**billed.event.usage.model_dump())
-                cost = max(cost, self._cost(reservation, usage))
+                cost = max(cost, self._cost(reservation, billed.event.usage.to_usage()))
             for lease in reservation.leases:
                 lease.pending += cost
                 lease.amount = max(lease.amount, lease.reserved + lease.pending)
         self._pending[reservation.request_id] = _Pending(time.monotonic(), cost, reservation.leases)
-        metrics.PENDING_USD.inc(float(cost))
+        metrics.add_usd(metrics.PENDING_USD, cost)
 
     def worst_case(self, call: Call) -> Decimal:
         try:
@@ -249,9 +248,8 @@ class Admission:
         return worst_case_cost(version.pricing, prompt, output, call.started)
 
     def _cost(self, reservation: Reservation, usage: Usage) -> Decimal:
-        try:
-            pricing = self.prices.lookup(reservation.model).pricing
-            return compute_cost(usage, pricing, at=reservation.at).total_cost
+        try:  # as the pricer will: the price in effect when the request started
+            return price(self.prices, reservation.model, usage, reservation.at)[1].total_cost
         except BillingError:
             return reservation.amount
 
@@ -458,7 +456,7 @@ class Admission:
                 for lease in entry.leases:
                     lease.pending -= entry.amount
                     lease.amount -= entry.amount
-                metrics.PENDING_USD.dec(float(entry.amount))
+                metrics.add_usd(metrics.PENDING_USD, -entry.amount)
                 outcome = "settled" if request_id in charged else "expired"
                 metrics.RESERVATIONS.labels(outcome).inc()
 

@@ -35,9 +35,7 @@ async def add_credit(request: Request, resources: Deps) -> Any:
         body.get("expires_at"),
         now=datetime.now(UTC),
     )
-    if resources.pool is None:
-        raise HTTPException(503, "no database is configured")
-    async with resources.pool.acquire() as connection:
+    async with resources.database().acquire() as connection:
         try:
             recorded, new = await add_grant(connection, grant)
         except LedgerError as exc:

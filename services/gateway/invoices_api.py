@@ -23,10 +23,10 @@ from services.core.errors import QuoteRequestError
 from services.core.reconciliation import parse_month
 from services.gateway.auth import require_admin, require_tenant
 from services.gateway.keys import TenantKey
-from services.gateway.resources import Deps, Resources
+from services.gateway.resources import Deps
 
 if TYPE_CHECKING:
-    import asyncpg
+    pass
 
 tenant_router = APIRouter(prefix="/v1/billing/invoices")
 admin_router = APIRouter(prefix="/internal/billing/invoices", dependencies=[Depends(require_admin)])
@@ -34,18 +34,12 @@ admin_router = APIRouter(prefix="/internal/billing/invoices", dependencies=[Depe
 FORMATS = {"json": "application/json", "html": "text/html; charset=utf-8", "pdf": "application/pdf"}
 
 
-def _pool(resources: Resources) -> asyncpg.Pool:
-    if resources.pool is None:
-        raise HTTPException(503, "no database is configured (set BILLING_DATABASE_URL)")
-    return resources.pool
-
-
 @tenant_router.get("")
 async def own_invoices(
     resources: Deps, key: Annotated[TenantKey, Depends(require_tenant)]
 ) -> dict[str, Any]:
     """The calling key's tenant's issued invoices, in number order."""
-    async with _pool(resources).acquire() as connection:
+    async with resources.database().acquire() as connection:
         rows = await list_invoices(connection, key.tenant_id, None)
     return {"invoices": rows}
 
@@ -59,7 +53,7 @@ async def own_invoice(
 ) -> Response:
     """One of the tenant's invoices as JSON, HTML or PDF (see the module docstring)."""
     number, form = _format(number, request.headers.get("accept", ""))
-    async with _pool(resources).acquire() as connection:
+    async with resources.database().acquire() as connection:
         document = await invoice_document(connection, number)
     if document is None:
         raise HTTPException(404, f"no invoice {number!r}")
@@ -100,6 +94,6 @@ async def all_invoices(
             period = parse_month(month)[0].date()
         except ValueError as exc:
             raise QuoteRequestError("month", str(exc).removeprefix("--month ")) from None
-    async with _pool(resources).acquire() as connection:
+    async with resources.database().acquire() as connection:
         rows = await list_invoices(connection, tenant_id, period)
     return {"invoices": rows}

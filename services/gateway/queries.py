@@ -35,10 +35,7 @@ TRANSACTION_FIELDS = ", ".join(
 
 
 def _pool(request: Request) -> asyncpg.Pool:
-    pool = resources_of(request).pool
-    if pool is None:
-        raise HTTPException(503, "no database is configured (set BILLING_DATABASE_URL)")
-    return pool
+    return resources_of(request).database()
 
 
 def _json_row(record: asyncpg.Record) -> dict[str, Any]:

@@ -43,12 +43,6 @@ router = APIRouter(prefix="/internal/billing/budgets", dependencies=[Depends(req
 tenant_router = APIRouter(prefix="/v1/billing")
 
 
-def _pool(resources: Resources) -> asyncpg.Pool:
-    if resources.pool is None:
-        raise HTTPException(503, "no database is configured (set BILLING_DATABASE_URL)")
-    return resources.pool
-
-
 def _tenant(tenant_id: str) -> str:
     """PostgreSQL text cannot hold NUL: say so rather than fail inside the query."""
     if "\x00" in tenant_id:
@@ -65,7 +59,7 @@ async def _put(request: Request, resources: Resources, tenant_id: str, key_id: s
         hard=body.get("hard", True),
         alerts=body.get("alerts"),
     )
-    async with _pool(resources).acquire() as connection:
+    async with resources.database().acquire() as connection:
         try:
             await set_budget(connection, budget)
         except BudgetTargetError as exc:
@@ -90,7 +84,7 @@ async def put_key_budget(request: Request, resources: Deps, tenant_id: str, key_
 @router.get("/{tenant_id}")
 async def list_budgets(resources: Deps, tenant_id: str) -> dict[str, Any]:
     """The tenant's budgets: its own first (``api_key_id`` null), then its keys'."""
-    async with _pool(resources).acquire() as connection:
+    async with resources.database().acquire() as connection:
         if not await tenant_exists(connection, _tenant(tenant_id)):
             raise HTTPException(404, f"no tenant {tenant_id!r}")
         budgets = await budgets_of(connection, tenant_id)
@@ -132,7 +126,7 @@ async def own_balance(
 ) -> dict[str, Any]:
     """The calling key's tenant's balance and budgets (see ``core.balances.balance_view``);
     ``key_budget`` is the calling key's own budget, if it has one."""
-    async with _pool(resources).acquire() as connection:
+    async with resources.database().acquire() as connection:
         return await read_balance(
             connection,
             key.tenant_id,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 
 from services.adapters.database import create_pool
 from services.adapters.kafka import make_producer
@@ -71,6 +71,12 @@ class Resources:
     @property
     def broker_configured(self) -> bool:
         return bool(self.settings.kafka_bootstrap)
+
+    def database(self) -> asyncpg.Pool:
+        """The database pool, or 503 for a route that needs one when none is configured."""
+        if self.pool is None:
+            raise HTTPException(503, "no database is configured (set BILLING_DATABASE_URL)")
+        return self.pool
 
     @classmethod
     @asynccontextmanager
