@@ -4,7 +4,9 @@
 ``TRANSACTION_COLUMNS`` order, as :func:`transaction_row` builds it from a ``UsagePriced``;
 ``tenant_billing_summary`` holds ``SUMMARY_VALUES`` per ``SUMMARY_KEY`` (tenant × UTC day
 of ``occurred_at`` × model × api key or ''), the sum of the rows :func:`summary_key` puts
-there; ``billing_adjustments`` holds one ``ADJUSTMENT_COLUMNS`` row per re-rating.
+there; ``billing_spend_minutes`` holds ``requests`` and ``total_cost`` per tenant × UTC minute
+(:func:`minute_key`); ``billing_adjustments`` holds one ``ADJUSTMENT_COLUMNS`` row per
+re-rating.
 
 Pure code (the tables' shape, not their I/O): no database client and no pydantic is
 imported, so the CLI can load it at start-up.
@@ -67,12 +69,17 @@ ADJUSTMENT_COLUMNS: Final = (
 
 SummaryKey = tuple[str, date, str, str]
 """A ``SUMMARY_KEY`` value: (tenant, UTC day, model, api key or '')."""
+MinuteKey = tuple[str, datetime]
+"""A ``billing_spend_minutes`` key: (tenant, UTC minute)."""
+MINUTES_KEPT_DAYS: Final = 35
+"""How long ``billing_spend_minutes`` keeps a minute (the dashboard shows at most 30 days)."""
 
 _FIRST_VALUE = TRANSACTION_COLUMNS.index(SUMMARY_VALUES[0])
 SUMMARY_VALUE_SLICE: Final = slice(_FIRST_VALUE, _FIRST_VALUE + len(SUMMARY_VALUES))
 """Where a transaction row's ``SUMMARY_VALUES`` are: ``row[SUMMARY_VALUE_SLICE]``."""
-_TENANT, _API_KEY, _MODEL, _OCCURRED_AT = (
-    TRANSACTION_COLUMNS.index(c) for c in ("tenant_id", "api_key_id", "model", "occurred_at")
+_TENANT, _API_KEY, _MODEL, _OCCURRED_AT, _TOTAL = (
+    TRANSACTION_COLUMNS.index(c)
+    for c in ("tenant_id", "api_key_id", "model", "occurred_at", "total_cost")
 )
 
 
@@ -116,3 +123,14 @@ def summary_key(row: Sequence[Any]) -> SummaryKey:
     """The ``SUMMARY_KEY`` of a ``TRANSACTION_COLUMNS`` row (a tuple or a fetched record)."""
     occurred_at: datetime = row[_OCCURRED_AT]
     return (row[_TENANT], occurred_at.astimezone(UTC).date(), row[_MODEL], row[_API_KEY] or "")
+
+
+def minute_key(row: Sequence[Any]) -> MinuteKey:
+    """The ``billing_spend_minutes`` key of a ``TRANSACTION_COLUMNS`` row."""
+    occurred_at: datetime = row[_OCCURRED_AT]
+    return row[_TENANT], occurred_at.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+def total_of(row: Sequence[Any]) -> Any:
+    """The ``total_cost`` of a ``TRANSACTION_COLUMNS`` row."""
+    return row[_TOTAL]

@@ -59,6 +59,7 @@ from services.adapters.readmodels import (
     SUMMARY_VALUES,
     TRANSACTION_COLUMNS,
 )
+from services.adapters.spend_minutes import rederive_minutes
 from services.jobs.rebuild_reader import STAGING, LogReader, Progress, topic_partitions
 from services.jobs.rebuild_tables import (
     LIVE,
@@ -260,6 +261,7 @@ async def _swap_transaction(
         await connection.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         report.kept = await swap(connection, keep_old, stamp)
+        await rederive_minutes(connection, datetime.now(UTC))
         swapped = True
     except asyncpg.LockNotAvailableError as exc:
         raise RebuildError(

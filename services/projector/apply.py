@@ -32,6 +32,7 @@ from services.adapters.readmodels import (
     TRANSACTION_COLUMNS,
     SummaryKey,
 )
+from services.adapters.spend_minutes import add_minutes
 from services.core.events import Position, UsagePriced
 from services.core.periods import months_of
 from services.projector.plan import Row, plan
@@ -82,6 +83,8 @@ async def apply_batch(
             await _upsert_transactions(connection, batch.rows)
         if batch.deltas:
             await _apply_summary(connection, batch.deltas)
+        if batch.minutes:
+            await add_minutes(connection, batch.minutes)
         if batch.adjustments:
             await connection.copy_records_to_table(
                 "billing_adjustments", records=batch.adjustments, columns=ADJUSTMENT_COLUMNS
@@ -154,3 +157,4 @@ async def _apply_summary(
         f" ON CONFLICT (tenant_id, day, model, api_key_id) DO UPDATE SET {increments},"
         " updated_at = now()"
     )
+

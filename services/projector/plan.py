@@ -5,7 +5,8 @@ Against the stored row of that request: none → the row is inserted; a lower re
 row is replaced and the re-rating booked as an adjustment; an equal or higher revision →
 a duplicate or a stale revision, which changes nothing. The summary moves by exactly the
 applied differences: + the new row's values at its key, − the replaced row's at its own
-(a revision can move a request to another day, model or key). Money is summed in the
+(a revision can move a request to another day, model or key); the minutes of
+``billing_spend_minutes`` move the same way (one request and its total). Money is summed in the
 exact context, so a summary stays the exact sum of its transactions.
 
 A revision whose ``occurred_at`` differs from the stored row's lands in another partition
@@ -24,7 +25,9 @@ from services.adapters.readmodels import (
     COUNT_COLUMNS,
     SUMMARY_VALUE_SLICE,
     TRANSACTION_COLUMNS,
+    MinuteKey,
     SummaryKey,
+    minute_key,
     summary_key,
     transaction_row,
 )
@@ -49,6 +52,8 @@ class Plan:
     """``TRANSACTION_COLUMNS`` rows to upsert, at most one per request."""
     deltas: dict[SummaryKey, tuple[Any, ...]]
     """``SUMMARY_KEY`` → increments of ``SUMMARY_VALUES`` (counts int, money exact)."""
+    minutes: dict[MinuteKey, tuple[int, Decimal]]
+    """(tenant, UTC minute) → increments of (requests, total_cost)."""
     adjustments: list[tuple[Any, ...]]
     """``ADJUSTMENT_COLUMNS`` rows, one per replaced row."""
     inserted: int
@@ -78,6 +83,7 @@ def plan(existing: Mapping[str, Row], events: Iterable[UsagePriced]) -> Plan:
     events = list(events)
     rows: list[tuple[Any, ...]] = []
     deltas: dict[SummaryKey, list[Any]] = {}
+    minutes: dict[MinuteKey, tuple[int, Decimal]] = {}
     adjustments: list[tuple[Any, ...]] = []
     drifts: list[Decimal] = []
     moved: list[tuple[str, Any]] = []
@@ -89,11 +95,13 @@ def plan(existing: Mapping[str, Row], events: Iterable[UsagePriced]) -> Plan:
             row = transaction_row(event)
             rows.append(row)
             _add(deltas, summary_key(row), row[SUMMARY_VALUE_SLICE], +1)
+            _count(minutes, minute_key(row), 1, row[_TOTAL])
             if old is None:
                 if (charge := row[_REPORTED]) is not None:
                     drifts.append(abs(difference(row[_TOTAL], charge)))
                 continue
             _add(deltas, summary_key(old), old[SUMMARY_VALUE_SLICE], -1)
+            _count(minutes, minute_key(old), -1, -old[_TOTAL])
             if old[_OCCURRED_AT] != row[_OCCURRED_AT]:
                 moved.append((event.request_id, old[_OCCURRED_AT]))
             adjustments.append(
@@ -112,6 +120,7 @@ def plan(existing: Mapping[str, Row], events: Iterable[UsagePriced]) -> Plan:
     return Plan(
         rows=rows,
         deltas={key: tuple(values) for key, values in deltas.items()},
+        minutes=minutes,
         adjustments=adjustments,
         inserted=len(rows) - len(adjustments),
         revised=len(adjustments),
@@ -132,3 +141,11 @@ def _add(deltas: dict[SummaryKey, list[Any]], key: SummaryKey, values: Row, sign
     else:
         for index, value in enumerate(values):
             current[index] -= value
+
+
+def _count(
+    minutes: dict[MinuteKey, tuple[int, Decimal]], key: MinuteKey, requests: int, cost: Decimal
+) -> None:
+    """Add one request (or take one away) and its cost at a minute; in the exact context."""
+    held = minutes.get(key)
+    minutes[key] = (requests, cost) if held is None else (held[0] + requests, held[1] + cost)

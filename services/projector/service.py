@@ -37,6 +37,7 @@ from services.adapters.partitions import (
     retire,
 )
 from services.adapters.readmodels import PROJECTOR_CONSUMER
+from services.adapters.spend_minutes import prune_minutes
 from services.adapters.topics import Topics
 from services.projector.apply import BatchResult, apply_batch
 
@@ -100,11 +101,13 @@ class Projector:
             await pool.close()
 
     async def _maintain(self, pool: asyncpg.Pool) -> None:
-        """Partitions ahead, old months retired; a failure is logged and tried next time."""
+        """Partitions ahead, old months retired, old minutes dropped; a failure is logged
+        and tried next time."""
         now = datetime.now(UTC)
         try:
             async with pool.acquire() as connection:
                 await create_partitions(connection, months_ahead(now))
+                await prune_minutes(connection, now)
                 if self.retention_months is not None:
                     cutoff = retention_cutoff(now, self.retention_months)
                     await retire(connection, cutoff, self.retention_action)

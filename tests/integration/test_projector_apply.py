@@ -59,6 +59,16 @@ async def fold(connection: asyncpg.Connection) -> dict[str, Decimal]:
         " FROM tenant_billing_summary GROUP BY tenant_id ORDER BY tenant_id"
     )
     assert [tuple(r) for r in from_rows] == [tuple(r) for r in from_summary]
+    # The dashboard's minutes too: requests and spend per tenant and UTC minute.
+    by_minute = await connection.fetch(
+        "SELECT tenant_id, date_trunc('minute', occurred_at, 'UTC') AS m, count(*) AS r,"
+        " sum(total_cost) AS t FROM billing_transactions GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    minutes = await connection.fetch(
+        "SELECT tenant_id, minute AS m, requests AS r, total_cost AS t"
+        " FROM billing_spend_minutes WHERE requests <> 0 OR total_cost <> 0 ORDER BY 1, 2"
+    )
+    assert [tuple(r) for r in by_minute] == [tuple(r) for r in minutes]
     return {r["tenant_id"]: r["t"] for r in from_rows}
 
 
