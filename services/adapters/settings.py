@@ -134,6 +134,16 @@ class Settings(BaseSettings):
     invoice_issuer: str = Field(default="INV", pattern=r"^[A-Z0-9][A-Z0-9-]{0,15}$")
     """The invoice numbers' prefix (``INV-2026-11-000042``); numbers are gapless per issuer."""
 
+    session_secret: SecretStr | None = None
+    """Signs the dashboard's session cookies. Unset: ``billing gateway`` makes one per start
+    and hands it to its workers (sessions then end when the gateway restarts); set it to
+    keep sessions across restarts and to share them between gateway hosts."""
+    session_hours: float = Field(default=8.0, gt=0, le=24 * 30)
+    """How long a dashboard sign-in lasts."""
+    pipeline_metrics: str = ""
+    """The pipeline services' Prometheus endpoints for the dashboard's operator view, as
+    ``name=url`` pairs separated by commas (``billing up`` sets them for its services)."""
+
     @field_validator("close_grace")
     @classmethod
     def _grace(cls, value: str) -> str:
@@ -154,6 +164,21 @@ class Settings(BaseSettings):
                 "BILLING_ADMIN_TOKEN must be set to a real secret outside development"
             )
         return self
+
+    @field_validator("pipeline_metrics")
+    @classmethod
+    def _pipeline_metrics(cls, value: str) -> str:
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            name, _, url = pair.partition("=")
+            if not name.strip() or not url.strip().startswith(("http://", "https://")):
+                raise ValueError(f"{pair!r} is not name=http(s)://host:port/metrics")
+        return value
+
+    @property
+    def pipeline_endpoints(self) -> list[tuple[str, str]]:
+        """(service name, metrics URL) of ``pipeline_metrics``."""
+        pairs = (p.strip().partition("=") for p in self.pipeline_metrics.split(",") if p.strip())
+        return [(name.strip(), url.strip()) for name, _, url in pairs]
 
     @property
     def price_book_path(self) -> Path:

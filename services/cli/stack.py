@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,10 +43,12 @@ def up_cmd(obj: Context, port: int, with_demo: bool) -> None:
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     after = None
     if with_demo:
-        from services.local.demo_pipeline import run_demo
+        from services.local.demo_pipeline import print_dashboard, run_demo
 
         def after(stack: Stack) -> None:
             run_demo(stack.url, token, should_stop=lambda: stack.stopping)
+            if stack.state is not None and not stack.stopping:
+                print_dashboard(stack.url, stack.state.database_url, token, click.echo)
 
     run(Stack(settings, port, click.echo), after)
 
@@ -133,6 +136,8 @@ def _worker_environment(settings: Settings, workers: int) -> dict[str, str]:
         values["BILLING_DATABASE_URL"] = settings.database_url
     if settings.kafka_bootstrap:
         values["BILLING_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+    if settings.session_secret is None:  # one secret for every worker's session cookies
+        values["BILLING_SESSION_SECRET"] = secrets.token_urlsafe(32)
     return values
 
 

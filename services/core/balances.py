@@ -60,8 +60,8 @@ def balance_view(
     held: Mapping[str, Holding],
     key_id: str = "",
 ) -> dict[str, Any]:
-    """The balance answer: ``{currency, balance, reserved, pending, available, budget,
-    key_budget}``.
+    """The balance answer: ``{currency, prepaid, balance, reserved, pending, available, budget,
+    key_budget}`` (``prepaid``: whether the balance limits the tenant's requests).
 
     ``balance`` is grants − expired − charged, exactly. ``reserved`` and ``pending`` are
     what live leases hold against the tenant's balance when it is ``prepaid``, else against
@@ -79,6 +79,7 @@ def balance_view(
     by_key = {b.api_key_id: b for b in budgets if b.tenant_id == tenant_id}
     return {
         "currency": CURRENCY,
+        "prepaid": prepaid,
         "balance": fmt(balance),
         "reserved": fmt(reserved),
         "pending": fmt(pending),

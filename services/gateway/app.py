@@ -25,6 +25,7 @@ from services.gateway import (
     queries,
     quota_api,
 )
+from services.gateway.dashboard import routes as dashboard
 from services.gateway.resources import Resources
 from services.gateway.responses import ORJSONResponse
 
@@ -40,6 +41,7 @@ ROUTERS = (
     quota_api.tenant_router,
     invoices_api.tenant_router,
     invoices_api.admin_router,
+    dashboard.router,
 )
 
 
@@ -91,6 +93,7 @@ def create_app(
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
+    app.mount("/dashboard/static", dashboard.static_files(), name="dashboard-static")
     _document_proxy_routes(app)
     return app
 

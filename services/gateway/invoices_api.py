@@ -11,7 +11,7 @@ not exist: a key learns nothing of other tenants' numbers.
 from __future__ import annotations
 
 from datetime import date
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -23,10 +23,7 @@ from services.core.errors import QuoteRequestError
 from services.core.reconciliation import parse_month
 from services.gateway.auth import require_admin, require_tenant
 from services.gateway.keys import TenantKey
-from services.gateway.resources import Deps
-
-if TYPE_CHECKING:
-    pass
+from services.gateway.resources import Deps, Resources
 
 tenant_router = APIRouter(prefix="/v1/billing/invoices")
 admin_router = APIRouter(prefix="/internal/billing/invoices", dependencies=[Depends(require_admin)])
@@ -52,13 +49,21 @@ async def own_invoice(
     number: str,
 ) -> Response:
     """One of the tenant's invoices as JSON, HTML or PDF (see the module docstring)."""
+    return await invoice_response(request, resources, key.tenant_id, number)
+
+
+async def invoice_response(
+    request: Request, resources: Resources, tenant_id: str, number: str
+) -> Response:
+    """Invoice ``number`` (with its format suffix, or by ``Accept``) if it is ``tenant_id``'s,
+    else 404 (shared with the dashboard's download links)."""
     number, form = _format(number, request.headers.get("accept", ""))
     async with resources.database().acquire() as connection:
         document = await invoice_document(connection, number)
     if document is None:
         raise HTTPException(404, f"no invoice {number!r}")
     parsed = orjson.loads(document)
-    if parsed.get("tenant_id") != key.tenant_id:
+    if parsed.get("tenant_id") != tenant_id:
         raise HTTPException(404, f"no invoice {number!r}")  # not 403: nothing is revealed
     if form == "json":
         body: bytes | str = document

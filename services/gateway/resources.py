@@ -32,6 +32,7 @@ from services.adapters.wiring import pricing_cache
 from services.core.backoff import Backoff
 from services.gateway import tokens
 from services.gateway.admission import Admission
+from services.gateway.dashboard.state import Dashboard
 from services.gateway.emitter import Emitter
 from services.gateway.gemini_target import GeminiTarget, gemini_target
 from services.gateway.keys import KeyCache
@@ -58,6 +59,8 @@ class Resources:
     gemini_upstream: Upstream
     gemini_target: GeminiTarget | None
     in_flight: InFlight
+    dashboard: Dashboard
+    """The dashboard's signing keys, answer cache and pipeline probe."""
     pool: asyncpg.Pool | None = None
     tenants: TenantStore | None = None
     publisher: EventPublisher | None = None
@@ -131,6 +134,7 @@ class Resources:
             gemini_upstream=upstream(),
             gemini_target=gemini_target(settings),
             in_flight=InFlight(settings.max_in_flight),
+            dashboard=Dashboard.of(settings),
             pool=pool,
             tenants=PostgresTenantStore(pool) if pool is not None else None,
             publisher=publisher,

@@ -178,3 +178,32 @@ def _print_table(
             f"{_added(b, a, 'reasoning_tokens'):>9} {fmt(billed):>12} {fmt(expected[tenant]):>13}"
         )
     echo("\nbilled == expected for every tenant" if exact else "\nMISMATCH: see above")
+
+
+def dashboard_key(database_url: str, tenant: str = TENANTS[0]) -> str:
+    """A new API key of a demo tenant, named ``dashboard``, to sign in to the dashboard."""
+    import asyncio
+
+    import asyncpg
+
+    from services.adapters.tenants import create_key
+
+    async def create() -> str:
+        connection = await asyncpg.connect(database_url)
+        try:
+            return (await create_key(connection, tenant, "dashboard"))[1]
+        finally:
+            await connection.close()
+
+    return asyncio.run(create())
+
+
+def print_dashboard(url: str, database_url: str, admin_token: str | None, echo: Any) -> None:
+    """Where the dashboard is and how to sign in to it."""
+    key = dashboard_key(database_url)
+    echo(f"\ndashboard   {url}/dashboard")
+    echo(f"            sign in as tenant {TENANTS[0]} with the API key {key}")
+    if admin_token:
+        echo("            or with BILLING_ADMIN_TOKEN for the operator view (every tenant)")
+    else:
+        echo("            (set BILLING_ADMIN_TOKEN before `billing up` for the operator view)")

@@ -133,6 +133,14 @@ class Stack:
             ("quota metrics", metrics, self.quota_metrics_port),
         ]
 
+    def pipeline_metrics(self) -> str:
+        """``BILLING_PIPELINE_METRICS`` for the gateway: every service's metrics endpoint."""
+        return ",".join(
+            f"{what.removesuffix(' metrics').replace(' ', '-')}=http://{host}:{port}/metrics"
+            for what, host, port in self.listeners()
+            if what.endswith(" metrics")
+        )
+
     @property
     def quota_metrics_port(self) -> int:
         """After the last pricer's."""
@@ -200,7 +208,12 @@ class Stack:
             "BILLING_DATA_DIR": str(self.data_dir),
         }
         self.children = [
-            Child("gateway", ["gateway", "--port", str(self.port)], self.logs / "gateway.log"),
+            Child(
+                "gateway",
+                ["gateway", "--port", str(self.port)],
+                self.logs / "gateway.log",
+                env={"BILLING_PIPELINE_METRICS": self.pipeline_metrics()},
+            ),
             *self.pricers(),
             Child(
                 "projector",

@@ -157,4 +157,3 @@ async def _apply_summary(
         f" ON CONFLICT (tenant_id, day, model, api_key_id) DO UPDATE SET {increments},"
         " updated_at = now()"
     )
-

@@ -221,6 +221,7 @@ def test_a_tenant_key_sees_its_own_balance_exactly(
     assert acme.status_code == 200, acme.text
     assert acme.json() == {
         "currency": "USD",
+        "prepaid": True,
         # 100.00 − 12.345000001 this month − 1000 a year ago
         "balance": "-912.345000001",
         "reserved": "0.75",
@@ -244,6 +245,7 @@ def test_a_tenant_key_sees_its_own_balance_exactly(
     globex = client.get("/v1/billing/balance", headers=bearer(tenants.globex_key))
     assert globex.json() == {
         "currency": "USD",
+        "prepaid": False,
         "balance": "-1.5",
         # postpaid: what its budget scope's leases hold (here without a budget row)
         "reserved": "0.3",

@@ -48,6 +48,7 @@ def test_a_prepaid_tenant_sees_its_balance_less_what_its_leases_hold() -> None:
     )
     assert view == {
         "currency": "USD",
+        "prepaid": True,
         "balance": "77.654999999",
         "reserved": "0.25",
         "pending": "0.05",
@@ -101,6 +102,7 @@ def test_nothing_held_and_no_budget_is_zero_and_null() -> None:
     )
     assert view == {
         "currency": "USD",
+        "prepaid": False,
         "balance": "0",
         "reserved": "0",
         "pending": "0",
