@@ -60,6 +60,7 @@
 
   const int = (n) => Number(n).toLocaleString("en-US");
   const when = (iso) => iso.replace("T", " ").replace(/(\.\d+)?(\+00:00|Z)$/, "");
+  const whenShort = (iso) => when(iso).slice(5); // "12-03 00:32:32": the year is implied
 
   function fill(tbody, rows) {
     tbody.replaceChildren(...rows);
@@ -248,15 +249,16 @@
     async function transactions() {
       const cursor = pages[pages.length - 1];
       const page = await api("transactions", Object.assign({ cursor: cursor }, filters()));
+      const highlight = seen.size > 0; // not on the first page shown
       const rows = page.transactions.map((t) => {
         const tr = document.createElement("tr");
         tr.tabIndex = 0;
         tr.dataset.requestId = t.request_id;
         tr.setAttribute("aria-label", "Details of request " + t.request_id);
-        if (seen.size && !seen.has(t.request_id)) tr.className = "fresh";
+        if (highlight && !seen.has(t.request_id)) tr.className = "fresh";
         seen.add(t.request_id);
         tr.append(
-          td(when(t.occurred_at)),
+          td(whenShort(t.occurred_at)),
           td(t.model, "name"),
           td(t.api_key_id || "", "name hide-narrow"),
           td(int(t.prompt_tokens), "num hide-narrow"),
