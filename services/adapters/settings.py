@@ -165,6 +165,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("session_secret")
+    @classmethod
+    def _session_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # unset (compose passes an empty string)
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (it signs session cookies)")
+        return value
+
     @field_validator("pipeline_metrics")
     @classmethod
     def _pipeline_metrics(cls, value: str) -> str:

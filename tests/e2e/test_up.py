@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -75,6 +76,7 @@ def run_up_demo(data_dir: Path) -> str:
         assert priced >= 300  # at-least-once: a redelivered batch may be priced twice
         projected = metric(f"http://127.0.0.1:{port + 2}/metrics", "billing_projected_events_total")
         assert projected == 300
+        _dashboard_signs_in_with_the_printed_key(f"http://127.0.0.1:{port}", output)
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=60)
     finally:
@@ -89,6 +91,31 @@ def run_up_demo(data_dir: Path) -> str:
     assert _processes_under(data_dir) == []  # postgres runs with -D under the data dir
     assert _processes_under(Path(f"tcp://{broker}")) == []
     return output
+
+
+def _dashboard_signs_in_with_the_printed_key(url: str, output: str) -> None:
+    """The demo prints the dashboard's URL and a key of acme: it signs in to acme's view."""
+    found = re.search(r"dashboard +(\S+)\n +sign in as tenant acme with the API key (\S+)", output)
+    assert found is not None, output
+    assert found.group(1) == f"{url}/dashboard"
+    with httpx.Client(base_url=url, timeout=10, follow_redirects=True) as client:
+        form = client.get("/dashboard")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+        assert csrf is not None
+        signed = client.post(
+            "/dashboard/sign-in",
+            data={"csrf": csrf.group(1), "credential": found.group(2)},
+            headers={"origin": url},
+        )
+        assert signed.status_code == 200 and 'data-view="tenant"' in signed.text  # redirected
+        overview = client.get("/dashboard/api/overview").json()
+        summary = client.get(
+            "/v1/billing/summary",
+            params={"since": overview["month"]["start"]},
+            headers={"Authorization": f"Bearer {found.group(2)}"},
+        ).json()
+    assert overview["tenant_id"] == "acme"
+    assert overview["month"]["exact"] == summary["totals"]["total_cost"]
 
 
 # -- one stack, shared by the checks below (each `billing up` start costs seconds) ----------------

@@ -180,3 +180,10 @@ def test_series_bounds_are_whole_buckets() -> None:
         start, end = series_bounds(NOW, step, window)  # type: ignore[arg-type]
         width = timedelta(hours=1) if step == "hour" else timedelta(days=1)
         assert (end - start) / width == count and start <= NOW < end
+
+
+def test_an_empty_session_secret_is_unset_and_a_short_one_refused() -> None:
+    assert Settings(session_secret="").session_secret is None
+    assert Settings(session_secret="x" * 16).session_secret is not None
+    with pytest.raises(ValueError, match="at least 16"):
+        Settings(session_secret="short")
