@@ -22,15 +22,19 @@ GROUP BY 1, 2;
 
 -- Dashboard sign-ins. The browser holds a signed cookie carrying a random session id; this
 -- table holds only its SHA-256, so reading it gives no usable cookie. A session ends at
--- expires_at or at sign-out (ended_at), whichever is first, in every gateway process.
+-- expires_at or at sign-out (ended_at), whichever is first, in every gateway process; a
+-- tenant's when its API key is revoked, an operator's when the admin token changes
+-- (token_hash: the SHA-256 of the token it signed in with).
 CREATE TABLE billing_dashboard_sessions (
     session_hash  bytea PRIMARY KEY,
     role          text NOT NULL CHECK (role IN ('tenant', 'operator')),
     tenant_id     text,
     api_key_id    text,
+    token_hash    bytea,
     created_at    timestamptz NOT NULL DEFAULT now(),
     expires_at    timestamptz NOT NULL,
     ended_at      timestamptz,
-    CHECK ((role = 'tenant') = (tenant_id IS NOT NULL AND api_key_id IS NOT NULL))
+    CHECK ((role = 'tenant') = (tenant_id IS NOT NULL AND api_key_id IS NOT NULL)),
+    CHECK ((role = 'operator') = (token_hash IS NOT NULL))
 );
 CREATE INDEX billing_dashboard_sessions_by_expiry ON billing_dashboard_sessions (expires_at);

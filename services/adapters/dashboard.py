@@ -32,34 +32,45 @@ class Viewer:
 
 
 async def open_session(
-    connection: asyncpg.Connection, session_hash: bytes, viewer: Viewer, expires_at: datetime
+    connection: asyncpg.Connection,
+    session_hash: bytes,
+    viewer: Viewer,
+    expires_at: datetime,
+    token_hash: bytes | None = None,
 ) -> None:
-    """Record a new session (and forget sessions that ended over a day ago)."""
+    """Record a new session (an operator's with ``token_hash``, what it signed in with), and
+    forget sessions that ended over a day ago."""
     async with connection.transaction():
         await connection.execute(
             "DELETE FROM billing_dashboard_sessions WHERE expires_at < now() - interval '1 day'"
         )
         await connection.execute(
             "INSERT INTO billing_dashboard_sessions"
-            " (session_hash, role, tenant_id, api_key_id, expires_at)"
-            " VALUES ($1, $2, $3, $4, $5)",
+            " (session_hash, role, tenant_id, api_key_id, token_hash, expires_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
             session_hash,
             viewer.role,
             viewer.tenant_id,
             viewer.api_key_id,
+            token_hash,
             expires_at,
         )
 
 
-async def live_session(connection: asyncpg.Connection, session_hash: bytes) -> Viewer | None:
-    """The viewer of a session that has not expired nor been ended, and (for a tenant) whose
-    API key is not revoked; else ``None``."""
+async def live_session(
+    connection: asyncpg.Connection, session_hash: bytes, token_hash: bytes | None
+) -> Viewer | None:
+    """The viewer of a session that has not expired nor been ended, and whose credential
+    still holds: a tenant's API key not revoked, an operator's admin token still
+    ``token_hash`` (the gateway's now; ``None``: none, so no operator); else ``None``."""
     row = await connection.fetchrow(
         "SELECT s.role, s.tenant_id, s.api_key_id FROM billing_dashboard_sessions s"
         " LEFT JOIN api_keys k ON k.key_id = s.api_key_id"
         " WHERE s.session_hash = $1 AND s.ended_at IS NULL AND s.expires_at > now()"
-        " AND (s.role = 'operator' OR (k.revoked_at IS NULL AND k.tenant_id = s.tenant_id))",
+        " AND CASE s.role WHEN 'operator' THEN s.token_hash = $2"
+        " ELSE k.revoked_at IS NULL AND k.tenant_id = s.tenant_id END",
         session_hash,
+        token_hash,
     )
     return None if row is None else Viewer(row["role"], row["tenant_id"], row["api_key_id"])
 

@@ -25,7 +25,8 @@ from services.gateway import (
     queries,
     quota_api,
 )
-from services.gateway.dashboard import routes as dashboard
+from services.gateway.dashboard import api as dashboard_api
+from services.gateway.dashboard import pages as dashboard_pages
 from services.gateway.resources import Resources
 from services.gateway.responses import ORJSONResponse
 
@@ -41,7 +42,8 @@ ROUTERS = (
     quota_api.tenant_router,
     invoices_api.tenant_router,
     invoices_api.admin_router,
-    dashboard.router,
+    dashboard_pages.router,
+    dashboard_api.router,
 )
 
 
@@ -93,7 +95,7 @@ def create_app(
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.mount("/dashboard/static", dashboard.static_files(), name="dashboard-static")
+    app.mount("/dashboard/static", dashboard_pages.static_files(), name="dashboard-static")
     _document_proxy_routes(app)
     return app
 

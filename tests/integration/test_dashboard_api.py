@@ -373,3 +373,21 @@ def test_the_page_and_its_assets_are_served_from_the_package(client: TestClient)
         assert response.status_code == 200 and kind in response.headers["content-type"], path
     page = client.get("/dashboard").text
     assert "http://" not in page and "https://" not in page  # nothing from elsewhere
+
+
+def test_an_operator_session_ends_when_the_admin_token_changes(
+    database_url: str, world: World, tmp_path: Path
+) -> None:
+    secret = "one-secret-for-every-worker"
+    with (
+        _client(database_url, tmp_path / "1", session_secret=secret) as before,
+        _client(
+            database_url, tmp_path / "2", session_secret=secret, admin_token="a-new-admin-token"
+        ) as after,
+    ):
+        assert sign_in(before, TOKEN).status_code == 303
+        cookie = before.cookies.get(SESSION_COOKIE)
+        assert cookie is not None
+        assert before.get("/dashboard/api/operator/tenants").status_code == 200
+        use_cookie(after, cookie)  # the same cookie, on a gateway whose token was rotated
+        assert after.get("/dashboard/api/operator/tenants").status_code == 401
