@@ -33,6 +33,7 @@ from services.core.events import UsageRecorded, decode_recorded
 log = logging.getLogger("billing.spool")
 SEGMENT_BYTES = 64 << 20
 SUFFIX = ".jsonl"
+REJECTED = "rejected.jsonl"
 
 
 class SpoolBusy(ConfigError):
@@ -205,7 +206,7 @@ class Spool:
         from services.adapters import metrics
 
         metrics.SPOOL_REJECTED.inc()
-        with (self.directory / "rejected.jsonl").open("ab") as handle:
+        with (self.directory / REJECTED).open("ab") as handle:
             handle.write(line if line.endswith(b"\n") else line + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
@@ -230,6 +231,20 @@ def slot_directory(base: Path, slot: int) -> Path:
     """Worker ``slot``'s spool: the base directory itself for slot 0 (a single gateway's
     spool, as before workers existed), ``base/worker-N`` for the others."""
     return base if slot == 0 else base / f"worker-{slot}"
+
+
+def spooled_bytes(base: Path) -> int:
+    """Bytes waiting in every worker's spool under ``base`` (read from the disk: the other
+    workers' spools are theirs)."""
+    total = 0
+    for path in base.rglob(f"*{SUFFIX}") if base.is_dir() else ():
+        if path.name == REJECTED:
+            continue
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:  # re-sent and deleted meanwhile
+            continue
+    return total
 
 
 def claim(base: Path, slots: int) -> Spool:

@@ -14,7 +14,7 @@ from services.adapters.publisher import InMemoryPublisher
 from services.core.events import UsageCounts, UsageRecorded, decode_recorded
 from services.core.usage import Usage
 from services.gateway.emitter import Emitter
-from services.gateway.spool import Spool, SpoolBusy, claim
+from services.gateway.spool import REJECTED, Spool, SpoolBusy, claim, spooled_bytes
 
 
 def event(n: int) -> UsageRecorded:
@@ -273,3 +273,18 @@ def test_workers_claim_one_spool_each_and_a_successor_takes_over(tmp_path: Path)
     assert read_back(successor) == ["req-1", "req-2"]
     successor.close()
     first.close()
+
+
+def test_spooled_bytes_count_every_workers_segments_but_not_rejected_lines(
+    tmp_path: Path,
+) -> None:
+    base = tmp_path / "spool"
+    assert spooled_bytes(base) == 0  # no spool yet
+    first, second = claim(base, 2), claim(base, 2)
+    first.append([event(1)])
+    second.append([event(2), event(3)])
+    assert spooled_bytes(base) == first.size_bytes + second.size_bytes > 0
+    (base / REJECTED).write_text("not counted\n")
+    assert spooled_bytes(base) == first.size_bytes + second.size_bytes
+    first.close()
+    second.close()

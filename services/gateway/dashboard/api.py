@@ -12,6 +12,7 @@ Answers come from the summary tables and are reused for a second in each gateway
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -38,6 +39,7 @@ from services.gateway.dashboard.session import PATH
 from services.gateway.quota_api import read_balance
 from services.gateway.resources import Deps, Resources
 from services.gateway.responses import ORJSONResponse
+from services.gateway.spool import spooled_bytes
 
 router = APIRouter(prefix=f"{PATH}/api", include_in_schema=False)
 
@@ -340,7 +342,7 @@ async def tenants(resources: Deps) -> Response:
 @router.get("/operator/pipeline", dependencies=[Depends(require_operator)])
 async def pipeline(resources: Deps) -> Response:
     """Each pipeline service's lag, throughput and dead letters (from its metrics), usage
-    held unpriced by model, and this gateway process's spool."""
+    held unpriced by model, and what this gateway's workers hold in their spools."""
     services = await resources.dashboard.probe.services()
 
     async def read() -> list[dict[str, Any]]:
@@ -348,7 +350,9 @@ async def pipeline(resources: Deps) -> Response:
             return await reads.unpriced_by_model(connection)
 
     unpriced = await resources.dashboard.answers.get(("unpriced",), read)
-    spool = resources.emitter.spool
+    spooled = await resources.dashboard.answers.get(
+        ("spool",), lambda: asyncio.to_thread(spooled_bytes, resources.settings.usage_spool_dir)
+    )
     return _json(
         {
             "services": [s.json() for s in services],
@@ -362,7 +366,7 @@ async def pipeline(resources: Deps) -> Response:
                 }
                 for r in unpriced
             ],
-            "spool_bytes": spool.size_bytes,
+            "spool_bytes": spooled,
             "broker": "ok" if resources.publisher is not None else "unavailable",
         }
     )

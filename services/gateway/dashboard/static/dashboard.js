@@ -440,7 +440,7 @@
       );
       $("pipeline-extra").textContent =
         (p.configured ? "" : "Set BILLING_PIPELINE_METRICS to probe the services (billing up does). ") +
-        "Spool of this gateway process: " + int(p.spool_bytes) + " bytes. Lag: seconds from an event's recording to the service handling it, as each service last reported it.";
+        "Waiting in this gateway's spools for the broker: " + int(p.spool_bytes) + " bytes. Lag: seconds from an event's recording to the service handling it, as each service last reported it.";
       fill(
         $("unpriced").tBodies[0],
         p.unpriced.map((u) => {
