@@ -48,7 +48,7 @@ async def prune_minutes(connection: asyncpg.Connection, now: datetime) -> int:
 async def rederive_minutes(connection: asyncpg.Connection, now: datetime) -> None:
     """The kept minutes again, as the aggregate of ``billing_transactions`` (after a rebuild
     replaced it; the caller holds the projector off)."""
-    since = now - KEPT
+    since = (now - KEPT).replace(second=0, microsecond=0)  # whole minutes on both sides
     await connection.execute("DELETE FROM billing_spend_minutes WHERE minute >= $1", since)
     await connection.execute(
         "INSERT INTO billing_spend_minutes (tenant_id, minute, requests, total_cost)"

@@ -204,10 +204,10 @@ async def transactions(
         )
         return page
 
-    if cursor:
+    if cursor or since or limit != PAGE:  # only the page the browser polls is reused
         page = await read()
     else:
-        key = ("transactions", tenant, model, api_key_id, since, limit)
+        key = ("transactions", tenant, model, api_key_id)
         page = await resources.dashboard.answers.get(key, read)
     rows = [
         {
