@@ -77,9 +77,8 @@ MINUTES_KEPT_DAYS: Final = 35
 _FIRST_VALUE = TRANSACTION_COLUMNS.index(SUMMARY_VALUES[0])
 SUMMARY_VALUE_SLICE: Final = slice(_FIRST_VALUE, _FIRST_VALUE + len(SUMMARY_VALUES))
 """Where a transaction row's ``SUMMARY_VALUES`` are: ``row[SUMMARY_VALUE_SLICE]``."""
-_TENANT, _API_KEY, _MODEL, _OCCURRED_AT, _TOTAL = (
-    TRANSACTION_COLUMNS.index(c)
-    for c in ("tenant_id", "api_key_id", "model", "occurred_at", "total_cost")
+_TENANT, _API_KEY, _MODEL, _OCCURRED_AT = (
+    TRANSACTION_COLUMNS.index(c) for c in ("tenant_id", "api_key_id", "model", "occurred_at")
 )
 
 
@@ -129,8 +128,3 @@ def minute_key(row: Sequence[Any]) -> MinuteKey:
     """The ``billing_spend_minutes`` key of a ``TRANSACTION_COLUMNS`` row."""
     occurred_at: datetime = row[_OCCURRED_AT]
     return row[_TENANT], occurred_at.astimezone(UTC).replace(second=0, microsecond=0)
-
-
-def total_of(row: Sequence[Any]) -> Any:
-    """The ``total_cost`` of a ``TRANSACTION_COLUMNS`` row."""
-    return row[_TOTAL]

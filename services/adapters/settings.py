@@ -6,6 +6,7 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -137,7 +138,12 @@ class Settings(BaseSettings):
     session_secret: SecretStr | None = None
     """Signs the dashboard's session cookies. Unset: ``billing gateway`` makes one per start
     and hands it to its workers (sessions then end when the gateway restarts); set it to
-    keep sessions across restarts and to share them between gateway hosts."""
+    keep sessions across restarts and to share them between gateway hosts. Required by
+    ``billing gateway`` when ``BILLING_ENV=production``."""
+    public_url: str | None = None
+    """The dashboard's address as browsers see it (``https://billing.example.com``) when a
+    proxy stands in front of the gateway: forms must come from this origin, and with
+    ``https`` the session cookie is ``Secure``. Unset: the request's own scheme and host."""
     session_hours: float = Field(default=8.0, gt=0, le=24 * 30)
     """How long a dashboard sign-in lasts."""
     pipeline_metrics: str = ""
@@ -173,6 +179,18 @@ class Settings(BaseSettings):
         if len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters (it signs session cookies)")
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not http(s)://host[:port]")
+        if parts.path.strip("/") or parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: only the scheme and host (no path)")
+        return f"{parts.scheme}://{parts.netloc}"
 
     @field_validator("pipeline_metrics")
     @classmethod

@@ -106,6 +106,11 @@ def gateway_cmd(obj: Context, host: str, port: int, workers: int | None) -> None
     from services.gateway.app import create_app
 
     settings = obj.settings
+    if settings.env == "production" and settings.session_secret is None:
+        raise click.ClickException(
+            "BILLING_SESSION_SECRET must be set in production: it signs the dashboard's "
+            "sessions, and every gateway process and host must share one"
+        )
     workers = workers or settings.gateway_workers
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)

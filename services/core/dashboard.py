@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Literal
 
-from services.core.money import fmt
+from services.core.money import fmt, product
 
 Step = Literal["hour", "day"]
 Window = Literal["24h", "30d"]
@@ -25,12 +25,13 @@ _SMALL = Decimal("0.0001")
 
 def shown_usd(amount: Decimal) -> str:
     """``amount`` as a reader expects it: ``$1,234.57`` (cents, half-even, as invoices
-    round), and four places below a cent so that small spend is not shown as $0.00."""
+    round), and four places below a cent so that small spend is not shown as $0.00 (below
+    $0.0001: ``<$0.0001``)."""
     sign = "-" if amount < 0 else ""
     magnitude = abs(amount)
     if magnitude and magnitude < _CENT:
-        places = max(magnitude.quantize(_SMALL, rounding=ROUND_HALF_EVEN), _SMALL)
-        return f"{sign}${places}"
+        places = magnitude.quantize(_SMALL, rounding=ROUND_HALF_EVEN)
+        return f"{sign}${places}" if places else f"{sign}<${_SMALL}"
     return f"{sign}${magnitude.quantize(_CENT, rounding=ROUND_HALF_EVEN):,}"
 
 
@@ -113,10 +114,10 @@ def rate_now(requests: int, cost: Decimal, now: datetime) -> Rate:
     quiet second does not read as zero and a new minute's first seconds do not read as a
     spike)."""
     seconds = Decimal(str(max((now - rate_window(now)).total_seconds(), 1.0)))
-    per_minute = Decimal(60) / seconds
+    # an estimate shown to 6 places: the one division is the only rounding
     return Rate(
-        (requests * per_minute).quantize(Decimal("0.1"), rounding=ROUND_HALF_EVEN),
-        (cost * per_minute).quantize(Decimal("0.000001"), rounding=ROUND_HALF_EVEN),
+        (Decimal(requests * 60) / seconds).quantize(Decimal("0.1"), rounding=ROUND_HALF_EVEN),
+        (product(cost, 60) / seconds).quantize(Decimal("0.000001"), rounding=ROUND_HALF_EVEN),
     )
 
 

@@ -237,13 +237,12 @@ def spooled_bytes(base: Path) -> int:
     """Bytes waiting in every worker's spool under ``base`` (read from the disk: the other
     workers' spools are theirs)."""
     total = 0
-    for path in base.rglob(f"*{SUFFIX}") if base.is_dir() else ():
-        if path.name == REJECTED:
-            continue
-        try:
-            total += path.stat().st_size
-        except FileNotFoundError:  # re-sent and deleted meanwhile
-            continue
+    for directory, _, names in os.walk(base):  # a directory gone meanwhile is skipped
+        for name in names:
+            if not name.endswith(SUFFIX) or name == REJECTED:
+                continue
+            with contextlib.suppress(FileNotFoundError):  # re-sent and deleted meanwhile
+                total += os.stat(os.path.join(directory, name)).st_size
     return total
 
 

@@ -35,7 +35,8 @@ NOW = datetime(2026, 12, 3, 10, 42, 30, tzinfo=UTC)
         ("1234.565", "$1,234.56"),  # half-even, as invoices round
         ("1234.575", "$1,234.58"),
         ("0.004213", "$0.0042"),  # below a cent: four places, never $0.00
-        ("0.00000001", "$0.0001"),
+        ("0.00000001", "<$0.0001"),
+        ("0.00006", "$0.0001"),
         ("-2.5", "-$2.50"),
         ("1000000000.999", "$1,000,000,001.00"),
     ],
@@ -115,11 +116,11 @@ def test_csrf_tokens_bind_a_form_to_its_cookie_or_session() -> None:
 
 
 def test_a_form_from_another_origin_is_not_same_origin() -> None:
-    assert same_origin(None, "gw:8080", "http")
-    assert same_origin("http://gw:8080", "gw:8080", "http")
-    assert not same_origin("https://evil.example", "gw:8080", "http")
-    assert not same_origin("null", "gw:8080", "http")
-    assert not same_origin("http://gw:8080", None, "http")
+    assert same_origin(None, "http://gw:8080")
+    assert same_origin("http://gw:8080", "http://gw:8080")
+    assert not same_origin("https://evil.example", "http://gw:8080")
+    assert not same_origin("null", "http://gw:8080")
+    assert not same_origin("http://gw:8080", "https://gw:8080")  # behind a TLS proxy
 
 
 async def test_the_answer_cache_shares_one_read_and_forgets_failures() -> None:

@@ -40,3 +40,25 @@ def test_production_accepts_a_real_token(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("BILLING_ENV", "production")
     monkeypatch.setenv("BILLING_ADMIN_TOKEN", "f3c9a1b27e")
     assert Settings().env == "production"
+
+
+def test_the_public_url_is_an_origin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLING_PUBLIC_URL", "https://billing.example.com/")
+    assert Settings().public_url == "https://billing.example.com"
+    for wrong in ("billing.example.com", "ftp://x", "https://x/dashboard", "https://x/?a=1"):
+        monkeypatch.setenv("BILLING_PUBLIC_URL", wrong)
+        with pytest.raises(ValueError, match="BILLING_PUBLIC_URL|public_url"):
+            Settings()
+
+
+def test_a_production_gateway_needs_a_session_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from services.cli.main import main
+
+    monkeypatch.setenv("BILLING_ENV", "production")
+    monkeypatch.setenv("BILLING_ADMIN_TOKEN", "f3c9a1b27e")
+    monkeypatch.delenv("BILLING_SESSION_SECRET", raising=False)
+    result = CliRunner().invoke(main, ["gateway", "--port", "1"])
+    assert result.exit_code == 1
+    assert "BILLING_SESSION_SECRET must be set in production" in result.output

@@ -30,6 +30,14 @@ SECURITY_HEADERS = {
 }
 """On every dashboard answer: scripts, styles and data from the gateway only, no framing,
 nothing cached."""
+DOWNLOAD_HEADERS = {
+    **SECURITY_HEADERS,
+    # an invoice's HTML is one self-contained page: its own inline styles, nothing else
+    "content-security-policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"
+    ),
+}
+"""On invoice downloads."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +48,13 @@ class Signed:
     session_id: str
 
 
+def site_of(request: Request, resources: Resources) -> str:
+    """This dashboard's origin as the browser sees it: ``BILLING_PUBLIC_URL`` (behind a
+    proxy), else the request's own scheme and host."""
+    public = resources.settings.public_url
+    return public or f"{request.url.scheme}://{request.headers.get('host', '')}"
+
+
 def admin_fingerprint(resources: Resources) -> bytes | None:
     """What an operator session keeps of the admin token it signed in with."""
     token = resources.settings.admin_token
@@ -47,16 +62,29 @@ def admin_fingerprint(resources: Resources) -> bytes | None:
 
 
 async def signed_in(request: Request, resources: Resources) -> Signed | None:
-    """The live session of the request's cookie, or ``None``."""
+    """The live session of the request's cookie, or ``None``. The answer is reused for
+    ``SESSION_SECONDS`` in this process (a page polls several routes at once): a session
+    ended in another gateway process is refused here within that time."""
     keys = resources.dashboard.keys
     session_id = keys.session_id(request.cookies.get(SESSION_COOKIE))
     if session_id is None or resources.pool is None:
         return None
-    async with resources.pool.acquire() as connection:
-        viewer = await reads.live_session(
-            connection, SessionKeys.digest(session_id), admin_fingerprint(resources)
-        )
+    digest, fingerprint = SessionKeys.digest(session_id), admin_fingerprint(resources)
+    pool = resources.pool
+
+    async def read() -> Viewer | None:
+        async with pool.acquire() as connection:
+            return await reads.live_session(connection, digest, fingerprint)
+
+    viewer = await resources.dashboard.sessions.get((digest, fingerprint), read)
     return None if viewer is None else Signed(viewer, session_id)
+
+
+def forget_session(resources: Resources, session_id: str) -> None:
+    """Drop this process's cached answer for a session (it was just ended)."""
+    resources.dashboard.sessions.forget(
+        (SessionKeys.digest(session_id), admin_fingerprint(resources))
+    )
 
 
 async def _session(request: Request, resources: Deps) -> Signed:

@@ -26,7 +26,7 @@ from services.adapters.invoices import list_invoices
 from services.adapters.readmodels import COST_COLUMNS, COUNT_COLUMNS
 from services.core import dashboard as shown
 from services.core.dashboard import Step, Window
-from services.core.money import ZERO, fmt
+from services.core.money import difference, fmt, total
 from services.core.periods import month_of
 from services.gateway import queries
 from services.gateway.dashboard.access import (
@@ -97,7 +97,7 @@ def _balance(view: dict[str, Any]) -> dict[str, Any]:
     """The balance answer with each amount as :func:`shown.money` and each gauge's fill."""
     amounts = ("balance", "reserved", "pending", "available")
     out: dict[str, Any] = {k: shown.money(Decimal(view[k])) for k in amounts}
-    held = Decimal(view["reserved"]) + Decimal(view["pending"])
+    held = total((Decimal(view["reserved"]), Decimal(view["pending"])))
     out["held"] = shown.money(held)
     out["held_share"] = shown.share(held, Decimal(view["balance"]))
     out["prepaid"] = view["prepaid"]
@@ -113,10 +113,10 @@ def _balance(view: dict[str, Any]) -> dict[str, Any]:
             "hard": budget["hard"],
             "limit": shown.money(limit),
             "spent": shown.money(spent),
-            "held": shown.money(limit - spent - remaining),
+            "held": shown.money(difference(difference(limit, spent), remaining)),
             "remaining": shown.money(remaining),
             "spent_share": shown.share(spent, limit),
-            "used_share": shown.share(limit - remaining, limit),
+            "used_share": shown.share(difference(limit, remaining), limit),
         }
     return out
 
@@ -162,7 +162,7 @@ async def breakdown(
         async with resources.database().acquire() as connection:
             rows = await reads.spend_by(connection, tenant, column, month)
             names = await reads.key_names(connection, tenant) if by == "api_key" else {}
-        spend = sum((cost for _, _, cost in rows), ZERO)
+        spend = total(cost for _, _, cost in rows)
         return {
             "by": by,
             "month": month.isoformat(),
@@ -315,14 +315,14 @@ async def tenants(resources: Deps) -> Response:
             )
         total_rate = shown.rate_now(
             sum(r["recent_requests"] for r in rows),
-            sum((r["recent_cost"] for r in rows), ZERO),
+            total(r["recent_cost"] for r in rows),
             now,
         )
         return {
             "as_of": now.isoformat(timespec="seconds"),
             "month": month_of(now).isoformat(),
             "rate": total_rate.json(),
-            "month_total": shown.money(sum((r["cost"] for r in rows), ZERO)),
+            "month_total": shown.money(total(r["cost"] for r in rows)),
             "tenants": [
                 {
                     "tenant_id": r["tenant_id"],

@@ -25,11 +25,14 @@ from services.adapters import dashboard as reads
 from services.adapters.dashboard import Viewer
 from services.gateway.auth import Unauthorized, tenant_of
 from services.gateway.dashboard.access import (
+    DOWNLOAD_HEADERS,
     SECURITY_HEADERS,
     Session,
     Signed,
     admin_fingerprint,
+    forget_session,
     signed_in,
+    site_of,
     tenant_in_view,
 )
 from services.gateway.dashboard.api import REFRESH_SECONDS, overview_of
@@ -58,7 +61,7 @@ def _page(template: str, status: int = 200, **values: Any) -> HTMLResponse:
     return HTMLResponse(body, status_code=status, headers=SECURITY_HEADERS)
 
 
-def _cookie(response: Response, request: Request, name: str, value: str, max_age: int) -> None:
+def _cookie(response: Response, site: str, name: str, value: str, max_age: int) -> None:
     response.set_cookie(
         name,
         value,
@@ -66,7 +69,7 @@ def _cookie(response: Response, request: Request, name: str, value: str, max_age
         path=PATH,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=site.startswith("https://"),
     )
 
 
@@ -121,15 +124,13 @@ def _sign_in_page(
     form = resources.dashboard.keys.sign_in_form()
     operator = resources.settings.admin_token is not None
     response = _page("sign_in.html", status, csrf=form.token, error=error, operator=operator)
-    _cookie(response, request, CSRF_COOKIE, form.nonce, 3600)
+    _cookie(response, site_of(request, resources), CSRF_COOKIE, form.nonce, 3600)
     return response
 
 
-async def _form(request: Request) -> dict[str, str]:
+async def _form(request: Request, resources: Resources) -> dict[str, str]:
     """An url-encoded form of at most ``MAX_FORM_BYTES``, from this site."""
-    if not same_origin(
-        request.headers.get("origin"), request.headers.get("host"), request.url.scheme
-    ):
+    if not same_origin(request.headers.get("origin"), site_of(request, resources)):
         raise HTTPException(403, "cross-site form refused")
     if int(request.headers.get("content-length") or 0) > MAX_FORM_BYTES:
         raise HTTPException(413, "form too large")
@@ -148,7 +149,7 @@ async def _form(request: Request) -> dict[str, str]:
 @router.post("/sign-in")
 async def sign_in(request: Request, resources: Deps) -> Response:
     """Sign in with a tenant API key (the tenant's view) or the admin token (every tenant)."""
-    form = await _form(request)
+    form = await _form(request, resources)
     keys = resources.dashboard.keys
     if not keys.sign_in_matches(request.cookies.get(CSRF_COOKIE), form.get("csrf", "")):
         return _sign_in_page(request, resources, "The form expired. Please sign in again.", 400)
@@ -167,7 +168,8 @@ async def sign_in(request: Request, resources: Deps) -> Response:
             admin_fingerprint(resources) if viewer.role == "operator" else None,
         )
     response = RedirectResponse(PATH, 303, headers={"cache-control": "no-store"})
-    _cookie(response, request, SESSION_COOKIE, keys.cookie(session_id), keys.max_age)
+    site = site_of(request, resources)
+    _cookie(response, site, SESSION_COOKIE, keys.cookie(session_id), keys.max_age)
     response.delete_cookie(CSRF_COOKIE, path=PATH)
     return response
 
@@ -193,7 +195,7 @@ async def _viewer_of(resources: Resources, credential: str) -> Viewer | str:
 @router.post("/sign-out")
 async def sign_out(request: Request, resources: Deps) -> Response:
     """End the session (every gateway process refuses its cookie from now on)."""
-    form = await _form(request)
+    form = await _form(request, resources)
     signed = await signed_in(request, resources)
     response = RedirectResponse(PATH, 303, headers={"cache-control": "no-store"})
     if signed is not None:
@@ -201,6 +203,7 @@ async def sign_out(request: Request, resources: Deps) -> Response:
             raise HTTPException(403, "the sign-out form is not this session's")
         async with resources.database().acquire() as connection:
             await reads.end_session(connection, SessionKeys.digest(signed.session_id))
+        forget_session(resources, signed.session_id)
     response.delete_cookie(SESSION_COOKIE, path=PATH)
     return response
 
@@ -211,4 +214,6 @@ async def invoice_download(
 ) -> Response:
     """One of the tenant's invoices (``.json``, ``.html`` or ``.pdf``)."""
     tenant = tenant_in_view(signed, tenant_id)
-    return await invoice_response(request, resources, tenant, number)
+    response = await invoice_response(request, resources, tenant, number)
+    response.headers.update(DOWNLOAD_HEADERS)
+    return response

@@ -9,7 +9,8 @@ gateway process at once. No key or token is ever put in the cookie, a URL or a p
 Forms carry a CSRF token: before sign-in, a signed random nonce that must match the
 ``billing_csrf`` cookie (double submit: another site can neither read the cookie nor set
 it); after sign-in, an HMAC of the session id. Both cookies are SameSite=Strict, so a
-cross-site POST carries neither, and a request whose ``Origin`` is another site is refused.
+cross-site POST carries neither, and a request whose ``Origin`` is another site is refused
+(the site is ``BILLING_PUBLIC_URL`` behind a proxy, else the request's scheme and host).
 """
 
 from __future__ import annotations
@@ -88,8 +89,7 @@ class SessionKeys:
         return hmac.compare_digest(nonce, cookie.encode())
 
 
-def same_origin(origin: str | None, host: str | None, scheme: str) -> bool:
-    """A form's ``Origin`` (absent on some same-origin requests) is this site's."""
-    if origin is None:
-        return True
-    return bool(host) and origin == f"{scheme}://{host}"
+def same_origin(origin: str | None, site: str) -> bool:
+    """A form's ``Origin`` (absent on some same-origin requests) is ``site``
+    (``scheme://host[:port]``)."""
+    return origin is None or origin == site

@@ -19,6 +19,8 @@ from services.gateway.dashboard.session import SessionKeys
 
 LIVE_SECONDS = 1.0
 """How long a dashboard answer is reused (pages poll every 2 s)."""
+SESSION_SECONDS = 1.0
+"""How long a session lookup is reused: a page's poll asks several routes at once."""
 MAX_ENTRIES = 4096
 
 
@@ -40,6 +42,10 @@ class AnswerCache:
         future: asyncio.Future[Any] = asyncio.ensure_future(read())
         self._entries[key] = (now + self.ttl, future)
         return await asyncio.shield(future)
+
+    def forget(self, key: Hashable) -> None:
+        """The next ``get`` of ``key`` reads again."""
+        self._entries.pop(key, None)
 
     def _drop_expired(self, now: float) -> None:
         for key in [k for k, (until, _) in self._entries.items() if until <= now]:
@@ -134,6 +140,7 @@ class Dashboard:
     keys: SessionKeys
     probe: PipelineProbe
     answers: AnswerCache = field(default_factory=AnswerCache)
+    sessions: AnswerCache = field(default_factory=lambda: AnswerCache(ttl=SESSION_SECONDS))
     drift: AnswerCache = field(default_factory=lambda: AnswerCache(ttl=60.0, max_entries=4))
     """The drift panel reads an hour of transactions: once a minute at most."""
 
