@@ -150,6 +150,34 @@ class Settings(BaseSettings):
     """The pipeline services' Prometheus endpoints for the dashboard's operator view, as
     ``name=url`` pairs separated by commas (``billing up`` sets them for its services)."""
 
+    # -- exposure: limits, tokens, transports ---------------------------------------------------
+    finance_token: SecretStr | None = None
+    """Read-only bearer token for finance: ``/internal/billing/summary``, ``transactions``,
+    ``drift`` and ``invoices`` only (the admin token reads and writes everything)."""
+    max_body_bytes: int = Field(default=16 << 20, ge=1024)
+    """Largest request body the gateway reads (413 beyond, answered before reading it)."""
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
+    """A request body not received whole within this is answered 408 (slow clients)."""
+    auth_failures_per_minute: int = Field(default=30, ge=1)
+    """Failed authentications one client address may make per minute; beyond it, 429."""
+    database_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Longest a gateway statement may run (``statement_timeout``) and a connection wait."""
+    database_sslmode: (
+        Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None
+    ) = None
+    """PostgreSQL TLS (libpq's ``sslmode``); unset: what ``BILLING_DATABASE_URL`` says."""
+    database_sslrootcert: Path | None = None
+    """CA bundle for ``verify-ca``/``verify-full``."""
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    """CA bundle that signed the brokers' certificates (system CAs when unset)."""
+    kafka_ssl_certfile: Path | None = None
+    """Client certificate (mutual TLS), with ``kafka_ssl_keyfile``."""
+    kafka_ssl_keyfile: Path | None = None
+
     @field_validator("close_grace")
     @classmethod
     def _grace(cls, value: str) -> str:
