@@ -44,10 +44,9 @@ from types import SimpleNamespace
 from typing import TypeVar
 
 import asyncpg
-from readmodels import strip, u
+from readmodels import generated_sql, strip, u
 
 from services.adapters.partitions import create_partitions
-from services.adapters.readmodels import SUMMARY_KEY, SUMMARY_VALUES, TRANSACTION_COLUMNS
 from services.adapters.tenants import create_key, create_tenant
 from services.core.catalogue import default_catalogue
 from services.core.periods import month_bounds, month_of, month_range
@@ -194,38 +193,17 @@ SUMMARY_EXPRS = {
     "day": "day",
     "model": "($13::text[])[m]",
     "api_key_id": "($14::text[])[($15::int[])[t] + k - 1]",
-    "prompt_tokens": "prompt",
     "uncached_input_tokens": "prompt - cached - written - written_1h",
-    "cache_read_tokens": "cached",
-    "cache_write_tokens": "written",
     "cache_write_1h_tokens": "written_1h",
-    "completion_tokens": "completion",
-    "reasoning_tokens": "reasoning",
-    "web_search_requests": "searches",
-    "images": "0",
     "requests": "r",
-    "prompt_cost": "prompt_cost",
-    "cache_read_cost": "cache_read_cost",
-    "cache_write_cost": "cache_write_cost",
-    "completion_cost": "completion_cost",
-    "internal_reasoning_cost": "0",
-    "request_cost": "0",
-    "web_search_cost": "web_search_cost",
-    "image_cost": "0",
-    "total_cost": "prompt_cost + cache_read_cost + cache_write_cost + completion_cost"
-    " + web_search_cost",
 }
-"""The catalogue prices requests, images and internal reasoning at zero for these models."""
+"""The summary's own columns; the counts and costs as in every generated row."""
 
 
 def summary_sql() -> str:
     """Each tenant-day's requests apportioned over model × key cells (the same telescoping),
     then tokens and costs per cell."""
-    columns = [*SUMMARY_KEY, *SUMMARY_VALUES]
-    select = ", ".join(SUMMARY_EXPRS[c] for c in columns)  # KeyError: a column the table grew
-    return f"""
-INSERT INTO tenant_billing_summary ({", ".join(columns)})
-WITH cells AS (
+    ctes = f"""cells AS (
   SELECT t, day, d, m, k, hashtextextended(t || '/' || day || '/' || m || '/' || k, 7) AS h,
          hashtextextended(t || '/' || day || '/' || m || '/' || k, 8) AS g
   FROM bench_days, generate_series(1, {MODELS}) AS m,
@@ -263,11 +241,9 @@ WITH cells AS (
     completion * ($8::numeric[])[m] AS completion_cost,
     searches * ($12::numeric[])[m] AS web_search_cost
   FROM shaped
-)
-SELECT {select}
-FROM costed
-ORDER BY day, t, m, k
-"""  # noqa: S608 - constants only; every value is a bound parameter
+)"""  # noqa: S608 - constants only; every value is a bound parameter
+    rows = "costed\nORDER BY day, t, m, k"
+    return generated_sql("tenant_billing_summary", SUMMARY_EXPRS, ctes, rows)
 
 
 SPEND_MINUTES_SQL = """
@@ -328,50 +304,12 @@ def transactions_sql() -> str:
         "tenant_id": "($9::text[])[t]",
         "api_key_id": "($17::text[])[($18::int[])[t] + k - 1]",
         "provider": "CASE WHEN via_openrouter THEN 'openrouter' ELSE split_part(model, '/', 1) END",
-        "provider_model_id": "model",
-        "model": "model",
-        "occurred_at": "occurred_at",
-        "recorded_at": "occurred_at + interval '50 ms'",
-        "usage_source": "'upstream'",
-        "prompt_tokens": "prompt",
-        "uncached_input_tokens": "prompt - cached - written",
-        "cache_read_tokens": "cached",
-        "cache_write_tokens": "written",
-        "cache_write_1h_tokens": "0",
-        "completion_tokens": "completion",
-        "reasoning_tokens": "reasoning",
-        "web_search_requests": "searches",
-        "images": "0",
-        "requests": "1",
-        "prompt_cost": "prompt_cost",
-        "cache_read_cost": "cache_read_cost",
-        "cache_write_cost": "cache_write_cost",
-        "completion_cost": "completion_cost",
-        "internal_reasoning_cost": "0",
-        "request_cost": "0",
-        "web_search_cost": "web_search_cost",
-        "image_cost": "0",
-        "total_cost": "prompt_cost + cache_read_cost + cache_write_cost + completion_cost"
-        " + web_search_cost",
-        "currency": "'USD'",
         "reported_cost": "CASE WHEN via_openrouter THEN prompt_cost + cache_read_cost"
         " + cache_write_cost + completion_cost + web_search_cost END",
-        "reported_is_byok": "false",
         "price_version": "m",
-        "revision": "1",
-        "priced_at": "occurred_at + interval '300 ms'",
         "metadata": "'{}'::jsonb",
-        "projected_at": "occurred_at + interval '1 s'",
     }
-    columns = [*TRANSACTION_COLUMNS, "projected_at"]
-    select = ",\n  ".join(exprs[c] for c in columns)  # KeyError: a column the table grew
-    return f"""
-INSERT INTO billing_transactions ({", ".join(columns)})
-WITH drawn AS (
-  SELECT i, hashint8extended(i, 1) AS a, hashint8extended(i, 2) AS b,
-         hashint8extended(i, 3) AS c
-  FROM generate_series($1::bigint, $2::bigint - 1) AS i
-), shaped AS (
+    ctes = f"""shaped AS (
   SELECT i, b, c,
     CASE WHEN i < $3 THEN $4::timestamptz + make_interval(secs => (i + {u("a", 0)}) * $5)
          ELSE $6::timestamptz + make_interval(secs => (i - $3 + {u("a", 0)}) / $7) END
@@ -403,11 +341,8 @@ WITH drawn AS (
     completion * ($22::numeric[])[m] AS completion_cost,
     searches * ($21::numeric[])[m] AS web_search_cost
   FROM counted
-)
-SELECT
-  {select}
-FROM costed
-"""  # noqa: S608 - constants only; every value is a bound parameter
+)"""  # noqa: S608 - constants only; every value is a bound parameter
+    return generated_sql("billing_transactions", exprs, ctes, "costed", hashes=3)
 
 
 # -- the steps ---------------------------------------------------------------------------------

@@ -136,6 +136,74 @@ def u(hash_name: str, slot: int) -> str:
     return f"((({hash_name} >> {slot * 20}) & 1048575)::float8 / 1048576)"
 
 
+USAGE_EXPRS = {
+    "prompt_tokens": "prompt",
+    "uncached_input_tokens": "prompt - cached - written",
+    "cache_read_tokens": "cached",
+    "cache_write_tokens": "written",
+    "cache_write_1h_tokens": "0",
+    "completion_tokens": "completion",
+    "reasoning_tokens": "reasoning",
+    "web_search_requests": "searches",
+    "images": "0",
+    "requests": "1",
+    "prompt_cost": "prompt_cost",
+    "cache_read_cost": "cache_read_cost",
+    "cache_write_cost": "cache_write_cost",
+    "completion_cost": "completion_cost",
+    "internal_reasoning_cost": "0",
+    "request_cost": "0",
+    "web_search_cost": "web_search_cost",
+    "image_cost": "0",
+    "total_cost": "prompt_cost + cache_read_cost + cache_write_cost + completion_cost"
+    " + web_search_cost",
+}
+"""A generated row's counts and costs, from the columns its query names so: one request, no
+1-hour cache writes, nothing priced per request, image or internal reasoning."""
+TRANSACTION_EXPRS = {
+    "provider_model_id": "model",
+    "model": "model",
+    "occurred_at": "occurred_at",
+    "recorded_at": "occurred_at + interval '50 ms'",
+    "usage_source": "'upstream'",
+    "currency": "'USD'",
+    "reported_is_byok": "false",
+    "revision": "1",
+    "priced_at": "occurred_at + interval '300 ms'",
+    "projected_at": "occurred_at + interval '1 s'",
+}
+"""The rest of a generated transaction that every generator fills alike."""
+GENERATED_COLUMNS = {
+    "billing_transactions": (*TRANSACTION_COLUMNS, "projected_at"),
+    "tenant_billing_summary": (*SUMMARY_KEY, *SUMMARY_VALUES),
+}
+
+
+def generated_sql(table: str, exprs: dict[str, str], ctes: str, rows: str, hashes: int = 0) -> str:
+    """``INSERT INTO table (…) WITH ctes SELECT … FROM rows``: each column of ``table`` the
+    expression ``exprs`` gives it, else ``USAGE_EXPRS`` (and ``TRANSACTION_EXPRS``) does. With
+    ``hashes``, a first CTE ``drawn`` holds one chunk's rows [$1, $2) of ``generate_series``:
+    each row number ``i`` with that many 64-bit hashes of it, named ``a``, ``b``, …"""
+    if table == "billing_transactions":
+        exprs = TRANSACTION_EXPRS | exprs
+    exprs = USAGE_EXPRS | exprs
+    columns = GENERATED_COLUMNS[table]
+    select = ",\n  ".join(exprs[c] for c in columns)  # KeyError: a column the table grew
+    if hashes:
+        drawn = (f"hashint8extended(i, {n}) AS {chr(96 + n)}" for n in range(1, hashes + 1))
+        ctes = f"""drawn AS (
+  SELECT i, {", ".join(drawn)}
+  FROM generate_series($1::bigint, $2::bigint - 1) AS i
+), {ctes}"""  # noqa: S608 - numbers only
+    return f"""
+INSERT INTO {table} ({", ".join(columns)})
+WITH {ctes}
+SELECT
+  {select}
+FROM {rows}
+"""  # noqa: S608 - constants only; every value is a bound parameter
+
+
 def generator_sql() -> str:
     """INSERT rows [$1, $2) from $3 (start), $4 (seconds per row), $5–$7 (models, prices)."""
     exprs = {
@@ -143,50 +211,13 @@ def generator_sql() -> str:
         "tenant_id": "'tenant-' || lpad(tenant::text, 3, '0')",
         "api_key_id": "'tenant-' || lpad(tenant::text, 3, '0') || '-key-' || key_no",
         "provider": "provider",
-        "provider_model_id": "model",
-        "model": "model",
-        "occurred_at": "occurred_at",
-        "recorded_at": "occurred_at + interval '50 ms'",
-        "usage_source": "'upstream'",
-        "prompt_tokens": "prompt",
-        "uncached_input_tokens": "prompt - cached - written",
-        "cache_read_tokens": "cached",
-        "cache_write_tokens": "written",
-        "cache_write_1h_tokens": "0",
-        "completion_tokens": "completion",
-        "reasoning_tokens": "reasoning",
-        "web_search_requests": "searches",
-        "images": "0",
-        "requests": "1",
-        "prompt_cost": "prompt_cost",
-        "cache_read_cost": "cache_read_cost",
-        "cache_write_cost": "cache_write_cost",
-        "completion_cost": "completion_cost",
-        "internal_reasoning_cost": "0",
-        "request_cost": "0",
-        "web_search_cost": "web_search_cost",
-        "image_cost": "0",
         "total_cost": "total_cost",
-        "currency": "'USD'",
         "reported_cost": "CASE WHEN provider = 'openrouter' THEN total_cost END",
-        "reported_is_byok": "false",
         "price_version": "model_no",
-        "revision": "1",
-        "priced_at": "occurred_at + interval '300 ms'",
         "metadata": "jsonb_build_object('app', app, 'env', 'prod')",
     }
-    columns = [*TRANSACTION_COLUMNS, "projected_at"]
-    exprs["projected_at"] = "occurred_at + interval '1 s'"
-    select = ",\n  ".join(exprs[c] for c in columns)  # KeyError: a column the table grew
     apps = "ARRAY[" + ", ".join(f"'{a}'" for a in APPS) + "]"
-    return f"""
-INSERT INTO billing_transactions ({", ".join(columns)})
-WITH drawn AS (
-  SELECT i, hashint8extended(i, 1) AS a, hashint8extended(i, 2) AS b,
-         hashint8extended(i, 3) AS c, hashint8extended(i, 4) AS d,
-         hashint8extended(i, 5) AS e, hashint8extended(i, 6) AS f
-  FROM generate_series($1::bigint, $2::bigint - 1) AS i
-), shaped AS (
+    ctes = f"""shaped AS (
   SELECT i, d, e, f,
     $3::timestamptz + make_interval(secs => (i + {u("a", 0)}) * $4::float8) AS occurred_at,
     floor(power({TENANTS + 1}, {u("a", 1)}))::int AS tenant,
@@ -221,15 +252,13 @@ WITH drawn AS (
     completion * completion_price AS completion_cost,
     searches * 0.010000000000 AS web_search_cost
   FROM written
-)
-SELECT
-  {select}
-FROM (
+)"""  # noqa: S608 - constants and numbers only; every value is a bound parameter
+    rows = """(
   SELECT *, prompt_cost + cache_read_cost + cache_write_cost + completion_cost
             + web_search_cost AS total_cost
   FROM costed
-) AS rows
-"""  # noqa: S608 - constants and numbers only; every value is a bound parameter
+) AS rows"""
+    return generated_sql("billing_transactions", exprs, ctes, rows, hashes=6)
 
 
 SUMMARY_SQL = (

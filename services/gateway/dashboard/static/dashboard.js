@@ -74,25 +74,37 @@
   }
 
   // Run `task` every `ms` (first now, with `now`) while the page is visible; at once when the
-  // page shows again after being hidden.
+  // page shows again after being hidden. At most one timer is pending and one run in flight:
+  // a tab hidden and shown again while a run awaits the network must not start a second loop.
   function every(ms, task, now) {
     let timer = null;
+    let running = false;
+    const schedule = () => {
+      clearTimeout(timer);
+      timer = document.hidden ? null : setTimeout(run, ms); // hidden: the next show runs it
+    };
     const run = async () => {
       clearTimeout(timer);
-      if (!document.hidden) {
-        try {
-          await task();
-        } catch (err) {
-          console.warn(err);
-        }
+      timer = null;
+      if (running || document.hidden) return;
+      running = true;
+      try {
+        await task();
+      } catch (err) {
+        console.warn(err);
+      } finally {
+        running = false;
       }
-      timer = setTimeout(run, ms);
+      schedule();
     };
     document.addEventListener("visibilitychange", () => {
-      if (!document.hidden) run();
+      if (document.hidden) {
+        clearTimeout(timer);
+        timer = null;
+      } else if (!running) run(); // while one is in flight, it schedules the next itself
     });
     if (now) run();
-    else timer = setTimeout(run, ms);
+    else schedule();
   }
 
   function showLive() {
@@ -109,7 +121,9 @@
   // -- a tenant's page ---------------------------------------------------------------------
 
   function tenantPage() {
-    const seen = new Set();
+    // Ids on the newest page as last drawn (null: not drawn yet), to mark the rows new since.
+    // Only the rows on show: a set of every id ever shown grows for as long as the page is open.
+    let seen = null;
     const pages = [null]; // cursors of the pages walked (null: the newest)
     let chart = null;
 
@@ -248,15 +262,15 @@
 
     async function transactions() {
       const cursor = pages[pages.length - 1];
+      const newest = pages.length === 1;
       const page = await api("transactions", Object.assign({ cursor: cursor }, filters()));
-      const highlight = seen.size > 0; // not on the first page shown
+      const highlight = newest && seen !== null; // not on the first draw, nor on older pages
       const rows = page.transactions.map((t) => {
         const tr = document.createElement("tr");
         tr.tabIndex = 0;
         tr.dataset.requestId = t.request_id;
         tr.setAttribute("aria-label", "Details of request " + t.request_id);
         if (highlight && !seen.has(t.request_id)) tr.className = "fresh";
-        seen.add(t.request_id);
         tr.append(
           td(whenShort(t.occurred_at)),
           td(t.model, "name"),
@@ -268,6 +282,7 @@
         return tr;
       });
       fill($("transactions").tBodies[0], rows);
+      if (newest) seen = new Set(page.transactions.map((t) => t.request_id));
       $("tx-older").disabled = !page.next_cursor;
       $("tx-older").dataset.cursor = page.next_cursor || "";
       $("tx-newest").disabled = pages.length === 1;
@@ -355,7 +370,7 @@
     });
     $("tx-filters").addEventListener("change", () => {
       pages.length = 1;
-      seen.clear();
+      seen = null;
       transactions();
     });
     $("tx-filters").addEventListener("submit", (e) => e.preventDefault());
