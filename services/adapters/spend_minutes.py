@@ -2,8 +2,9 @@
 
 The projector adds each batch's increments (:func:`add_minutes`, in the batch's transaction)
 and drops minutes past ``MINUTES_KEPT_DAYS`` (:func:`prune_minutes`); ``billing rebuild``
-re-derives the kept minutes from the rebuilt transactions (:func:`rederive_minutes`). The
-dashboard reads them for its chart by hour and the operator's per-minute rates.
+(``services.jobs.rebuild``) derives the kept minutes again from the rebuilt transactions, in a
+table it swaps in. The dashboard reads them for its chart by hour and the operator's
+per-minute rates.
 """
 
 from __future__ import annotations
@@ -43,16 +44,3 @@ async def prune_minutes(connection: asyncpg.Connection, now: datetime) -> int:
         "DELETE FROM billing_spend_minutes WHERE minute < $1", now - KEPT
     )
     return int(status.split()[-1])
-
-
-async def rederive_minutes(connection: asyncpg.Connection, now: datetime) -> None:
-    """The kept minutes again, as the aggregate of ``billing_transactions`` (after a rebuild
-    replaced it; the caller holds the projector off)."""
-    since = (now - KEPT).replace(second=0, microsecond=0)  # whole minutes on both sides
-    await connection.execute("DELETE FROM billing_spend_minutes WHERE minute >= $1", since)
-    await connection.execute(
-        "INSERT INTO billing_spend_minutes (tenant_id, minute, requests, total_cost)"
-        " SELECT tenant_id, date_trunc('minute', occurred_at, 'UTC'), count(*), sum(total_cost)"
-        " FROM billing_transactions WHERE occurred_at >= $1 GROUP BY 1, 2",
-        since,
-    )

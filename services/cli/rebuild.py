@@ -60,7 +60,7 @@ class _Bar:
 def rebuild_cmd(
     obj: Context, dry_run: bool, keep_old: bool, idle_seconds: float, lock_timeout: float
 ) -> None:
-    """Re-derive billing_transactions and tenant_billing_summary from the cost topic.
+    """Re-derive billing_transactions, tenant_billing_summary and billing_spend_minutes.
 
     Reads billing.costs.v1 from the start up to the projector's committed offsets, folds it
     into fresh tables and swaps them in atomically (or, with --dry-run, only compares).

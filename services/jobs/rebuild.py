@@ -1,19 +1,22 @@
 """``billing rebuild``: re-derive the read models from the cost topic and swap them in.
 
-``billing_transactions`` and ``tenant_billing_summary`` are folds of ``billing.costs.v1``:
-per ``request_id`` the highest revision wins (the first one in log order among equals, as
-the projector keeps it), and the summary is the sum of the winning rows by tenant × UTC day
-of ``occurred_at`` × model × ``coalesce(api_key_id, '')`` (``readmodels.summary_key``). The
-rebuild computes that fold from offset 0 of every partition into fresh tables
-(``*_rebuild``, ``LIKE … INCLUDING ALL``, filled by COPY and ``INSERT … SELECT``) and
-replaces the live tables with them in one transaction.
+``billing_transactions``, ``tenant_billing_summary`` and ``billing_spend_minutes`` are folds
+of ``billing.costs.v1``: per ``request_id`` the highest revision wins (the first one in log
+order among equals, as the projector keeps it), the summary is the sum of the winning rows by
+tenant × UTC day of ``occurred_at`` × model × ``coalesce(api_key_id, '')``
+(``readmodels.summary_key``), and the minutes are their count and total cost by tenant × UTC
+minute of ``occurred_at`` (``readmodels.minute_key``). The rebuild computes that fold from
+offset 0 of every partition into fresh tables (``*_rebuild``, ``LIKE … INCLUDING ALL``,
+filled by COPY and ``INSERT … SELECT``) and replaces the live tables with them in one
+transaction.
 
 Where it stops: at the offsets the projector has committed (``consumer_offsets``), never at
 the broker's end offsets (Tansu under-reports them). It reads up to a snapshot of those
 offsets without holding anything, then, in the swap transaction, locks the offset rows as
-the projector does (so no projector batch commits meanwhile) and the three read-model
-tables in EXCLUSIVE mode (writers wait, readers do not), reads the records the projector
-committed since the snapshot, folds them in and swaps. The new tables are therefore the
+the projector does (so no projector batch commits meanwhile) and the tables a projector
+batch writes in EXCLUSIVE mode (writers wait, readers do not), reads the records the
+projector committed since the snapshot, folds them in (their requests, and the summary rows
+and minutes of their old and new keys) and swaps. The new tables are therefore the
 fold of exactly the prefix of the log the live ones reflected. With no projector offsets
 at all (a fresh database) the log is read until no record arrived for ``idle_seconds``,
 and the offsets reached are stored with the tables, so a projector started later goes on
@@ -28,14 +31,24 @@ new ones, never a mix; the renames wait at most ``lock_timeout`` seconds for rea
 which nothing has changed. The comparison with the live tables is made under the same
 locks (a consistent pair), so the projector waits for it too; readers never do.
 
+Minutes: the projector keeps ``MINUTES_KEPT_DAYS`` of them and prunes older ones hourly.
+The fold derives every minute from ``now - MINUTES_KEPT_DAYS`` rounded down to a whole
+minute (so its first minute counts all its requests, as the live one does), outside the
+locks. In the swap transaction the rebuilt minutes before the projector's pruning bound as
+of then (or before the end of the retired months, if later) are replaced by the live ones as
+they are: those are the projector's to prune, or frozen, so the swap neither drops a minute
+the dashboard still has nor brings back one pruned while the rebuild ran. They are few (an
+hour's worth, and the fold's duration) and found by the index on ``minute``.
+
 Equality (``--dry-run`` and the report): every column but ``projected_at`` and
-``updated_at``, which say when a row was written; live summary rows whose every value is
-zero (left behind when a revision moved a request to another key) count as absent.
+``updated_at``, which say when a row was written; live summary and minute rows whose every
+value is zero (left behind when a revision moved a request to another key) count as absent.
 
 Monthly partitions (migration 005): the rebuilt ``billing_transactions`` is partitioned
 like the live one, with a partition for every month the live table or the log has; the
 swap renames them too. Retired months (``billing_retired_months``) stay frozen: their
-events are not folded (``retired`` in the report) and their summary rows are the live ones.
+events are not folded (``retired`` in the report) and their summary rows and minutes are the
+live ones.
 
 Here: the command and the fold; reading the log is in ``services.jobs.rebuild_reader``, the
 comparison and the swap itself are in ``services.jobs.rebuild_tables``.
@@ -59,10 +72,12 @@ from services.adapters.readmodels import (
     SUMMARY_VALUES,
     TRANSACTION_COLUMNS,
 )
-from services.adapters.spend_minutes import rederive_minutes
+from services.adapters.spend_minutes import KEPT
 from services.jobs.rebuild_reader import STAGING, LogReader, Progress, topic_partitions
 from services.jobs.rebuild_tables import (
     LIVE,
+    MINUTE_KEY_SQL,
+    MINUTE_VALUES,
     SUFFIX,
     SUMMARY_KEY_SQL,
     RebuildError,
@@ -81,6 +96,9 @@ if TYPE_CHECKING:
 FENCED = (*LIVE, "billing_adjustments")
 """Every table a projector batch writes: locked EXCLUSIVE (writers wait) during the swap."""
 _KEY_EXPRS = ", ".join(SUMMARY_KEY_SQL.values())
+_MINUTE_EXPRS = ", ".join(f"{sql} AS {name}" for name, sql in MINUTE_KEY_SQL.items())
+_MINUTE_SUMS = "count(*), sum(total_cost)"
+"""``MINUTE_VALUES`` of a group of transactions."""
 _WINNER_ORDER = "request_id, revision DESC, log_partition, log_offset"
 """Highest revision; among equals the first in log order, the one the projector kept."""
 
@@ -200,11 +218,12 @@ async def rebuild(
         folding = time.perf_counter()
         report.horizon = await retired_before(connection)
         report.retired = await _drop_retired(connection, report.horizon)
-        await _fold_all(connection, report.horizon)
+        since = _first_whole_minute(datetime.now(UTC))
+        await _fold_all(connection, report.horizon, since)
         report.seconds["fold"] = time.perf_counter() - folding
         if before_lock is not None:
             await before_lock()
-        await _swap_transaction(connection, reader, report, keep_old, lock_timeout)
+        await _swap_transaction(connection, reader, report, since, keep_old, lock_timeout)
     finally:
         await consumer.stop()
         if not connection.is_closed():
@@ -222,10 +241,12 @@ async def _swap_transaction(
     connection: asyncpg.Connection,
     reader: LogReader,
     report: RebuildReport,
+    since: datetime,
     keep_old: bool,
     lock_timeout: float,
 ) -> None:
-    """Fence the projector, catch up to its offsets, compare, and (unless dry) swap."""
+    """Fence the projector, catch up to its offsets, compare, and (unless dry) swap;
+    ``since`` is where the fold's minutes start."""
     import asyncpg
 
     locked = time.perf_counter()
@@ -248,7 +269,10 @@ async def _swap_transaction(
         report.records_read, report.undecodable = reader.records_read, reader.undecodable
         if report.caught_up:
             report.retired += await _drop_retired(connection, report.horizon)
-            await _fold_touched(connection)
+            await _fold_touched(connection, since)
+        await _carry_live_minutes(
+            connection, _live_minutes_before(datetime.now(UTC), report.horizon)
+        )
         report.offsets = {p: max(committed.get(p, 0), reader.next[p]) for p in partitions}
         await _count(connection, report)
         report.diffs = [await compare(connection, table) for table in LIVE]
@@ -261,7 +285,6 @@ async def _swap_transaction(
         await connection.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         report.kept = await swap(connection, keep_old, stamp)
-        await rederive_minutes(connection, datetime.now(UTC))
         swapped = True
     except asyncpg.LockNotAvailableError as exc:
         raise RebuildError(
@@ -305,9 +328,8 @@ async def _create_tables(connection: asyncpg.Connection) -> None:
     await create_partitions(
         connection, await partition_months(connection), table=f"billing_transactions{SUFFIX}"
     )
-    await connection.execute(
-        f"CREATE TABLE tenant_billing_summary{SUFFIX} (LIKE tenant_billing_summary INCLUDING ALL)"
-    )
+    for table in ("tenant_billing_summary", "billing_spend_minutes"):
+        await connection.execute(f"CREATE TABLE {table}{SUFFIX} (LIKE {table} INCLUDING ALL)")
     await connection.execute(f"DROP TABLE IF EXISTS {STAGING}")
     await connection.execute(
         f"CREATE TEMP TABLE {STAGING} (LIKE billing_transactions INCLUDING DEFAULTS,"
@@ -324,9 +346,25 @@ def _fold_sql() -> tuple[str, str, str]:
     )
 
 
-async def _fold_all(connection: asyncpg.Connection, horizon: datetime | None) -> None:
-    """Winning rows from the staged events, then the summary as their aggregate (and the
-    live summary rows of the retired months, which are frozen)."""
+def _first_whole_minute(now: datetime) -> datetime:
+    """The first minute the fold derives: ``now - MINUTES_KEPT_DAYS`` rounded down, so it
+    holds every request of that minute, as the live minute does."""
+    return (now - KEPT).replace(second=0, microsecond=0)
+
+
+def _live_minutes_before(now: datetime, horizon: datetime | None) -> datetime:
+    """Minutes before this stay the live ones: older than the projector keeps at ``now``
+    (pruned, or not yet), or in a retired month (frozen)."""
+    pruned = now - KEPT
+    return pruned if horizon is None else max(pruned, horizon)
+
+
+async def _fold_all(
+    connection: asyncpg.Connection, horizon: datetime | None, since: datetime
+) -> None:
+    """Winning rows from the staged events, then the summary and the minutes from ``since``
+    as their aggregates (and the live summary rows of the retired months, which are
+    frozen)."""
     columns, summary_columns, sums = _fold_sql()
     await _create_staged_partitions(connection, "true")
     await connection.execute(
@@ -336,6 +374,12 @@ async def _fold_all(connection: asyncpg.Connection, horizon: datetime | None) ->
     await connection.execute(
         f"INSERT INTO tenant_billing_summary{SUFFIX} ({summary_columns})"  # noqa: S608
         f" SELECT {_KEY_EXPRS}, {sums} FROM billing_transactions{SUFFIX} GROUP BY {_KEY_EXPRS}"
+    )
+    await connection.execute(
+        f"INSERT INTO billing_spend_minutes{SUFFIX} ({_minute_columns()})"  # noqa: S608
+        f" SELECT {_MINUTE_EXPRS}, {_MINUTE_SUMS} FROM billing_transactions{SUFFIX}"
+        " WHERE occurred_at >= $1 GROUP BY 1, 2",
+        since,
     )
     if horizon is not None:
         await connection.execute(
@@ -365,35 +409,77 @@ async def _drop_retired(connection: asyncpg.Connection, horizon: datetime | None
     return int(status.split()[-1])
 
 
-async def _fold_touched(connection: asyncpg.Connection) -> None:
-    """Fold again the requests that got events in the swap transaction (phase 2), and the
-    summary rows of their old and new keys."""
-    columns, summary_columns, sums = _fold_sql()
+async def _fold_touched(connection: asyncpg.Connection, since: datetime) -> None:
+    """Fold again the requests that got events in the swap transaction (phase 2), then the
+    summary rows and the minutes (from ``since``) of their old and new keys."""
+    columns, _, _ = _fold_sql()
     await _create_staged_partitions(connection, "phase = 2")
     touched = "request_id IN (SELECT request_id FROM rebuild_events WHERE phase = 2)"
-    await connection.execute(
-        "CREATE TEMP TABLE rebuild_keys ON COMMIT DROP AS"  # noqa: S608
-        f" SELECT {_KEY_EXPRS} FROM billing_transactions{SUFFIX} WHERE {touched}"
+    keyed = (  # what both keys are computed from
+        f"SELECT tenant_id, occurred_at, model, api_key_id FROM billing_transactions{SUFFIX}"  # noqa: S608
+        f" WHERE {touched}"
     )
+    await connection.execute(f"CREATE TEMP TABLE rebuild_touched ON COMMIT DROP AS {keyed}")
     await connection.execute(f"DELETE FROM billing_transactions{SUFFIX} WHERE {touched}")  # noqa: S608
     await connection.execute(
         f"INSERT INTO billing_transactions{SUFFIX} ({columns})"  # noqa: S608
         f" SELECT DISTINCT ON (request_id) {columns} FROM {STAGING}"
         f" WHERE {touched} ORDER BY {_WINNER_ORDER}"
     )
-    await connection.execute(
-        f"INSERT INTO rebuild_keys SELECT {_KEY_EXPRS}"  # noqa: S608
-        f" FROM billing_transactions{SUFFIX} WHERE {touched}"
-    )
+    await connection.execute(f"INSERT INTO rebuild_touched {keyed}")
+    await _sum_touched_summary(connection)
+    await _sum_touched_minutes(connection, since)
+
+
+async def _sum_touched_summary(connection: asyncpg.Connection) -> None:
+    """The summary rows of the keys in ``rebuild_touched``, summed again."""
+    _, summary_columns, sums = _fold_sql()
+    keys = f"SELECT {_KEY_EXPRS} FROM rebuild_touched"  # noqa: S608  # fixed names
     await connection.execute(
         f"DELETE FROM tenant_billing_summary{SUFFIX}"  # noqa: S608
-        f" WHERE ({', '.join(SUMMARY_KEY_SQL)}) IN (SELECT * FROM rebuild_keys)"
+        f" WHERE ({', '.join(SUMMARY_KEY_SQL)}) IN ({keys})"
     )
     await connection.execute(
         f"INSERT INTO tenant_billing_summary{SUFFIX} ({summary_columns})"  # noqa: S608
         f" SELECT {_KEY_EXPRS}, {sums} FROM billing_transactions{SUFFIX}"
-        f" WHERE ({_KEY_EXPRS}) IN (SELECT * FROM rebuild_keys) GROUP BY {_KEY_EXPRS}"
+        f" WHERE ({_KEY_EXPRS}) IN ({keys}) GROUP BY {_KEY_EXPRS}"
     )
+
+
+async def _sum_touched_minutes(connection: asyncpg.Connection, since: datetime) -> None:
+    """The minutes (from ``since``) of the keys in ``rebuild_touched``, counted again."""
+    await connection.execute(
+        "CREATE TEMP TABLE rebuild_minutes ON COMMIT DROP AS"  # noqa: S608
+        f" SELECT DISTINCT {_MINUTE_EXPRS} FROM rebuild_touched"
+    )
+    await connection.execute("ANALYZE rebuild_minutes")  # a few keys: plan the join for that
+    await connection.execute(
+        f"DELETE FROM billing_spend_minutes{SUFFIX}"  # noqa: S608
+        f" WHERE ({', '.join(MINUTE_KEY_SQL)}) IN (SELECT * FROM rebuild_minutes)"
+    )
+    # Each minute a range of the (tenant_id, occurred_at, …) index, not a pass over every row.
+    await connection.execute(
+        f"INSERT INTO billing_spend_minutes{SUFFIX} ({_minute_columns()})"  # noqa: S608
+        f" SELECT k.tenant_id, k.minute, {_MINUTE_SUMS} FROM rebuild_minutes k"
+        f" JOIN billing_transactions{SUFFIX} t ON t.tenant_id = k.tenant_id"
+        " AND t.occurred_at >= k.minute AND t.occurred_at < k.minute + interval '1 minute'"
+        " WHERE k.minute >= $1 GROUP BY 1, 2",
+        since,
+    )
+
+
+async def _carry_live_minutes(connection: asyncpg.Connection, before: datetime) -> None:
+    """Replace the rebuilt minutes before ``before`` by the live ones, as they are."""
+    await connection.execute(f"DELETE FROM billing_spend_minutes{SUFFIX} WHERE minute < $1", before)  # noqa: S608
+    await connection.execute(
+        f"INSERT INTO billing_spend_minutes{SUFFIX}"  # noqa: S608
+        " SELECT * FROM billing_spend_minutes WHERE minute < $1",
+        before,
+    )
+
+
+def _minute_columns() -> str:
+    return ", ".join((*MINUTE_KEY_SQL, *MINUTE_VALUES))
 
 
 async def _count(connection: asyncpg.Connection, report: RebuildReport) -> None:

@@ -3,12 +3,13 @@
 ``billing rebuild`` (``services.jobs.rebuild``, whose docstring tells the whole story)
 fills ``<table>_rebuild`` next to each live table; this module holds what it does with the
 pair. Comparing: counts, sums and the ``EXCEPT ALL`` difference both ways on every column
-that says what a row holds (``IGNORED`` leaves out when it was written), with a few
-differing rows shown by key. Swapping, in the caller's transaction: inbound foreign keys
-dropped, the live table dropped or kept, the rebuilt one renamed into its place with the
-live indexes' names, owner and grants, and the foreign keys added back and validated. A
-partitioned table's partitions follow its name (``<table>_yYYYYmMM``), and their indexes
-are named after the partition and the parent index (``<partition>_pkey``, …).
+that says what a row holds (``IGNORED`` leaves out when it was written, ``EMPTIABLE`` the
+live aggregate rows a revision emptied), with a few differing rows shown by key. Swapping,
+in the caller's transaction: inbound foreign keys dropped, the live table dropped or kept,
+the rebuilt one renamed into its place with the live indexes' names, owner and grants, and
+the foreign keys added back and validated. A partitioned table's partitions follow its name
+(``<table>_yYYYYmMM``), and their indexes are named after the partition and the parent
+index (``<partition>_pkey``, …).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     import asyncpg
 
 
-LIVE = ("billing_transactions", "tenant_billing_summary")
+LIVE = ("billing_transactions", "tenant_billing_summary", "billing_spend_minutes")
 SUFFIX = "_rebuild"
 SUMMARY_KEY_SQL = {
     "tenant_id": "tenant_id",
@@ -35,16 +36,33 @@ SUMMARY_KEY_SQL = {
 }
 """``readmodels.summary_key`` (tenant, UTC day of occurred_at, model, api key or '') as SQL
 over billing_transactions, in ``readmodels.SUMMARY_KEY``'s order."""
+MINUTE_KEY_SQL = {"tenant_id": "tenant_id", "minute": "date_trunc('minute', occurred_at, 'UTC')"}
+"""``readmodels.minute_key`` (tenant, UTC minute of occurred_at) as SQL over
+billing_transactions."""
+MINUTE_VALUES = ("requests", "total_cost")
+"""What ``billing_spend_minutes`` holds at each minute key."""
 
 
 class RebuildError(Exception):
     """The rebuild was refused or failed; the live tables are as they were."""
 
 
-IGNORED = {"billing_transactions": ("projected_at",), "tenant_billing_summary": ("updated_at",)}
+IGNORED = {
+    "billing_transactions": ("projected_at",),
+    "tenant_billing_summary": ("updated_at",),
+    "billing_spend_minutes": (),
+}
 """Columns that say when a row was written, not what it holds: left out of every comparison."""
-KEYS = {"billing_transactions": ("request_id",), "tenant_billing_summary": tuple(SUMMARY_KEY_SQL)}
+KEYS = {
+    "billing_transactions": ("request_id",),
+    "tenant_billing_summary": tuple(SUMMARY_KEY_SQL),
+    "billing_spend_minutes": tuple(MINUTE_KEY_SQL),
+}
 """Each table's row key: the differing rows of both sides are paired and shown by it."""
+EMPTIABLE = {"tenant_billing_summary": SUMMARY_VALUES, "billing_spend_minutes": MINUTE_VALUES}
+"""The aggregates the projector keeps by deltas, and their values: a live row whose every
+value is zero is a group a revision emptied (it moved its request to another key), so it
+counts as absent."""
 
 
 @dataclass(slots=True)
@@ -90,8 +108,8 @@ async def compare(connection: asyncpg.Connection, table: str, samples: int = 10)
     )
     columns = ", ".join(r["attname"] for r in names if r["attname"] not in IGNORED[table])
     live = f"SELECT {columns} FROM {table}"  # noqa: S608  # catalogue names
-    if table == "tenant_billing_summary":  # an all-zero row is a group that was emptied
-        live += f" WHERE NOT ({' AND '.join(f'{c} = 0' for c in SUMMARY_VALUES)})"
+    if table in EMPTIABLE:
+        live += f" WHERE NOT ({' AND '.join(f'{c} = 0' for c in EMPTIABLE[table])})"
     rebuilt = f"SELECT {columns} FROM {table}{SUFFIX}"  # noqa: S608
     sides = {"live": (live, rebuilt), "rebuilt": (rebuilt, live)}
     diffs = {side: f"rebuild_diff_{table}_{side}" for side in sides}

@@ -3,7 +3,9 @@
 ``UsagePriced`` events (several tenants, models and days, revisions 2 and 3 out of order,
 redeliveries, a re-priced duplicate, garbage) go straight onto the cost topic; the projector
 runs as ``billing projector``; ``billing rebuild`` runs as a subprocess with the pipeline's
-environment. Rows are compared on every column but ``projected_at`` / ``updated_at``.
+environment. Rows are compared on every column but ``projected_at`` / ``updated_at``. The
+requests of ``history`` occurred about three days ago, whatever the day, so their minutes are
+among those kept (``MINUTES_KEPT_DAYS``) and re-derived.
 """
 
 from __future__ import annotations
@@ -21,19 +23,39 @@ import pytest
 
 from services.adapters.database import init_connection
 from services.adapters.partitions import retire
-from services.adapters.readmodels import SUMMARY_VALUES, summary_key, transaction_row
-from services.core.events import UsagePriced
+from services.adapters.readmodels import (
+    SUMMARY_VALUES,
+    minute_key,
+    summary_key,
+    transaction_row,
+)
+from services.adapters.spend_minutes import KEPT
+from services.core.events import UsagePriced, UsageRecorded
 from services.core.periods import add_months, month_of
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
 from services.jobs import rebuild_reader
 from services.jobs.rebuild import SUMMARY_KEY_SQL, RebuildError, rebuild
+from services.jobs.rebuild_tables import MINUTE_KEY_SQL
 from tests.integration.pipeline import BILLING, Pipeline, produce
 from tests.integration.test_projector_apply import T0, recorded
 
 pytestmark = pytest.mark.integration
 
 Rows = dict[tuple[Any, ...], dict[str, Any]]
+SHIFT = timedelta(days=(datetime.now(UTC) - T0).days - 3)
+"""Whole days from ``T0`` to about three days ago (days and summary keys keep their shape)."""
+
+
+def recent(n: int, rng: random.Random) -> UsageRecorded:
+    """``recorded(n, rng)``, occurred ``SHIFT`` later."""
+    fact = recorded(n, rng)
+    return fact.model_copy(
+        update={
+            "occurred_at": fact.occurred_at + SHIFT,
+            "recorded_at": fact.recorded_at + SHIFT,
+        }
+    )
 
 
 def scaled(
@@ -60,7 +82,7 @@ def history(book: InMemoryPriceBook, first: int, count: int) -> list[UsagePriced
     second, third = scaled(book, Decimal("0.5")), scaled(book, Decimal("1.25"))
     events: list[UsagePriced] = []
     for n in range(first, first + count):
-        fact = recorded(n, rng)
+        fact = recent(n, rng)
         if n % 7 == 0:
             fact = fact.model_copy(update={"api_key_id": None})
         one = rate(fact, book, priced_at=T0)
@@ -108,9 +130,9 @@ async def wait_committed(pipeline: Pipeline, records: int, timeout: float = 60.0
         await asyncio.sleep(0.2)
 
 
-async def read_models(url: str) -> tuple[Rows, Rows]:
-    """(transactions by request_id, summary by key), without projected_at / updated_at
-    (the rebuild's definition of equal)."""
+async def read_models(url: str) -> tuple[Rows, Rows, Rows]:
+    """(transactions by request_id, summary by key, minutes by key), without projected_at /
+    updated_at and emptied groups (the rebuild's definition of equal)."""
     connection = await asyncpg.connect(url)
     await init_connection(connection)
     try:
@@ -125,9 +147,36 @@ async def read_models(url: str) -> tuple[Rows, Rows]:
             for r in await connection.fetch("SELECT * FROM tenant_billing_summary")
             if any(r[c] != 0 for c in SUMMARY_VALUES)  # an emptied group is no group
         }
+        minutes = {
+            (r["tenant_id"], r["minute"]): dict(r)
+            for r in await connection.fetch("SELECT * FROM billing_spend_minutes")
+            if r["requests"] != 0 or r["total_cost"] != 0
+        }
     finally:
         await connection.close()
-    return transactions, summary
+    return transactions, summary, minutes
+
+
+def kept_minutes(minutes: Rows) -> Rows:
+    """The minutes the rebuild re-derives (younger than ``MINUTES_KEPT_DAYS``)."""
+    since = datetime.now(UTC) - KEPT
+    return {key: row for key, row in minutes.items() if key[1] >= since}
+
+
+def minutes_of(transactions: Rows) -> Rows:
+    """The kept minutes as the aggregate of ``transactions`` (``readmodels.minute_key``)."""
+    minutes: Rows = {}
+    for row in transactions.values():
+        tenant_id, minute = key = (
+            row["tenant_id"],
+            row["occurred_at"].replace(second=0, microsecond=0),
+        )
+        held = minutes.setdefault(
+            key, {"tenant_id": tenant_id, "minute": minute, "requests": 0, "total_cost": 0}
+        )
+        held["requests"] += 1
+        held["total_cost"] += row["total_cost"]
+    return kept_minutes(minutes)
 
 
 async def run_rebuild(pipeline: Pipeline, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -159,7 +208,7 @@ async def catalogue(url: str) -> tuple[set[str], list[tuple[str, str, bool]], se
             for r in await connection.fetch(
                 "SELECT indexname FROM pg_indexes WHERE tablename = ANY($1::text[])"
                 " OR tablename LIKE 'billing\\_transactions\\_y%'",
-                ["billing_transactions", "tenant_billing_summary"],
+                ["billing_transactions", "tenant_billing_summary", "billing_spend_minutes"],
             )
         }
         keys = [
@@ -195,9 +244,18 @@ async def test_rebuild_equals_the_live_models_and_the_projector_goes_on(
     await produce(pipeline.bootstrap, pipeline.topics.costs, values)
     pipeline.start("projector")
     await wait_committed(pipeline, len(values))
+    old = (datetime.now(UTC) - KEPT - timedelta(days=5)).replace(second=0, microsecond=0)
+    connection = await asyncpg.connect(pipeline.database_url)
+    try:  # an old minute the projector has not pruned yet (it prunes hourly)
+        await connection.execute(
+            "INSERT INTO billing_spend_minutes VALUES ('tenant-0', $1, 2, 0.5)", old
+        )
+    finally:
+        await connection.close()
     live = await read_models(pipeline.database_url)
     before = await catalogue(pipeline.database_url)
     assert len(live[0]) == 120
+    assert len(live[2]) > 100 and kept_minutes(live[2]) == minutes_of(live[0])
     assert {r["revision"] for r in live[0].values()} == {1, 2, 3}
     assert any(r["api_key_id"] is None for r in live[0].values())
     assert len({k[1] for k in live[1]}) >= 2  # several UTC days
@@ -221,7 +279,8 @@ async def test_rebuild_equals_the_live_models_and_the_projector_goes_on(
     status, report, out = await run_rebuild(pipeline)
     assert status == 0, out
     assert report["swapped"] and report["equal"] and report["kept"] == []
-    assert await read_models(pipeline.database_url) == live
+    assert await read_models(pipeline.database_url) == live  # the old minute as it was too
+    assert ("tenant-0", old) in live[2]
     after = await catalogue(pipeline.database_url)
     assert after[0] == before[0]  # the same index (and constraint) names, partitions' too
     assert any("_y20" in name for name in after[0])
@@ -237,14 +296,15 @@ async def test_rebuild_equals_the_live_models_and_the_projector_goes_on(
     later = history(snapshot_book, 120, 30)
     dearer = scaled(snapshot_book, Decimal(2))
     revised = [
-        rate(recorded(n, random.Random(0)), dearer, priced_at=T0, revision=4, reason="later")
+        rate(recent(n, random.Random(0)), dearer, priced_at=T0, revision=4, reason="later")
         for n in (1, 2, 3)
     ]
     more = encoded([*later, *revised], seed=5)
     await produce(pipeline.bootstrap, pipeline.topics.costs, more)
     await wait_committed(pipeline, len(values) + len(more))
-    transactions, _ = await read_models(pipeline.database_url)
+    transactions, _, minutes = await read_models(pipeline.database_url)
     assert len(transactions) == 150
+    assert kept_minutes(minutes) == minutes_of(transactions)
     assert [transactions[(f"req-{n}",)]["revision"] for n in (1, 2, 3)] == [4, 4, 4]
     connection = await asyncpg.connect(pipeline.database_url)
     try:
@@ -261,7 +321,7 @@ async def test_rebuild_equals_the_live_models_and_the_projector_goes_on(
     assert status == 0 and report["equal"], out  # the deltas still add up to the fold
 
 
-async def test_a_tampered_summary_is_found_and_repaired(
+async def test_a_tampered_summary_and_minute_are_found_and_repaired(
     pipeline: Pipeline, snapshot_book: InMemoryPriceBook
 ) -> None:
     values = encoded(history(snapshot_book, 0, 40))
@@ -278,6 +338,12 @@ async def test_a_tampered_summary_is_found_and_repaired(
             " RETURNING tenant_id, day, model, api_key_id, total_cost"
         )
         await connection.execute("GRANT SELECT ON tenant_billing_summary TO PUBLIC")
+        minute = await connection.fetchrow(
+            "UPDATE billing_spend_minutes SET requests = requests + 2 WHERE (tenant_id, minute)"
+            " = (SELECT tenant_id, minute FROM billing_spend_minutes ORDER BY 2, 1 LIMIT 1)"
+            " RETURNING tenant_id, minute, requests"
+        )
+        await connection.execute("GRANT SELECT ON billing_spend_minutes TO PUBLIC")
     finally:
         await connection.close()
 
@@ -287,12 +353,23 @@ async def test_a_tampered_summary_is_found_and_repaired(
     assert f"({key['tenant_id']}, {key['day']}, {key['model']}, {key['api_key_id']})" in out
     assert f"total_cost live {key['total_cost']} rebuilt" in out
     assert "billing_transactions: live 40 rows / rebuilt 40; " in out
+    minutes = len(live[2])
+    assert f"billing_spend_minutes: live {minutes} rows / rebuilt {minutes}; " in out
+    assert (
+        "; requests 42 / 40; 1 live rows not in the rebuilt table, "
+        "1 rebuilt rows not in the live one"
+    ) in out
+    assert (
+        f"({minute['tenant_id']}, {minute['minute']}): requests live {minute['requests']}"
+        f" rebuilt {minute['requests'] - 2}"
+    ) in out
 
     status, report, out = await run_rebuild(pipeline, "--keep-old")
     assert status == 0, out
     assert report["swapped"] and not report["equal"]  # what it repaired
     assert await read_models(pipeline.database_url) == live
     (kept_summary,) = [t for t in report["kept"] if t.startswith("tenant_billing_summary")]
+    (kept_minutes_table,) = [t for t in report["kept"] if t.startswith("billing_spend_minutes")]
     connection = await asyncpg.connect(pipeline.database_url)
     try:
         tampered = await connection.fetchval(
@@ -303,14 +380,25 @@ async def test_a_tampered_summary_is_found_and_repaired(
             key["model"],
             key["api_key_id"],
         )
-        acl = await connection.fetchrow(
-            "SELECT relacl::text[] AS acl, pg_get_userbyid(relowner) AS owner FROM pg_class"
-            " WHERE oid = 'tenant_billing_summary'::regclass"
+        tampered_requests = await connection.fetchval(
+            f"SELECT requests FROM {kept_minutes_table} WHERE tenant_id = $1 AND minute = $2",
+            minute["tenant_id"],
+            minute["minute"],
         )
+        acls = [
+            await connection.fetchrow(
+                "SELECT relacl::text[] AS acl, pg_get_userbyid(relowner) AS owner FROM pg_class"
+                " WHERE oid = $1::regclass",
+                table,
+            )
+            for table in ("tenant_billing_summary", "billing_spend_minutes")
+        ]
     finally:
         await connection.close()
     assert tampered == key["total_cost"]
-    assert grantees(acl) == {"PUBLIC": "r"}  # the grants went over to the new table
+    assert tampered_requests == minute["requests"]
+    for acl in acls:  # the grants went over to the new tables
+        assert grantees(acl) == {"PUBLIC": "r"}
     status, report, out = await run_rebuild(pipeline, "--dry-run")  # and the next one works
     assert status == 0 and report["equal"], out
 
@@ -325,11 +413,11 @@ async def test_without_projector_offsets_it_reads_to_the_end_and_stores_them(
     assert report["stop"] == "end of log" and report["swapped"]
     assert report["records_read"] == len(values) == sum(report["offsets"].values())
     assert await committed(pipeline) == len(values)
-    transactions, _ = await read_models(pipeline.database_url)
+    transactions, _, _ = await read_models(pipeline.database_url)
     assert len(transactions) == 50
 
     pipeline.start("projector")  # goes on from the stored offsets
-    revised = rate(recorded(1, random.Random(0)), snapshot_book, priced_at=T0, revision=6)
+    revised = rate(recent(1, random.Random(0)), snapshot_book, priced_at=T0, revision=6)
     more = encoded([*history(snapshot_book, 50, 5), revised])
     await produce(pipeline.bootstrap, pipeline.topics.costs, more)
     await wait_committed(pipeline, len(values) + len(more))
@@ -356,13 +444,16 @@ async def test_records_committed_during_the_read_are_folded_in_under_the_lock(
     pipeline.start("projector")
     await wait_committed(pipeline, len(values))
     dearer = scaled(snapshot_book, Decimal(3))
+    fact = recent(1, random.Random(0))
+    moved = fact.model_copy(update={"occurred_at": fact.occurred_at + timedelta(minutes=7)})
     meanwhile = encoded(
         [
             *history(snapshot_book, 60, 10),  # new requests
             *(  # and re-ratings of old ones, some onto other keys' rows
-                rate(recorded(n, random.Random(0)), dearer, priced_at=T0, revision=5)
+                rate(recent(n, random.Random(0)), dearer, priced_at=T0, revision=5)
                 for n in range(0, 60, 6)
             ),
+            rate(moved, dearer, priced_at=T0, revision=5),  # req-1 to another minute
         ],
         seed=9,
     )
@@ -376,6 +467,11 @@ async def test_records_committed_during_the_read_are_folded_in_under_the_lock(
         try:  # req-0 and req-42 moved from api key '' to key-0: their old group is empty
             state["emptied"] = await connection.fetchval(
                 "SELECT count(*) FROM tenant_billing_summary WHERE requests = 0 AND total_cost = 0"
+            )
+            state["emptied_minute"] = await connection.fetchval(  # req-1's old minute
+                "SELECT requests = 0 AND total_cost = 0 FROM billing_spend_minutes"
+                " WHERE tenant_id = $1 AND minute = $2",
+                *minute_key(transaction_row(rate(fact, dearer, priced_at=T0))),
             )
         finally:
             await connection.close()
@@ -394,6 +490,12 @@ async def test_records_committed_during_the_read_are_folded_in_under_the_lock(
     assert await read_models(pipeline.database_url) == state["live"]
     assert len(state["live"][0]) == 70
     assert state["emptied"] >= 1  # left out of the comparison, and gone after the swap
+    assert state["emptied_minute"]
+    transactions, _, minutes = state["live"]
+    assert kept_minutes(minutes) == minutes_of(transactions)
+    new_minute = minute_key(transaction_row(rate(moved, dearer, priced_at=T0)))
+    assert minutes[new_minute]["requests"] == 1
+    assert minutes[new_minute]["total_cost"] == transactions[("req-1",)]["total_cost"]
 
 
 async def test_refusals_change_nothing(
@@ -438,10 +540,11 @@ async def test_refusals_change_nothing(
     assert (await catalogue(pipeline.database_url))[2] == tables
 
 
-async def test_the_summary_key_in_sql_is_the_projectors(
+async def test_the_summary_and_minute_keys_in_sql_are_the_projectors(
     database_url: str, snapshot_book: InMemoryPriceBook
 ) -> None:
-    """``SUMMARY_KEY_SQL`` computes ``readmodels.summary_key`` (UTC days, at their edges)."""
+    """``SUMMARY_KEY_SQL`` and ``MINUTE_KEY_SQL`` compute ``readmodels.summary_key`` and
+    ``minute_key`` (UTC days and minutes, at their edges)."""
     base = recorded(0, random.Random(0))
     connection = await asyncpg.connect(database_url)
     try:
@@ -464,6 +567,13 @@ async def test_the_summary_key_in_sql_is_the_projectors(
                     row[2],
                 )
                 assert tuple(computed) == summary_key(row)
+                minute = await connection.fetchrow(
+                    f"SELECT {', '.join(MINUTE_KEY_SQL.values())} FROM (SELECT"
+                    " $1::text AS tenant_id, $2::timestamptz AS occurred_at) t",
+                    row[1],
+                    row[6],
+                )
+                assert tuple(minute) == minute_key(row)
     finally:
         await connection.close()
 
