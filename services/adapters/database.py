@@ -5,6 +5,11 @@ the data directory (``services.local.postgres``: the local stack, not an adapter
 Migrations are the plain SQL files in ``migrations/``, applied in order, each in its own
 transaction, under an advisory lock so that several services starting at once apply each
 file exactly once; ``schema_migrations`` records what was applied.
+
+Every connection made here takes TLS from the settings (:func:`database_connect_options`:
+``BILLING_DATABASE_SSLMODE``, ``BILLING_DATABASE_SSLROOTCERT``). Only a pool made with a
+``timeout`` (the gateway's) bounds its statements, calls and connection waits: the
+projector, the jobs and migrations run long statements on purpose.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from services.adapters.errors import DatabaseError
+from services.adapters.settings import Settings
 
 log = logging.getLogger("billing.database")
 
@@ -83,9 +90,26 @@ async def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     return applied_now
 
 
+def database_connect_options(settings: Settings | None = None) -> dict[str, Any]:
+    """asyncpg's TLS option from ``settings`` (``None``: the environment's, as every service
+    process reads them); empty when ``database_sslmode`` is unset, so the URL's own
+    ``?sslmode=`` (or asyncpg's default, ``prefer``) applies."""
+    settings = settings or Settings()
+    mode = settings.database_sslmode
+    if mode is None:
+        return {}
+    if mode in ("verify-ca", "verify-full"):
+        root = settings.database_sslrootcert
+        context = ssl.create_default_context(cafile=str(root) if root else None)
+        context.check_hostname = mode == "verify-full"  # verify-ca: the chain only
+        return {"ssl": context}
+    return {"ssl": mode}
+
+
 async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
+    """A connection to ``url`` with the settings' TLS (``kwargs`` win)."""
     try:
-        return await asyncpg.connect(url, **kwargs)
+        return await asyncpg.connect(url, **(database_connect_options() | kwargs))
     except (OSError, asyncpg.PostgresError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
 
@@ -133,12 +157,55 @@ def _jsonb_decode(data: bytes) -> Any:
     return json.loads(data[1:])
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 4, timeout: float | None = None
+) -> asyncpg.Pool:
+    """A pool with :func:`init_connection`'s codecs and the settings' TLS. ``timeout`` (the
+    gateway's ``database_timeout_seconds``) bounds every statement on the server
+    (``statement_timeout``), every call (``command_timeout``), every wait for a connection
+    from the pool and every new connection; without it nothing is bounded (long jobs)."""
+    options: dict[str, Any] = {
+        "min_size": min_size,
+        "max_size": max_size,
+        "init": init_connection,
+        **database_connect_options(),
+    }
     try:
-        pool = await asyncpg.create_pool(
-            url, min_size=min_size, max_size=max_size, init=init_connection
-        )
+        if timeout is None:
+            pool = await asyncpg.create_pool(url, **options)
+        else:
+            pool = await _BoundedPool.open(url, timeout, options)
     except (OSError, asyncpg.PostgresError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
     assert pool is not None  # noqa: S101 - create_pool returns None only when not awaited
     return pool
+
+
+class _BoundedPool(asyncpg.Pool):  # type: ignore[misc]
+    """A pool whose ``acquire()`` gives up after its timeout unless told otherwise (asyncpg
+    has no pool-wide acquire timeout; ``pool.fetch()`` and the like go through here too)."""
+
+    __slots__ = ("_acquire_timeout",)
+
+    @classmethod
+    async def open(cls, url: str, timeout: float, options: dict[str, Any]) -> asyncpg.Pool:
+        server = dict(options.pop("server_settings", None) or {})
+        server["statement_timeout"] = str(max(1, round(timeout * 1000)))  # milliseconds
+        # The arguments asyncpg.create_pool passes (it takes no pool class of its own).
+        pool = cls(
+            url,
+            connection_class=asyncpg.Connection,
+            record_class=asyncpg.Record,
+            max_queries=50000,
+            max_inactive_connection_lifetime=300.0,
+            loop=None,
+            command_timeout=timeout,
+            timeout=timeout,  # connecting
+            server_settings=server,
+            **options,
+        )
+        pool._acquire_timeout = timeout
+        return await pool
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=self._acquire_timeout if timeout is None else timeout)

@@ -24,6 +24,10 @@ that the embedded Tansu 0.6.0 broker works too. Measured against it on this mach
 - With the broker SIGKILLed, ``send_and_wait`` fails after ``request_timeout_ms`` (5 s here)
   with ``NodeNotReadyError`` (or ``UnknownTopicOrPartitionError`` for a topic it never sent to).
 
+Every client made here (producer, consumer, admin) carries the transport's security options,
+TLS and SASL, from the settings (:func:`kafka_client_options`); the pricer's faust app
+takes the same options as faust credentials.
+
 TopicSetupFailed (AdapterError)   topics could not be created or have the wrong partition count
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,7 +53,8 @@ from aiokafka.errors import (
     for_code,
 )
 
-from services.adapters.errors import AdapterError
+from services.adapters.errors import AdapterError, ConfigError
+from services.adapters.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,41 @@ GROUP_TIMINGS: Mapping[str, int] = {
 
 class TopicSetupFailed(AdapterError):
     """Topics could not be created, or exist with another partition count."""
+
+
+def kafka_client_options(settings: Settings | None = None) -> dict[str, Any]:
+    """aiokafka's transport security options (TLS, SASL) from ``settings`` (``None``: the
+    environment's, as every service process reads them): the one place they are mapped,
+    for every producer, consumer and admin client, and for faust (``pricer.app``)."""
+    settings = settings or Settings()
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = _ssl_context(settings)
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        password = settings.kafka_sasl_password
+        if not settings.kafka_sasl_username or password is None:
+            raise ConfigError(
+                f"BILLING_KAFKA_SECURITY_PROTOCOL={protocol} needs BILLING_KAFKA_SASL_USERNAME "
+                "and BILLING_KAFKA_SASL_PASSWORD"
+            )
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = password.get_secret_value()
+    return options
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext:
+    """Verifies the brokers' certificates and host names (against ``kafka_ssl_cafile``, else
+    the system's CAs); presents a client certificate when one is configured (mutual TLS)."""
+    cafile = settings.kafka_ssl_cafile
+    context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    if settings.kafka_ssl_certfile is not None:
+        keyfile = settings.kafka_ssl_keyfile
+        context.load_cert_chain(str(settings.kafka_ssl_certfile), str(keyfile) if keyfile else None)
+    elif settings.kafka_ssl_keyfile is not None:
+        raise ConfigError("BILLING_KAFKA_SSL_KEYFILE needs BILLING_KAFKA_SSL_CERTFILE")
+    return context
 
 
 async def ensure_topics(
@@ -115,6 +156,7 @@ def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
         # Bounds metadata waits, a full buffer and batch expiry: with the broker gone, a send
         # fails after this long instead of the default 40 s (ingest must answer 503 quickly).
         "request_timeout_ms": 5000,
+        **kafka_client_options(),
     }
     settings.update(overrides)
     return AIOKafkaProducer(**settings)
@@ -131,9 +173,21 @@ def make_consumer(
         "auto_offset_reset": "earliest",
         "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
         **GROUP_TIMINGS,
+        **kafka_client_options(),
     }
     settings.update(overrides)
     return AIOKafkaConsumer(*topics, **settings)
+
+
+def make_admin(bootstrap: str, **overrides: Any) -> AIOKafkaAdminClient:
+    """An admin client (topic set-up) with the transport's security options."""
+    settings: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "request_timeout_ms": 5000,
+        **kafka_client_options(),
+    }
+    settings.update(overrides)
+    return AIOKafkaAdminClient(**settings)
 
 
 class _NotYet(Exception):
@@ -141,7 +195,7 @@ class _NotYet(Exception):
 
 
 async def _create_and_check(bootstrap: str, topics: Mapping[str, int], replication: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    admin = make_admin(bootstrap)
     try:
         await admin.start()
         await _create(admin, topics, replication)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -197,6 +198,22 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "BILLING_ADMIN_TOKEN must be set to a real secret outside development"
             )
+        return self
+
+    @field_validator("finance_token")
+    @classmethod
+    def _finance_token(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None or not value.get_secret_value().strip() else value
+
+    @model_validator(mode="after")
+    def _distinct_tokens(self) -> Settings:
+        if self.finance_token is None or self.admin_token is None:
+            return self
+        finance = self.finance_token.get_secret_value()
+        if hmac.compare_digest(finance.encode(), self.admin_token.get_secret_value().encode()):
+            raise ConfigError("BILLING_FINANCE_TOKEN must differ from BILLING_ADMIN_TOKEN")
+        if self.env != "development" and finance.strip().lower() in PLACEHOLDER_SECRETS:
+            raise ConfigError("BILLING_FINANCE_TOKEN must be a real secret outside development")
         return self
 
     @field_validator("session_secret")

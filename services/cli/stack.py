@@ -111,9 +111,25 @@ def gateway_cmd(obj: Context, host: str, port: int, workers: int | None) -> None
             "BILLING_SESSION_SECRET must be set in production: it signs the dashboard's "
             "sessions, and every gateway process and host must share one"
         )
+    if settings.admin_token is None and not is_loopback(host):
+        # Without the token everything under /internal (usage, credits, prices) is open.
+        raise click.ClickException(
+            f"refusing to listen on {host}: set BILLING_ADMIN_TOKEN first (without it "
+            "/internal is open to anyone who can reach the port); only 127.0.0.1, ::1 "
+            "and localhost are allowed without one"
+        )
     workers = workers or settings.gateway_workers
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+        uvicorn.run(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=False,
+            # Request heads above 64 KiB are refused (400) when uvicorn parses with h11;
+            # httptools, its default here, has no such limit (see the README).
+            h11_max_incomplete_event_size=64 * 1024,
+        )
         return
     # Each worker is a fresh interpreter that builds its app from the environment: hand it
     # what this process resolved (the data dir, a running stack's addresses, the count).
@@ -127,7 +143,21 @@ def gateway_cmd(obj: Context, host: str, port: int, workers: int | None) -> None
         workers=workers,
         log_level="info",
         access_log=False,
+        h11_max_incomplete_event_size=64 * 1024,
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``): nothing else can reach it.
+    A host name other than ``localhost`` is not trusted to stay one."""
+    import ipaddress
+
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _worker_environment(settings: Settings, workers: int) -> dict[str, str]:

@@ -97,7 +97,9 @@ def _count(obj: Mapping[str, Any], key: str, *where: str) -> int:
         raise UsageError(_at(where, key), f"must be a non-negative integer, got {value!r:.40}")
     if value < 0:
         raise UsageError(_at(where, key), f"must not be negative, got {value}")
-    raise UsageError(_at(where, key), f"{value:.3g} is out of range (below {MAX_COUNT:.0e})")
+    # Not "{value:.3g}": an integer of 310 digits or more does not convert to a float.
+    digits = len(str(value)) if value.bit_length() < 14_000 else "thousands of"
+    raise UsageError(_at(where, key), f"a {digits}-digit count is out of range (below 10^12)")
 
 
 def _required_count(obj: Mapping[str, Any], key: str, *where: str) -> int:

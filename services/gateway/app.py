@@ -19,7 +19,9 @@ from services.gateway import (
     front,
     ingest,
     invoices_api,
+    limits,
     models,
+    openapi,
     ops,
     prices_api,
     queries,
@@ -58,8 +60,22 @@ _NO_TELEMETRY: TelemetryConfig = {
 class Gateway(FastAPI):
     """FastAPI, with the proxy routes answered before any of its own machinery (front.py)."""
 
+    body_limit: int = 16 << 20
+    """``max_body_bytes`` and ``body_timeout_seconds`` (set by :func:`create_app`)."""
+    body_seconds: float = 30.0
+
     async def __call__(self, scope: front.Scope, receive: front.Receive, send: front.Send) -> None:
-        route = front.route_of(scope) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        # Every request's body is bounded (limits.py): a declared one too large is refused
+        # unread, the others are counted and timed as they are read.
+        refused = limits.refusal(scope["headers"], self.body_limit)
+        if refused is not None:
+            await limits.send_refusal(scope["path"], refused, send)
+            return
+        receive = limits.Body(receive, self.body_limit, self.body_seconds)
+        route = front.route_of(scope)
         if route is None:
             await super().__call__(scope, receive, send)
         else:
@@ -92,28 +108,22 @@ def create_app(
         # proxy's CPU at 1,000 req/s (py-spy).
         telemetry=_NO_TELEMETRY,
     )
+    app.body_limit = settings.max_body_bytes
+    app.body_seconds = settings.body_timeout_seconds
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
     app.mount("/dashboard/static", dashboard_pages.static_files(), name="dashboard-static")
-    _document_proxy_routes(app)
+    _document(app)
     return app
 
 
-def _document_proxy_routes(app: FastAPI) -> None:
+def _document(app: FastAPI) -> None:
     generate = app.openapi
 
-    def openapi() -> dict[str, Any]:
+    def documented() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = generate()
-            schema["paths"] = front.openapi_paths() | schema["paths"]
-            components = schema.setdefault("components", {})
-            components.setdefault("schemas", {})["ProxyError"] = front.PROXY_ERROR_SCHEMA
-            components.setdefault("securitySchemes", {})["bearer"] = {
-                "type": "http",
-                "scheme": "bearer",
-            }
-            app.openapi_schema = schema
+            app.openapi_schema = openapi.document(generate())
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = documented  # type: ignore[method-assign]

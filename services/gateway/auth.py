@@ -1,47 +1,135 @@
-"""Authentication: the admin token for ``/internal``, tenant API keys for the public routes."""
+"""Authentication: the admin and finance tokens for ``/internal``, tenant API keys for the
+public routes, and the limit on failed attempts per client address.
+
+The admin token reads and writes everything; the finance token may only read
+(:data:`FINANCE_READS`) and is refused elsewhere with 403. Tokens are compared in constant
+time. A client address that fails to authenticate ``auth_failures_per_minute`` times is
+answered 429 (``Retry-After``) on its next attempts, whatever they carry, until its
+allowance refills: nothing is looked up for it meanwhile.
+"""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import HTTPException, Request, status
+from pydantic import SecretStr
 
 from services.adapters.tenants import key_hash
 from services.gateway.keys import TenantKey
 from services.gateway.resources import Resources, resources_of
 
+FINANCE_READS = (
+    "/internal/billing/summary",
+    "/internal/billing/transactions",
+    "/internal/billing/drift",
+    "/internal/billing/invoices",
+)
+"""What the finance token may read (``GET``, these paths and the paths below them)."""
+
 
 async def require_admin(request: Request) -> None:
-    """Allow the request when no admin token is configured or the Bearer token matches (a
-    coroutine, though it awaits nothing: FastAPI runs a plain function in a thread)."""
-    token = resources_of(request).settings.admin_token
-    if token is None:
+    """Allow the request when no admin token is configured, the Bearer token is the admin
+    token, or it is the finance token on a read of :data:`FINANCE_READS` (403 elsewhere);
+    401 otherwise, 429 after too many failures from this address (a coroutine, though it
+    awaits nothing: FastAPI runs a plain function in a thread)."""
+    resources = resources_of(request)
+    settings = resources.settings
+    if settings.admin_token is None:
         return
-    expected = token.get_secret_value()
-    header = request.headers.get("authorization", "")
-    scheme, _, supplied = header.partition(" ")
-    # Compare bytes: compare_digest refuses non-ASCII str, and a header is the client's to send.
-    matches = hmac.compare_digest(supplied.strip().encode(), expected.encode())
-    if scheme.lower() != "bearer" or not matches:
+    client = client_address(request.scope)
+    try:
+        refuse_if_limited(resources, client)
+    except Unauthorized as exc:
+        raise HTTPException(exc.status, exc.message, headers=exc.headers) from None
+    supplied = bearer(request.headers)
+    if _same(supplied, settings.admin_token):
+        return
+    if settings.finance_token is not None and _same(supplied, settings.finance_token):
+        if finance_may(request.method, request.url.path):
+            return
         raise HTTPException(
-            status_code=status.HTTP_401_UNAUTHORIZED,
-            detail="a valid admin token is required (Authorization: Bearer ...)",
-            headers={"WWW-Authenticate": "Bearer"},
+            status.HTTP_403_FORBIDDEN,
+            "the finance token may only read /internal/billing/summary, transactions, "
+            "drift and invoices",
+        )
+    failed(resources, client)
+    raise HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED,
+        detail="a valid admin token is required (Authorization: Bearer ...)",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def finance_may(method: str, path: str) -> bool:
+    """Whether the finance token may make this request (a read of :data:`FINANCE_READS`)."""
+    if method not in ("GET", "HEAD"):
+        return False
+    path = path.rstrip("/")
+    return any(path == allowed or path.startswith(allowed + "/") for allowed in FINANCE_READS)
+
+
+def _same(supplied: str, expected: SecretStr) -> bool:
+    # A blank token (an empty environment variable) matches nothing, not a missing header.
+    secret = expected.get_secret_value().strip()
+    # Compare bytes: compare_digest refuses non-ASCII str, and a header is the client's to send.
+    return bool(secret) and hmac.compare_digest(supplied.encode(), secret.encode())
+
+
+def client_address(scope: Mapping[str, Any]) -> str:
+    """The client's address of an ASGI scope (uvicorn puts the forwarded one there when
+    the proxy in front is trusted: ``--forwarded-allow-ips``)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def limited_for(resources: Resources, client: str) -> int | None:
+    """Seconds ``client`` must wait after failing too often lately, or ``None``."""
+    limit = resources.settings.auth_failures_per_minute
+    return resources.key_cache.failures.retry_after(client, limit)
+
+
+def failed(resources: Resources, client: str) -> None:
+    """Count one failed authentication by ``client``."""
+    resources.key_cache.failures.failed(client, resources.settings.auth_failures_per_minute)
+
+
+def refuse_if_limited(resources: Resources, client: str) -> None:
+    """:class:`Unauthorized` (429, ``Retry-After``) when ``client`` failed too often lately."""
+    wait = limited_for(resources, client)
+    if wait is not None:
+        raise Unauthorized(
+            f"too many failed authentications from this address; retry in {wait}s",
+            429,
+            retry_after=wait,
         )
 
 
-class Unauthorized(Exception):
-    """The request carries no usable credentials (401), or keys cannot be checked (503)."""
+def count_failure(resources: Resources, client: str, exc: Unauthorized) -> None:
+    """Count ``exc`` against ``client`` when it is a refused credential (401)."""
+    if exc.status == 401:
+        failed(resources, client)
 
-    def __init__(self, message: str, status: int = 401) -> None:
+
+class Unauthorized(Exception):
+    """The request carries no usable credentials (401), its address failed too often (429),
+    or keys cannot be checked (503)."""
+
+    def __init__(self, message: str, status: int = 401, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
     @property
     def headers(self) -> dict[str, str] | None:
-        return {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
+        if self.retry_after is not None:
+            return {"Retry-After": str(self.retry_after)}
+        return None
 
 
 def bearer(headers: Mapping[str, str]) -> str:
@@ -77,8 +165,12 @@ async def tenant_of(resources: Resources, key: str, *, gemini: bool = False) -> 
 
 
 async def require_tenant(request: Request) -> TenantKey:
-    """The tenant and key behind ``Authorization: Bearer <key>``; 401 otherwise."""
+    """The tenant and key behind ``Authorization: Bearer <key>``; 401 otherwise, 429 after
+    too many failures from this address."""
+    resources, client = resources_of(request), client_address(request.scope)
     try:
-        return await tenant_of(resources_of(request), bearer(request.headers))
+        refuse_if_limited(resources, client)
+        return await tenant_of(resources, bearer(request.headers))
     except Unauthorized as exc:
+        count_failure(resources, client, exc)
         raise HTTPException(exc.status, exc.message, headers=exc.headers) from None

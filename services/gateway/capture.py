@@ -19,11 +19,11 @@ from decimal import Decimal
 from typing import Any, Literal
 
 import orjson
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from services.adapters import metrics
 from services.core.errors import BillingError
-from services.core.events import ReportedCharge, UsageCounts, UsageRecorded
+from services.core.events import Identifier, ReportedCharge, UsageCounts, UsageRecorded
 from services.core.usage import Usage, parse_usage
 from services.gateway.emitter import Emitter
 from services.gateway.keys import TenantKey
@@ -98,6 +98,19 @@ OPENAI = Dialect(
     prompt_tokens=_openai_prompt_tokens,
     max_output=_openai_max_output,
 )
+
+
+_MODEL_ID: TypeAdapter[str] = TypeAdapter(Identifier)
+
+
+def model_problem(model: str) -> str | None:
+    """Why ``model`` cannot be billed (the rules of ``UsageRecorded.provider_model_id``: 1 to
+    256 characters, no NUL, valid Unicode), or ``None``: a request for it is not forwarded."""
+    try:
+        _MODEL_ID.validate_python(model)
+    except ValidationError as exc:
+        return f"invalid model name {model!r:.80}: {exc.errors()[0]['msg']}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

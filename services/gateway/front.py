@@ -9,7 +9,8 @@ response machinery was about a quarter of the CPU of a proxied request (py-spy,
 on as it came.
 
 Errors take the SDKs' shape (``proxy.error``): 401 (``auth.Unauthorized``), 402 (not enough
-credit or budget: ``admission.py``), 405 for another method on the chat route, and a logged
+credit or budget: ``admission.py``), 429 (too many failed authentications from the client's
+address), 405 for another method on the chat route, and a logged
 500 for anything unexpected, never a traceback. A
 client that leaves while sending its body gets nothing and nothing is forwarded. A streamed
 answer is relayed chunk by chunk while a watcher waits for the client to leave; if it does,
@@ -24,7 +25,13 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from services.gateway import gemini, proxy
-from services.gateway.auth import Unauthorized
+from services.gateway.auth import (
+    Unauthorized,
+    client_address,
+    count_failure,
+    refuse_if_limited,
+)
+from services.gateway.limits import BodyRefused
 from services.gateway.proxy import ClientGone, Incoming, Relay, Reply
 from services.gateway.resources import Resources
 from services.gateway.upstream import UpstreamError
@@ -50,13 +57,18 @@ async def serve(
         {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
         lambda: _body(receive),
     )
+    client = client_address(scope)
     try:
+        refuse_if_limited(resources, client)  # 429 after too many failed authentications
         reply = await route(resources, incoming)
     except Unauthorized as exc:
+        count_failure(resources, client, exc)
         reply = proxy.error(exc.status, exc.message, exc.headers)
     except ClientGone:
         log.info("client left during its request to %s", incoming.path)
         return
+    except BodyRefused as exc:  # too large or too slow (limits.py): nothing was forwarded
+        reply = proxy.error(exc.status_code, exc.detail, exc.headers)
     except Exception:
         log.exception("unhandled error on POST %s", incoming.path)
         reply = proxy.error(500, "internal error")
@@ -191,7 +203,7 @@ def openapi_paths() -> dict[str, Any]:
                         "headers": {"x-billing-request-id": {"schema": {"type": "string"}}},
                         "content": {
                             "application/json": {"schema": {"type": "object"}},
-                            "text/event-stream": {"schema": {"type": "string"}},
+                            "text/event-stream": {"schema": SSE_EVENT_SCHEMA},
                         },
                     },
                     **errors,
@@ -200,8 +212,11 @@ def openapi_paths() -> dict[str, Any]:
             }
         }
 
+    examples = {"model_action": "gemini-2.5-flash:generateContent", "location": "us-central1"}
+
     def path_parameter(name: str) -> dict[str, Any]:
-        return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        schema = {"type": "string", "example": examples.get(name, "my-project")}
+        return {"name": name, "in": "path", "required": True, "schema": schema}
 
     model = [path_parameter("model_action")]  # {model}:generateContent or :streamGenerateContent
     vertex = [path_parameter("project"), path_parameter("location"), *model]
@@ -217,6 +232,17 @@ def openapi_paths() -> dict[str, Any]:
         paths[scoped + "/{model_action}"] = operation(gemini, vertex)
     return paths
 
+
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "description": "One server-sent event of the stream (data: a JSON chunk, or [DONE])",
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 
 PROXY_ERROR_SCHEMA = {
     "type": "object",

@@ -50,14 +50,15 @@ from urllib.parse import parse_qs
 
 from services.core.usage import Usage
 from services.gateway.auth import gemini_key, tenant_of
-from services.gateway.capture import Call, Dialect, positive_int
+from services.gateway.capture import Call, Dialect, model_problem, positive_int
 from services.gateway.proxy import Incoming, Reply, error, forward, forwarded_headers, parse_body
 from services.gateway.resources import Resources
 
 ACTIONS = frozenset({"generateContent", "streamGenerateContent"})
 PATH = re.compile(
     r"/(?:v1|v1beta)/models/(?P<gemini>.+)"
-    r"|/(?:v1|v1beta1)/(?:projects/[^/]+/locations/[^/]+/)?publishers/google/models/(?P<vertex>.+)"
+    r"|/(?:v1|v1beta1)/(?:projects/[^/]+/locations/[^/]+/)?publishers/google/models/(?P<vertex>.+)",
+    re.DOTALL,  # a path with a newline (%0A) is the route's too: 404 unknown action, not 405
 )
 """The paths served (see the module docstring), ending in ``{model}:{action}``. Other
 publishers' models and tuned-model endpoints are not among them: they stay 404."""
@@ -134,7 +135,10 @@ async def generate_content(resources: Resources, incoming: Incoming, model_actio
             404, f"unknown action {action!r}: use generateContent or streamGenerateContent"
         )
     if not _MODEL.fullmatch(model):
-        return error(400, f"invalid model name {model!r}")
+        return error(400, f"invalid model name {model!r:.80}")
+    problem = model_problem(f"google/{model}")  # what cannot be billed is not forwarded
+    if problem is not None:
+        return error(400, problem)
     stream = action == "streamGenerateContent"
     if stream and parse_qs(incoming.query).get("alt", [""])[-1] != "sse":
         return error(400, "streamGenerateContent is proxied as server-sent events: add ?alt=sse")

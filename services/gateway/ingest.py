@@ -17,7 +17,6 @@ from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from services.adapters import metrics
@@ -30,6 +29,7 @@ from services.core.quote import parse_time
 from services.core.usage import ReportedCost, parse_usage
 from services.gateway.auth import require_admin
 from services.gateway.resources import Deps, Resources
+from services.gateway.responses import ORJSONResponse
 
 log = logging.getLogger("billing.ingest")
 router = APIRouter(dependencies=[Depends(require_admin)])
@@ -133,6 +133,10 @@ async def ingest(request: Request, resources: Deps) -> Any:
             accepted.append((index, to_event(item, now)))
         except BillingError as exc:
             results.append(_rejected(index, exc))
+        except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+            # A rule that should have named the field did not: this item only is refused.
+            log.exception("unreadable usage item %d", index)
+            results.append(_rejected(index, ItemError("item", f"cannot be read ({exc!r:.80})")))
     unknown = await _unknown_tenants(resources, {e.tenant_id for _, e in accepted})
     events: list[UsageRecorded] = []
     for index, event in accepted:
@@ -156,11 +160,11 @@ async def ingest(request: Request, resources: Deps) -> Any:
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             ) from exc
         metrics.INGESTED.inc(len(events))
+    answer: dict[str, Any] = {"accepted": len(events), "rejected": len(items) - len(events)}
+    if items and not events:  # a 422: said in the error shape of every other route too
+        answer["error"] = f"no item was accepted ({len(items)} rejected: see results)"
     status = 202 if events or not items else 422
-    return JSONResponse(
-        {"accepted": len(events), "rejected": len(items) - len(events), "results": results},
-        status_code=status,
-    )
+    return ORJSONResponse(answer | {"results": results}, status_code=status)
 
 
 def _rejected(index: int, exc: BillingError) -> dict[str, Any]:

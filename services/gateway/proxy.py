@@ -31,7 +31,16 @@ from typing import Any
 from services.adapters import metrics
 from services.gateway.admission import QuotaUnavailable, Refused, Reservation
 from services.gateway.auth import bearer, tenant_of
-from services.gateway.capture import NOT_BILLED, OPENAI, Billed, Call, Seen, StreamReader, bill
+from services.gateway.capture import (
+    NOT_BILLED,
+    OPENAI,
+    Billed,
+    Call,
+    Seen,
+    StreamReader,
+    bill,
+    model_problem,
+)
 from services.gateway.resources import Resources
 from services.gateway.upstream import (
     Answer,
@@ -327,6 +336,9 @@ async def chat_completions(resources: Resources, incoming: Incoming) -> Reply:
     body = parse_body(raw)
     if body is None or not isinstance(body.get("model"), str) or not body["model"]:
         return error(400, "body must be a JSON object with a model")
+    problem = model_problem(body["model"])  # what cannot be billed is not forwarded
+    if problem is not None:
+        return error(400, problem)
     call = Call(key, OPENAI, body["model"], body, f"req-{uuid.uuid4()}", datetime.now(UTC))
     headers = forwarded_headers(incoming.headers) | resources.upstream_headers
     return await forward(

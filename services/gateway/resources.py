@@ -94,7 +94,11 @@ class Resources:
         real ones in tests), yield, and close it all whatever happens."""
         prices = cache or pricing_cache(settings)
         prices.poke()  # the first catalogue refresh starts in the background
-        pool = await create_pool(settings.database_url) if settings.database_url else None
+        pool = (  # every gateway statement and connection wait is bounded
+            await create_pool(settings.database_url, timeout=settings.database_timeout_seconds)
+            if settings.database_url
+            else None
+        )
 
         # One pooled connection per request in flight, kept alive (past a keep-alive limit
         # every extra response would close its connection and the next open a new one). On

@@ -175,7 +175,7 @@ async def rebuild(
     transaction (tests use it to move the projector on meanwhile)."""
     from aiokafka import AIOKafkaConsumer
 
-    from services.adapters.kafka import FETCH_MAX_WAIT_MS
+    from services.adapters.kafka import FETCH_MAX_WAIT_MS, kafka_client_options
 
     if tuple(SUMMARY_KEY_SQL) != SUMMARY_KEY:
         raise RebuildError(f"the summary key is now {SUMMARY_KEY}: update SUMMARY_KEY_SQL")
@@ -193,6 +193,7 @@ async def rebuild(
         auto_offset_reset="earliest",  # a vanished offset 0 shows as a later first record
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         max_partition_fetch_bytes=8 << 20,  # fewer round trips: the whole log is wanted
+        **kafka_client_options(),  # TLS and SASL, as every service's clients
     )
     try:
         await _refuse_other_topics(connection, PROJECTOR_CONSUMER, topic)

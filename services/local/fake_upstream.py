@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from services.core.catalogue import Catalogue, apply_catalogue, default_catalogue
-from services.core.errors import PriceNotFound
+from services.core.errors import BillingError
 from services.core.pricebook import InMemoryPriceBook
 from services.core.quote import quote
 
@@ -88,7 +88,7 @@ class Plan:
 
 def _int(headers: Any, name: str, default: int) -> int:
     value = headers.get(name)
-    return int(value) if value is not None and value.isdigit() else default
+    return int(value) if value is not None and value.isascii() and value.isdigit() else default
 
 
 def _plan(request: Request, body: dict[str, Any], prompt_text: str, config: FakeConfig) -> Plan:
@@ -115,8 +115,41 @@ def _plan(request: Request, body: dict[str, Any], prompt_text: str, config: Fake
         cached=min(_int(h, "x-fake-cached-tokens", config.cached_tokens), prompt),
         latency_ms=_int(h, "x-fake-latency-ms", config.latency_ms),
         status=status,
-        cut_after=int(cut) if cut is not None and cut.isdigit() else None,
+        cut_after=int(cut) if cut is not None and cut.isascii() and cut.isdigit() else None,
     )
+
+
+def _invalid(message: str) -> Response:
+    """400 as both real APIs answer a malformed request (OpenAI's and Google's fields)."""
+    error = {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}
+    return JSONResponse({"error": error | {"type": "invalid_request_error"}}, status_code=400)
+
+
+def _objects(value: Any) -> bool:
+    """``value`` is a JSON array of objects (messages, contents, parts)."""
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def _chat_problem(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    if not _objects(body.get("messages", [])):
+        return "messages must be an array of message objects"
+    return None
+
+
+def _gemini_problem(body: Any) -> str | None:
+    """Like Gemini's own 400 INVALID_ARGUMENT: a content or a part that is not an object
+    (a bare string part, say) is refused, not answered."""
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    contents = body.get("contents", [])
+    if not _objects(contents):
+        return "contents must be an array of Content objects"
+    for index, content in enumerate(contents):
+        if not _objects(content.get("parts", [])):
+            return f"contents[{index}].parts must be an array of Part objects"
+    return None
 
 
 def _text(tokens: int) -> list[str]:
@@ -156,7 +189,7 @@ def create_fake_upstream(config: FakeConfig | None = None) -> FastAPI:
         }
         try:
             priced = quote({"provider_model_id": model, "usage": usage}, book)
-        except PriceNotFound:
+        except BillingError:  # PriceNotFound above all
             return usage  # a model the price list does not know: usage without a cost
         # OpenRouter sends the cost as a JSON number: written as one, digit for digit.
         usage["cost"] = RawNumber(priced["breakdown"]["total_cost"])
@@ -176,6 +209,8 @@ def create_fake_upstream(config: FakeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body = await request.json()
+        if problem := _chat_problem(body):
+            return _invalid(problem)
         model = str(body.get("model", "openai/gpt-4o-mini"))
         prompt_text = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
         plan = _plan(request, body, prompt_text, config)
@@ -234,6 +269,8 @@ def create_fake_upstream(config: FakeConfig | None = None) -> FastAPI:
     async def gemini(model_action: str, request: Request) -> Response:
         model, _, action = model_action.partition(":")
         body = await request.json()
+        if problem := _gemini_problem(body):
+            return _invalid(problem)
         texts = [
             str(part.get("text", ""))
             for content in body.get("contents", [])

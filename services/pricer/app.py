@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import mode
 from faust.app.base import BootStrategy
 
 from services.adapters import metrics
+from services.adapters.kafka import kafka_client_options
 from services.adapters.pricing_cache import PricingCache
 from services.adapters.topics import Topics
 from services.core.events import Position
@@ -41,11 +43,18 @@ log = logging.getLogger("billing.pricer")
 REDRIVE_SECONDS = 5.0
 
 
-def faust_settings(bootstrap: str, data_dir: Path) -> dict[str, Any]:
+def faust_settings(
+    bootstrap: str, data_dir: Path, kafka: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The worker's settings: no web server, no tables (they restore wrongly on Tansu), no
-    Kafka clients of faust's own (the batch loop has them, see ``services.adapters.kafka``)."""
+    Kafka clients of faust's own (the batch loop has them, see ``services.adapters.kafka``);
+    the broker's TLS/SASL from ``kafka`` (default: ``kafka_client_options()``), so that any
+    client faust makes connects as the batch loop's do."""
     return {
         "broker": f"kafka://{bootstrap}",
+        "broker_credentials": broker_credentials(
+            kafka_client_options() if kafka is None else kafka
+        ),
         "store": "memory://",
         "topic_allow_declare": False,  # created explicitly, with their partition counts
         "web_enabled": False,
@@ -53,6 +62,21 @@ def faust_settings(bootstrap: str, data_dir: Path) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "datadir": str(data_dir),
     }
+
+
+def broker_credentials(kafka: Mapping[str, Any]) -> faust.types.auth.CredentialsT | None:
+    """aiokafka's security options (``kafka_client_options``) as faust credentials."""
+    protocol = kafka.get("security_protocol", "PLAINTEXT")
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return faust.SSLCredentials(kafka["ssl_context"])
+    return faust.SASLCredentials(  # SASL_SSL when given an SSL context
+        username=kafka["sasl_plain_username"],
+        password=kafka["sasl_plain_password"],
+        mechanism=kafka["sasl_mechanism"],
+        ssl_context=kafka.get("ssl_context"),
+    )
 
 
 def die(exc: BaseException) -> None:

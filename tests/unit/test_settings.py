@@ -62,3 +62,16 @@ def test_a_production_gateway_needs_a_session_secret(monkeypatch: pytest.MonkeyP
     result = CliRunner().invoke(main, ["gateway", "--port", "1"])
     assert result.exit_code == 1
     assert "BILLING_SESSION_SECRET must be set in production" in result.output
+
+
+def test_the_finance_token_differs_from_the_admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLING_ADMIN_TOKEN", "f3c9a1b27e")
+    monkeypatch.setenv("BILLING_FINANCE_TOKEN", "f3c9a1b27e")
+    with pytest.raises(ConfigError, match="must differ"):
+        Settings()
+    monkeypatch.setenv("BILLING_FINANCE_TOKEN", " ")
+    assert Settings().finance_token is None  # blank: unset, never a match for no token
+    monkeypatch.setenv("BILLING_ENV", "production")
+    monkeypatch.setenv("BILLING_FINANCE_TOKEN", "changeme")
+    with pytest.raises(ConfigError, match="real secret"):
+        Settings()

@@ -23,7 +23,13 @@ from starlette.staticfiles import StaticFiles
 
 from services.adapters import dashboard as reads
 from services.adapters.dashboard import Viewer
-from services.gateway.auth import Unauthorized, tenant_of
+from services.gateway.auth import (
+    Unauthorized,
+    client_address,
+    failed,
+    limited_for,
+    tenant_of,
+)
 from services.gateway.dashboard.access import (
     DOWNLOAD_HEADERS,
     SECURITY_HEADERS,
@@ -154,8 +160,14 @@ async def sign_in(request: Request, resources: Deps) -> Response:
     if not keys.sign_in_matches(request.cookies.get(CSRF_COOKIE), form.get("csrf", "")):
         return _sign_in_page(request, resources, "The form expired. Please sign in again.", 400)
     credential = form.get("credential", "").strip()
+    client = client_address(request.scope)
+    if (wait := limited_for(resources, client)) is not None:  # too many failed sign-ins
+        page = _sign_in_page(request, resources, f"Too many failures: wait {wait}s.", 429)
+        page.headers["retry-after"] = str(wait)
+        return page
     viewer = await _viewer_of(resources, credential)
     if isinstance(viewer, str):
+        failed(resources, client)
         return _sign_in_page(request, resources, viewer, 401)
     session_id = keys.new_session_id()
     expires = datetime.now(UTC) + timedelta(seconds=keys.max_age)
