@@ -4,8 +4,8 @@ public routes, and the limit on failed attempts per client address.
 The admin token reads and writes everything; the finance token may only read
 (:data:`FINANCE_READS`) and is refused elsewhere with 403. Tokens are compared in constant
 time. A client address that fails to authenticate ``auth_failures_per_minute`` times is
-answered 429 (``Retry-After``) on its next attempts, whatever they carry, until its
-allowance refills: nothing is looked up for it meanwhile.
+answered 429 (``Retry-After``) on its next attempts until its allowance refills — but for
+a key this process has already found valid (cached): nothing is looked up for it meanwhile.
 """
 
 from __future__ import annotations
@@ -96,15 +96,23 @@ def failed(resources: Resources, client: str) -> None:
     resources.key_cache.failures.failed(client, resources.settings.auth_failures_per_minute)
 
 
-def refuse_if_limited(resources: Resources, client: str) -> None:
-    """:class:`Unauthorized` (429, ``Retry-After``) when ``client`` failed too often lately."""
+def refuse_if_limited(resources: Resources, client: str, key: str = "") -> None:
+    """:class:`Unauthorized` (429, ``Retry-After``) when ``client`` failed too often lately,
+    unless ``key`` is one this process already knows to be valid: behind a proxy that does
+    not forward addresses, one client guessing keys must not lock out everyone else."""
     wait = limited_for(resources, client)
-    if wait is not None:
-        raise Unauthorized(
-            f"too many failed authentications from this address; retry in {wait}s",
-            429,
-            retry_after=wait,
-        )
+    if wait is None or (key and _known_valid(resources, key)):
+        return
+    raise Unauthorized(
+        f"too many failed authentications from this address; retry in {wait}s",
+        429,
+        retry_after=wait,
+    )
+
+
+def _known_valid(resources: Resources, key: str) -> bool:
+    hit, found = resources.key_cache.get(key_hash(key))
+    return hit and found is not None
 
 
 def count_failure(resources: Resources, client: str, exc: Unauthorized) -> None:
@@ -169,8 +177,9 @@ async def require_tenant(request: Request) -> TenantKey:
     too many failures from this address."""
     resources, client = resources_of(request), client_address(request.scope)
     try:
-        refuse_if_limited(resources, client)
-        return await tenant_of(resources, bearer(request.headers))
+        key = bearer(request.headers)
+        refuse_if_limited(resources, client, key)
+        return await tenant_of(resources, key)
     except Unauthorized as exc:
         count_failure(resources, client, exc)
         raise HTTPException(exc.status, exc.message, headers=exc.headers) from None

@@ -29,6 +29,7 @@ from services.gateway.auth import (
     Unauthorized,
     client_address,
     count_failure,
+    gemini_key,
     refuse_if_limited,
 )
 from services.gateway.limits import BodyRefused
@@ -59,7 +60,8 @@ async def serve(
     )
     client = client_address(scope)
     try:
-        refuse_if_limited(resources, client)  # 429 after too many failed authentications
+        # 429 after too many failed authentications (a key known to be valid still passes)
+        refuse_if_limited(resources, client, gemini_key(incoming.headers))
         reply = await route(resources, incoming)
     except Unauthorized as exc:
         count_failure(resources, client, exc)

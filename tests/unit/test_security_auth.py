@@ -293,3 +293,19 @@ def test_a_blank_finance_token_lets_nobody_in(tmp_path: Path) -> None:
     with TestClient(create_app(settings)) as client:
         for headers in ({}, {"Authorization": "Bearer "}, bearer("")):
             assert client.get("/internal/billing/drift", headers=headers).status_code == 401
+
+
+def test_a_key_known_valid_still_passes_while_its_address_is_limited(
+    gateway: tuple[TestClient, CountingStore],
+) -> None:
+    """Behind a proxy that does not forward addresses every client shares one: a guesser
+    must not lock out the tenants whose keys this process has already checked."""
+    client, store = gateway
+    # Past authentication this route needs a database, which this gateway has not: 503.
+    assert client.get("/v1/billing/summary", headers=bearer(VALID)).status_code == 503
+    for n in range(6):
+        client.get("/v1/billing/summary", headers=bearer(f"bk_guess_{n}"))
+    assert client.get("/v1/billing/summary", headers=bearer("bk_new")).status_code == 429
+    lookups = store.lookups
+    assert client.get("/v1/billing/summary", headers=bearer(VALID)).status_code == 503
+    assert store.lookups == lookups  # answered from the cache, nothing looked up
