@@ -163,7 +163,7 @@ def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
 
 
 def make_consumer(
-    bootstrap: str, *topics: str, group_id: str, **overrides: Any
+    bootstrap: str, *topics: str, group_id: str | None, **overrides: Any
 ) -> AIOKafkaConsumer:
     """A group consumer that commits only when told to and starts from the earliest record."""
     settings: dict[str, Any] = {

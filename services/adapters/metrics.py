@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -45,9 +46,30 @@ DB_RETRIES = Counter(
 )
 PIPELINE_LAG = Gauge(
     "billing_pipeline_lag_seconds",
-    "Now minus recorded_at of the newest event a service handled (from event timestamps)",
+    "Now minus recorded_at of the newest event a service handled (from event timestamps);"
+    " while events wait for it (in its input or upstream of it, e.g. usage not yet priced),"
+    " at least the age of the oldest waiting one, so it grows when nothing moves",
     ["service"],
 )
+_LAGS: dict[str, list[float]] = {}
+"""service → [lag of the newest handled event when handled, age of the oldest waiting one]."""
+
+
+def observe_handled(service: str, newest_recorded_at: datetime) -> None:
+    """A batch was handled; ``newest_recorded_at`` is its newest event's ``recorded_at``."""
+    lags = _LAGS.setdefault(service, [0.0, 0.0])
+    lags[0] = (datetime.now(UTC) - newest_recorded_at).total_seconds()
+    lags[1] = 0.0  # what waited was (at least partly) handled; the watcher looks again
+    PIPELINE_LAG.labels(service).set(lags[0])
+
+
+def observe_waiting(service: str, oldest_age: float) -> None:
+    """The oldest event waiting for ``service`` is ``oldest_age`` seconds old (0: none)."""
+    lags = _LAGS.setdefault(service, [0.0, 0.0])
+    lags[1] = oldest_age
+    PIPELINE_LAG.labels(service).set(max(lags))
+
+
 EMIT_QUEUE_DEPTH = Gauge(
     "billing_emit_queue_depth", "Usage events waiting in the gateway for the broker"
 )

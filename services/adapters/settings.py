@@ -151,6 +151,13 @@ class Settings(BaseSettings):
     """The pipeline services' Prometheus endpoints for the dashboard's operator view, as
     ``name=url`` pairs separated by commas (``billing up`` sets them for its services)."""
 
+    consumer_assignment: Literal["group", "all"] = "group"
+    """How the projector and the quota service take their topic's partitions: ``group``
+    (a consumer group: replicas share them; a restart waits for the group to settle) or
+    ``all`` (one process reads every partition, no group to join: it resumes at once after a
+    crash; a second one would do the same work again, fenced by the stored offsets).
+    ``billing up`` runs one of each with ``all``."""
+
     # -- exposure: limits, tokens, transports ---------------------------------------------------
     finance_token: SecretStr | None = None
     """Read-only bearer token for finance: ``/internal/billing/summary``, ``transactions``,

@@ -281,14 +281,69 @@ def _decode(model: type[_E], value: bytes) -> _E:
 
 def decode_recorded(value: bytes) -> UsageRecorded:
     """Decode a ``billing.usage.v1`` message."""
-    return _decode(UsageRecorded, value)
+    event = _decode(UsageRecorded, value)
+    if "\x00" in event.usage_format:  # held usage goes into jsonb, which refuses NUL
+        raise ValueError("usage_format must not contain NUL characters")
+    _in_era(event.occurred_at, event.recorded_at)
+    return event
 
 
 def decode_priced(value: bytes) -> UsagePriced:
     """Decode a ``billing.costs.v1`` message."""
     if isinstance(value, bytes | bytearray | str) and (event := _decode_priced_plain(value)):
-        return event
-    return _decode(UsagePriced, value)
+        return _storable(event)
+    return _storable(_decode(UsagePriced, value))
+
+
+_INT4: Final = 2**31
+_INT8: Final = 2**63
+
+
+def _storable(event: UsagePriced) -> UsagePriced:
+    """``event`` if its numbers fit the read models and can be billed; else ``ValueError``.
+
+    The model bounds what a valid event can be; this bounds what a consumer can store
+    (``revision`` is an ``integer`` column, ``price_version`` a ``bigint``, a month's
+    partition needs a representable next month) and what it may bill: a cost is never
+    negative. Checked on decoding, so such a message goes to the dead-letter topic
+    instead of failing its batch's transaction over and over.
+    """
+    _in_era(event.occurred_at, event.recorded_at, event.priced_at)
+    if not 1 <= event.revision < _INT4:
+        raise ValueError("revision is out of range (1 to 2^31-1)")
+    if not 0 <= event.price_version < _INT8:
+        raise ValueError("price_version is out of range (0 to 2^63-1)")
+    if event.pricing_tier and any(not -_INT8 <= v < _INT8 for v in event.pricing_tier.values()):
+        raise ValueError("pricing_tier holds an integer out of range")
+    if event.total_cost < 0 or event.previous_total_cost < 0:
+        raise ValueError("total_cost and previous_total_cost must not be negative")
+    return event
+
+
+_ERA: Final = (datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC))
+
+
+def _in_era(*instants: datetime) -> None:
+    """Timestamps far outside any billing period (year 1, year 9999) are refused: their
+    month's partition and period arithmetic would overflow ``date``."""
+    if any(not _ERA[0] <= instant < _ERA[1] for instant in instants):
+        raise ValueError("a timestamp is outside 1970-01-01 to 9000-01-01")
+
+
+def undecodable_reason(exc: BaseException, kind: str) -> str:
+    """Why a message of ``kind`` did not decode, for a dead letter's ``reason`` header.
+
+    Names the field and the rule, never the offending value (pydantic's own text repeats
+    the input, which could be anything a producer sent), and is bounded in size.
+    """
+    if isinstance(exc, ValidationError):
+        errors = exc.errors(include_url=False, include_input=False)
+        first = errors[0]
+        # A location may hold a key of the message (metadata's): only field names are kept.
+        where = ".".join(p if p in _FIELD_NAMES else "*" for p in map(str, first["loc"]))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return f"invalid {kind}: {where or 'event'}: {first['msg'][:200]}{more}"
+    return f"undecodable {kind}: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 # -- the plain path ------------------------------------------------------------------------------
@@ -440,3 +495,10 @@ def upcast(document: dict[str, Any]) -> dict[str, Any]:
         document = UPCASTERS[(str(kind), int(version))](document)
         version = document["schema_version"]
     return document
+
+
+_FIELD_NAMES: Final = frozenset(
+    name
+    for model in (UsageRecorded, UsagePriced, UsageCounts, ReportedCharge, Breakdown)
+    for name in model.model_fields
+) | {"[key]"}

@@ -6,10 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from pydantic import ValidationError
-
-from services.core.errors import PriceNotFound
-from services.core.events import Position, UsagePriced, UsageRecorded, decode_recorded
+from services.core.errors import BillingError, PriceNotFound
+from services.core.events import (
+    Position,
+    UsagePriced,
+    UsageRecorded,
+    decode_recorded,
+    undecodable_reason,
+)
 from services.core.pricebook import PriceLookup
 from services.core.rating import rate
 
@@ -42,12 +46,12 @@ def price_batch(batch: Sequence[Incoming], book: PriceLookup, *, now: datetime) 
             outcome.priced.append(rate(recorded, book, priced_at=now))
         except PriceNotFound as exc:
             outcome.unpriced.append((recorded, exc.reason))
+        except (BillingError, ArithmeticError) as exc:
+            # Decoded but unpriceable (usage the rules refuse): one bad message must not
+            # stop the partition, and is never billed at $0.
+            outcome.dead.append((message, f"cannot be priced: {type(exc).__name__}: {exc}"[:500]))
     return outcome
 
 
 def _reason(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "event"
-        return f"invalid UsageRecorded: {where}: {first['msg']}"
-    return f"undecodable: {exc}"[:500]
+    return undecodable_reason(exc, "UsageRecorded")

@@ -25,6 +25,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from services.adapters import metrics
+from services.adapters.consuming import RESTART_TIMINGS, watch_lag
 from services.adapters.kafka import make_consumer, make_producer
 from services.adapters.pricing_cache import PricingCache
 from services.adapters.publisher import encode
@@ -80,23 +81,33 @@ class BatchPricer:
         self._busy = asyncio.Lock()
         self._stop = asyncio.Event()
         self._running: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Connect (the clients belong to the running loop) and start the loop."""
         self.producer = make_producer(self.bootstrap)
         await self.producer.start()
         self.consumer = make_consumer(
-            self.bootstrap, group_id=self.group, max_poll_records=self.batch_max
+            self.bootstrap,
+            group_id=self.group,
+            max_poll_records=self.batch_max,
+            **RESTART_TIMINGS,  # a restarted pricer is not kept waiting on its dead self
         )
         self.consumer.subscribe([self.topics.usage], listener=_BetweenBatches(self._busy))
         await self.consumer.start()
         self._running = asyncio.create_task(self._run(), name="pricer-batches")
+        self._watching = asyncio.create_task(
+            watch_lag("pricer", self.bootstrap, [(self.topics.usage, self.group)], self._stop),
+            name="pricer-lag",
+        )
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in flight (committed), then leave the group and flush."""
         self._stop.set()
         if self._running is None:
             return
+        if self._watching is not None:
+            await asyncio.gather(self._watching, return_exceptions=True)
         try:
             await asyncio.wait_for(asyncio.shield(self._running), timeout)
         except TimeoutError:
@@ -171,5 +182,4 @@ def count(outcome: Outcome, size: int) -> None:
     metrics.UNPRICED.inc(len(outcome.unpriced))
     metrics.DEAD_LETTERED.labels("pricer").inc(len(outcome.dead))
     if outcome.priced:
-        newest = max(e.recorded_at for e in outcome.priced)
-        metrics.PIPELINE_LAG.labels("pricer").set((datetime.now(UTC) - newest).total_seconds())
+        metrics.observe_handled("pricer", max(e.recorded_at for e in outcome.priced))

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from services.adapters import metrics
 from services.adapters.consuming import (
+    PRICER_GROUP,
     RETRYABLE,
     Offsets,
     consume_exactly_once,
@@ -96,9 +97,18 @@ class Projector:
                 batch_max=self.batch_max,
                 maintain=maintain,
                 maintenance_seconds=MAINTENANCE_SECONDS,
+                lag=("projector", self._watched()),
             )
         finally:
             await pool.close()
+
+    def _watched(self) -> list[tuple[str, str]]:
+        """What ``billing_pipeline_lag_seconds`` watches: the costs topic for this group
+        and, upstream, the usage topic for the pricer's group (named like this one's)."""
+        watched = [(self.topics.costs, self.group)]
+        if self.group.endswith(GROUP):
+            watched.append((self.topics.usage, self.group.removesuffix(GROUP) + PRICER_GROUP))
+        return watched
 
     async def _maintain(self, pool: asyncpg.Pool) -> None:
         """Partitions ahead, old months retired, old minutes dropped; a failure is logged
@@ -147,8 +157,5 @@ class Projector:
                 result.retired,
             )
         if events:
-            newest = max(e.recorded_at for e in events)
-            metrics.PIPELINE_LAG.labels("projector").set(
-                (datetime.now(UTC) - newest).total_seconds()
-            )
+            metrics.observe_handled("projector", max(e.recorded_at for e in events))
         return offsets

@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 
 from services.adapters import metrics
 from services.adapters.consuming import (
+    PRICER_GROUP,
     RETRYABLE,
     Offsets,
     consume_exactly_once,
@@ -102,12 +103,21 @@ class QuotaService:
                 batch_max=self.batch_max,
                 maintain=maintain,
                 maintenance_seconds=self.maintenance_seconds,
+                lag=("quota", self._watched()),
             )
         finally:
             if webhooks is not None:
                 webhooks.cancel()
                 await asyncio.gather(webhooks, return_exceptions=True)
             await pool.close()
+
+    def _watched(self) -> list[tuple[str, str]]:
+        """What ``billing_pipeline_lag_seconds`` watches: the costs topic for this group
+        and, upstream, the usage topic for the pricer's group (named like this one's)."""
+        watched = [(self.topics.costs, self.group)]
+        if self.group.endswith(GROUP):
+            watched.append((self.topics.usage, self.group.removesuffix(GROUP) + PRICER_GROUP))
+        return watched
 
     async def _handle(
         self,
@@ -135,8 +145,7 @@ class QuotaService:
         metrics.CHARGES.inc(result.applied)
         metrics.ALERTS.inc(result.alerts)
         if batch.events:
-            newest = max(e.recorded_at for e in batch.events)
-            metrics.PIPELINE_LAG.labels("quota").set((datetime.now(UTC) - newest).total_seconds())
+            metrics.observe_handled("quota", max(e.recorded_at for e in batch.events))
         return batch.offsets, result.alerts
 
     async def _maintain(self, pool: asyncpg.Pool, producer: AIOKafkaProducer) -> None:
