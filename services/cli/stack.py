@@ -34,8 +34,40 @@ if TYPE_CHECKING:
     help="Gateway port; the pricer's and projector's metrics take the next two.",
 )
 @click.option("--demo", "with_demo", is_flag=True, help="Send a burst of usage and print totals.")
+@click.option(
+    "--broker-storage",
+    type=click.Choice(["s3", "memory"]),
+    default="s3",
+    show_default=True,
+    envvar="BILLING_BROKER_STORAGE",
+    help="Where the embedded broker keeps its log: s3 (weed mini under <data-dir>/objects, "
+    "kept across restarts) or memory (lost when it stops). Unused with BILLING_KAFKA_BOOTSTRAP.",
+)
+@click.option(
+    "--log-max-mb",
+    type=click.IntRange(1, 10_000),
+    default=10,
+    show_default=True,
+    envvar="BILLING_LOG_MAX_MB",
+    help="Rotate a log of <data-dir>/logs when it grows past this size.",
+)
+@click.option(
+    "--log-backups",
+    type=click.IntRange(0, 100),
+    default=5,
+    show_default=True,
+    envvar="BILLING_LOG_BACKUPS",
+    help="Rotated copies kept of each log (name.log.1 the newest).",
+)
 @click.pass_obj
-def up_cmd(obj: Context, port: int, with_demo: bool) -> None:
+def up_cmd(
+    obj: Context,
+    port: int,
+    with_demo: bool,
+    broker_storage: str,
+    log_max_mb: int,
+    log_backups: int,
+) -> None:
     """Start broker and database if missing, then gateway, pricer and projector."""
     from services.local.supervisor import Stack, run
 
@@ -50,7 +82,15 @@ def up_cmd(obj: Context, port: int, with_demo: bool) -> None:
             if stack.state is not None and not stack.stopping:
                 print_dashboard(stack.url, stack.state.database_url, token, click.echo)
 
-    run(Stack(settings, port, click.echo), after)
+    stack = Stack(
+        settings,
+        port,
+        click.echo,
+        broker_storage=broker_storage,
+        log_max_bytes=log_max_mb * 1024 * 1024,
+        log_backups=log_backups,
+    )
+    run(stack, after)
 
 
 @click.command("migrate")

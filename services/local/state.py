@@ -30,6 +30,8 @@ class StackState:
     gateway_url: str
     topic_prefix: str = ""
     started_at: str = ""
+    broker_storage: str = ""
+    """``s3`` (durable, in ``<data-dir>/objects``), ``memory`` or ``external`` (a given one)."""
 
 
 def state_path(data_dir: Path) -> Path:

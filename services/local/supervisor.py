@@ -6,7 +6,14 @@ the topics created; then gateway, pricer, projector and quota service run as chi
 each logging
 to ``<data-dir>/logs/<name>.log`` and restarted (with backoff) if it dies
 (``BILLING_PRICER_PROCESSES`` pricers share the usage topic's partitions). Ctrl-C or SIGTERM
-stops the children, then what was started for them.
+stops the children, then what was started for them: Tansu, then the object store.
+
+The embedded broker is durable by default: Tansu keeps its log in the ``weed mini`` object
+store under ``<data-dir>/objects`` (``--broker-storage memory`` keeps it in memory, lost at
+every stop). Every child dies with the supervisor (``PR_SET_PDEATHSIG``) and is recorded in
+``<data-dir>/pids``, so a stack killed outright leaves nothing behind that the next
+``billing up`` on the data dir does not stop first. The logs are rotated by size
+(``services.local.logrotate``).
 
 Before anything starts, the data dir is locked (one stack per data dir) and every port the
 stack will listen on is checked, so a clash fails at once with the port's name instead of a
@@ -17,9 +24,9 @@ gateway restarting forever. Once ready, the stack writes ``<data-dir>/stack.json
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import fcntl
+import json
 import os
 import shlex
 import signal
@@ -37,12 +44,16 @@ import click
 import httpx
 
 from services.adapters.database import connect, migrate
+from services.adapters.errors import AdapterError
 from services.adapters.kafka import ensure_topics
 from services.adapters.settings import Settings
 from services.adapters.topics import Topics
 from services.core.periods import closable_month
 from services.local.broker import EmbeddedBroker
+from services.local.logrotate import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, rotate_all
+from services.local.objectstore import BUCKET, ObjectStore, load_or_create_credentials
 from services.local.postgres import EmbeddedPostgres
+from services.local.processes import die_with_parent, stop_recorded, write_pid_file
 from services.local.state import (
     StackState,
     lock_path,
@@ -56,7 +67,12 @@ RESTART_BACKOFF_MAX = 10.0
 CLOSE_EVERY_SECONDS = 3600.0
 """How often ``billing up`` looks for a month to close (BILLING_CLOSE_GRACE)."""
 GATEWAY_HOST = "127.0.0.1"
-PR_SET_PDEATHSIG = 1
+ROTATE_EVERY_SECONDS = 2.0
+STORAGES = ("s3", "memory")
+CREDENTIALS_FILE = "s3-credentials.json"
+"""The object store's access key and secret (0600), generated for the data dir."""
+PORTS_FILE = "ports.json"
+"""The ports the embedded broker and object store took last: taken again if free."""
 
 
 @dataclass
@@ -81,7 +97,7 @@ class Child:
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks involved
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, no locks involved
         )
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -98,13 +114,32 @@ class Child:
 class Stack:
     """The whole pipeline on one machine."""
 
-    def __init__(self, settings: Settings, port: int, echo: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        port: int,
+        echo: Callable[[str], None],
+        broker_storage: str = "s3",
+        log_max_bytes: int = DEFAULT_MAX_BYTES,
+        log_backups: int = DEFAULT_BACKUPS,
+    ) -> None:
+        if broker_storage not in STORAGES:
+            raise ValueError(f"broker storage {broker_storage!r} is not one of {STORAGES}")
         self.settings = settings
         self.port = port
         self.echo = echo
+        self.broker_storage = broker_storage
+        """Of the embedded broker: ``s3`` (durable, weed mini) or ``memory``."""
+        self.log_max_bytes = log_max_bytes
+        self.log_backups = log_backups
         self.data_dir = settings.data_dir.resolve()
         self.logs = self.data_dir / "logs"
+        self.pids = self.data_dir / "pids"
+        self.objects_dir = self.data_dir / "objects"
         self.broker: EmbeddedBroker | None = None
+        self.objects: ObjectStore | None = None
+        self.fresh_log = False
+        """Whether the embedded broker's log started empty (memory, or a new objects dir)."""
         self.database: EmbeddedPostgres | None = None
         self.children: list[Child] = []
         self.env: dict[str, str] = {}
@@ -112,7 +147,9 @@ class Stack:
         self.state: StackState | None = None
         self._lock_file: IO[str] | None = None
         self._next_close = 0.0
+        self._next_rotate = 0.0
         self._closer: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -167,31 +204,39 @@ class Stack:
         """Lock the data dir and check the ports: fail before anything is started."""
         self.logs.mkdir(parents=True, exist_ok=True)
         self._lock_data_dir()
+        # A stack killed outright (SIGKILL, OOM) leaves children that are still stopping
+        # (they got SIGTERM when it died): wait for them before taking their ports and files.
+        leftovers = stop_recorded(self.pids)
+        if leftovers:
+            self.echo(f"leftovers   stopped {', '.join(leftovers)} of a previous stack")
         check_ports(self.listeners())
 
     def start(self) -> None:
         if self._lock_file is None:
             self.claim()
+        self.rotate_logs()
         bootstrap = self.settings.kafka_bootstrap
         if not bootstrap:
-            self.broker = EmbeddedBroker(log_path=self.logs / "tansu.log")
-            self.broker.start()
-            bootstrap = self.broker.bootstrap
-            self.echo(f"broker      embedded Tansu at {bootstrap} (memory storage)")
+            try:
+                bootstrap = self._start_broker()
+            except AdapterError as exc:
+                raise click.ClickException(str(exc)) from exc
         else:
             self.echo(f"broker      {bootstrap}")
         database_url = self.settings.database_url
         if not database_url:
             self.database = EmbeddedPostgres(self.data_dir)
             database_url = self.database.start()
+            self._watch_database(self.database.pgdata)
             self.echo(f"database    embedded PostgreSQL in {self.database.pgdata}")
         else:
             self.echo("database    $BILLING_DATABASE_URL")
         applied = asyncio.run(migrate(database_url))
         self.echo(f"migrations  {', '.join(applied) if applied else 'up to date'}")
-        if self.broker is not None:
-            # The embedded broker keeps its log in memory: this log starts empty, so offsets
-            # stored against the previous one would skip its first records.
+        if self.broker is not None and self.fresh_log:
+            # The embedded broker's log starts empty (memory storage, or a new objects dir):
+            # offsets stored against the previous log would skip this one's first records.
+            # A durable log kept its records: its offsets are the projector's exactly-once.
             cleared = asyncio.run(_forget_offsets(database_url))
             if cleared:
                 self.echo(
@@ -229,7 +274,7 @@ class Stack:
             ),
         ]
         for child in self.children:
-            child.start(self.env)
+            self._start_child(child)
         self._wait_ready()
         self.state = StackState(
             pid=os.getpid(),
@@ -239,8 +284,79 @@ class Stack:
             gateway_url=self.url,
             topic_prefix=self.settings.topic_prefix,
             started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            broker_storage=self.broker_storage if self.broker is not None else "external",
         )
         write_state(self.data_dir, self.state)
+
+    def _start_broker(self) -> str:
+        """Start the object store (s3 storage), then Tansu on it; return the bootstrap."""
+        ports = _read_ports(self.data_dir / PORTS_FILE)
+        storage, storage_env = "memory://tansu/", {}
+        if self.broker_storage == "s3":
+            # ports.json names the object store only once Tansu has run on it: a dir left by
+            # a start that failed before then holds no log the stored offsets could refer to.
+            self.fresh_log = "objectstore" not in ports or not self.objects_dir.exists()
+            credentials = load_or_create_credentials(self.data_dir / CREDENTIALS_FILE)
+            self.objects = ObjectStore(
+                self.objects_dir,
+                credentials,
+                base_port=ports.get("objectstore"),
+                log_path=self.logs / "weed.log",
+                die_with_parent=True,
+            )
+            self.objects.start()
+            self._record("weed", self.objects.pid)
+            storage, storage_env = f"s3://{BUCKET}/", self.objects.s3_environment()
+        else:
+            self.fresh_log = True
+        self.broker = EmbeddedBroker(
+            log_path=self.logs / "tansu.log",
+            storage=storage,
+            storage_env=storage_env,
+            die_with_parent=True,
+            preferred_port=ports.get("broker"),
+        )
+        self.broker.start()
+        self._record("tansu", self.broker.pid)
+        used = {"broker": self.broker.port}
+        if self.objects is not None and self.objects.base_port is not None:
+            used["objectstore"] = self.objects.base_port
+        _write_ports(self.data_dir / PORTS_FILE, {**ports, **used})
+        if self.objects is not None:
+            where = f"s3 storage: weed mini in {self.objects_dir}, S3 at {self.objects.endpoint}"
+        else:
+            where = "memory storage: lost when it stops"
+        self.echo(f"broker      embedded Tansu at {self.broker.bootstrap} ({where})")
+        return self.broker.bootstrap
+
+    def _watch_database(self, pgdata: Path) -> None:
+        """A child that stops the embedded PostgreSQL if the supervisor dies: pgserver runs
+        it detached, and nothing else would."""
+        self._watchdog = subprocess.Popen(  # noqa: S603 - our own module and arguments
+            [sys.executable, "-m", "services.local.processes", "watch-postmaster", str(pgdata)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, no locks involved
+        )
+        self._record("postgres-watchdog", self._watchdog.pid)
+
+    def _record(self, name: str, pid: int | None) -> None:
+        if pid is not None:
+            write_pid_file(self.pids / f"{name}.pid", pid)
+
+    def _start_child(self, child: Child) -> None:
+        child.start(self.env)
+        self._record(child.name, child.process.pid if child.process else None)
+
+    def rotate_logs(self) -> None:
+        """Every few seconds: rotate the logs over the size limit (copy, then truncate)."""
+        now = time.monotonic()
+        if now < self._next_rotate:
+            return
+        self._next_rotate = now + ROTATE_EVERY_SECONDS
+        rotate_all(self.logs, self.log_max_bytes, self.log_backups)
 
     def exports(self) -> list[str]:
         """Shell lines giving other tools (and other shells) the stack's addresses."""
@@ -302,7 +418,7 @@ class Stack:
             elif now >= child.next_start:
                 child.restarts += 1
                 child.next_start = 0.0
-                child.start(self.env)
+                self._start_child(child)
 
     def close_due_month(self, now: datetime) -> None:
         """Hourly (and at start): ``billing invoices close`` for the latest month over for
@@ -340,9 +456,19 @@ class Stack:
         for child in reversed(self.children):
             child.stop()
         if self.broker is not None:
-            self.broker.stop()
+            self.broker.stop()  # before the object store: it writes there until it exits
+        if self.objects is not None:
+            self.objects.stop()
         if self.database is not None:
             self.database.stop()
+        if self._watchdog is not None:  # after the database: it has nothing left to stop
+            self._watchdog.terminate()
+            try:
+                self._watchdog.wait(35)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait()
+        stop_recorded(self.pids)  # nothing recorded should outlive the stack; forget them
 
 
 def check_ports(listeners: list[tuple[str, str, int]]) -> None:
@@ -364,13 +490,20 @@ def check_ports(listeners: list[tuple[str, str, int]]) -> None:
                 ) from None
 
 
-def _die_with_parent() -> None:
-    """In the child: be sent SIGTERM if the supervisor dies (even by SIGKILL). Linux only."""
+def _read_ports(path: Path) -> dict[str, int]:
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: orphans are possible if the supervisor is killed
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    return {k: v for k, v in document.items() if isinstance(v, int) and 0 < v < 65536}
+
+
+def _write_ports(path: Path, ports: dict[str, int]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(ports) + "\n")
+    os.replace(temporary, path)
 
 
 async def _forget_offsets(database_url: str) -> int:
@@ -418,6 +551,7 @@ def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> Non
         while not stack.stopping:
             stack.supervise()
             stack.close_due_month(datetime.now(UTC))
+            stack.rotate_logs()
             time.sleep(0.2)
     finally:
         stack.echo("stopping…")
