@@ -3,7 +3,9 @@
 Exactly-once comes from PostgreSQL: a consumer writes a batch's effects and the offsets it
 consumed in one transaction (``adapters/offsets.py``), and on (re)assignment positions each
 partition where PostgreSQL says it stopped (:class:`SeekToStored`). Kafka's own commits are
-only a mirror, for ordinary lag tooling (:func:`mirror_offsets`). Undecodable messages go to
+only a mirror, for ordinary lag tooling (:func:`mirror_offsets`). Partitions come from a
+consumer group, or (:data:`Assignment` ``all``) a process takes every partition itself and
+joins no group, so a restart after a crash waits for no group to settle. Undecodable messages go to
 the dead-letter topic with where they came from and why (:func:`dead_letter`).
 :func:`consume_exactly_once` is the loop itself; a service gives it what to do with a
 batch (:func:`priced_batch` decodes one, :func:`retried` applies it through outages).
@@ -17,10 +19,10 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -88,12 +90,36 @@ class SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
         stored = await self._stored({tp.topic for tp in assigned})
         if stored is None:
             return  # stopping: nothing more is applied
-        for tp in assigned:
+        self._seek(assigned, stored)
+        self.positioned.update(assigned)
+        log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+    async def take_all(self, topic: str) -> bool:
+        """Without a group (``all``): assign every partition of ``topic`` the consumer's
+        metadata shows, each at its stored offset, when some are not yet; whether any is.
+
+        Called between batches (so the stored offsets are those of every batch applied).
+        ``assign`` forgets all positions, so every partition is positioned again.
+        """
+        found = {TopicPartition(topic, p) for p in self.consumer.partitions_for_topic(topic) or ()}
+        if found <= self.positioned:
+            return bool(self.positioned)
+        stored = await self._stored({topic})
+        if stored is None:
+            return False
+        self.consumer.assign(sorted(found))
+        self._seek(found, stored)  # in the same step as the assignment: nothing fetched between
+        self.positioned = found
+        log.info("took all of %s: partitions %s", topic, sorted(tp.partition for tp in found))
+        return True
+
+    def _seek(
+        self, partitions: Iterable[TopicPartition], stored: dict[tuple[str, int], int]
+    ) -> None:
+        for tp in partitions:
             # No stored offset: from the start (an offset below the log's start is reset to
             # the earliest one by aiokafka, auto_offset_reset="earliest").
             self.consumer.seek(tp, stored.get((tp.topic, tp.partition), 0))
-        self.positioned.update(assigned)
-        log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
 
     async def _stored(self, topics: set[str]) -> dict[tuple[str, int], int] | None:
         """(topic, partition) → stored next offset; retried through database outages."""
@@ -117,7 +143,9 @@ async def mirror_offsets(consumer: AIOKafkaConsumer, offsets: dict[tuple[str, in
     """Also commit to Kafka what PostgreSQL now holds (best effort).
 
     PostgreSQL's offsets are the truth (the listener seeks to them); this mirror makes the
-    projector's lag visible to ordinary Kafka tooling.
+    projector's lag visible to ordinary Kafka tooling (and to :func:`watch_lag`). Without a
+    group (``all``) it commits as no member (generation -1): accepted by Tansu 0.6.0 and
+    Kafka while no member of the group is alive, refused (and skipped) while one is.
     """
     try:
         await consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
@@ -253,6 +281,12 @@ with 6 s, 1.0 s with 2 s; static membership (``group_instance_id``) made both 6.
 eviction (a loop stalled over 2 s) costs only a rebalance here: batches are fenced by the
 offsets stored in PostgreSQL."""
 
+Assignment = Literal["group", "all"]
+"""How an exactly-once consumer gets its partitions (``settings.consumer_assignment``)."""
+PARTITIONS_CHECK_MS = 5000
+"""Without a group, how often the topic's metadata is refreshed: a topic created after the
+start, or partitions added to it, are taken within this (``metadata_max_age_ms``)."""
+
 Offsets = dict[tuple[str, int], int]
 Handle = Callable[[list[ConsumerRecord], AIOKafkaProducer], Awaitable[Offsets]]
 """Apply a batch of records exactly once; return the offsets stored with it."""
@@ -272,19 +306,27 @@ async def consume_exactly_once(
     maintain: Callable[[AIOKafkaProducer], Awaitable[None]] | None = None,
     maintenance_seconds: float = 3600.0,
     lag: tuple[str, Sequence[tuple[str, str]]] | None = None,
+    assignment: Assignment = "group",
 ) -> None:
     """Consume ``topic`` in ``group`` until ``stop``: each batch to ``handle`` (which stores
     its effects and offsets under ``name`` in one transaction), offsets mirrored to Kafka
     afterwards; ``maintain`` at start and every ``maintenance_seconds`` between batches;
-    with ``lag`` (service, watched (topic, group) pairs), :func:`watch_lag` beside it."""
+    with ``lag`` (service, watched (topic, group) pairs), :func:`watch_lag` beside it.
+
+    With ``assignment="all"`` every partition of ``topic`` is read without joining
+    ``group`` (only its committed offsets are mirrored there): two such processes both
+    read everything, and the stored offsets fence each batch, so each record still
+    counts once."""
     watcher = None
     if lag is not None:
         watcher = asyncio.create_task(watch_lag(lag[0], bootstrap, lag[1], stop))
-    consumer = make_consumer(
-        bootstrap, group_id=group, max_poll_records=batch_max, **RESTART_TIMINGS
+    options = (
+        RESTART_TIMINGS if assignment == "group" else {"metadata_max_age_ms": PARTITIONS_CHECK_MS}
     )
+    consumer = make_consumer(bootstrap, group_id=group, max_poll_records=batch_max, **options)
     listener = SeekToStored(consumer, pool, stop, name)
-    consumer.subscribe([topic], listener=listener)
+    if assignment == "group":
+        consumer.subscribe([topic], listener=listener)
     producer = make_producer(bootstrap)
     await consumer.start()
     await producer.start()
@@ -294,6 +336,10 @@ async def consume_exactly_once(
             if maintain is not None and time.monotonic() - maintained >= maintenance_seconds:
                 await maintain(producer)
                 maintained = time.monotonic()
+            if assignment == "all" and not await listener.take_all(topic):
+                with contextlib.suppress(TimeoutError):  # no such topic yet
+                    await asyncio.wait_for(stop.wait(), 0.5)
+                continue
             fetched = await consumer.getmany(timeout_ms=500, max_records=batch_max)
             # Only what was fetched after the listener's seek (see SeekToStored).
             positioned = listener.positioned

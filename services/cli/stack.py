@@ -270,6 +270,7 @@ def projector_cmd(obj: Context) -> None:
         group=f"{settings.topic_prefix}billing-projector",
         retention_months=settings.retention_months,
         retention_action=settings.retention_action,
+        assignment=settings.consumer_assignment,
     )
 
     _serve_metrics(settings)
@@ -312,6 +313,7 @@ def quota_cmd(obj: Context) -> None:
         group=f"{settings.topic_prefix}billing-quota",
         low_fraction=settings.balance_low_fraction,
         webhook=webhook,
+        assignment=settings.consumer_assignment,
     )
     _serve_metrics(settings)
     _run_until_signalled(service.run)

@@ -64,6 +64,9 @@ from services.local.state import (
 )
 
 RESTART_BACKOFF_MAX = 10.0
+ONE_CONSUMER = {"BILLING_CONSUMER_ASSIGNMENT": "all"}
+"""The stack runs one projector and one quota service: each reads every partition without
+a consumer group, so a restarted one resumes at once (``Settings.consumer_assignment``)."""
 CLOSE_EVERY_SECONDS = 3600.0
 """How often ``billing up`` looks for a month to close (BILLING_CLOSE_GRACE)."""
 GATEWAY_HOST = "127.0.0.1"
@@ -264,13 +267,14 @@ class Stack:
                 "projector",
                 ["projector"],
                 self.logs / "projector.log",
-                env={"BILLING_METRICS_PORT": str(self.port + 2)},
+                # one projector and one quota service: no group to rejoin after a crash
+                env={"BILLING_METRICS_PORT": str(self.port + 2), **ONE_CONSUMER},
             ),
             Child(
                 "quota",
                 ["quota"],
                 self.logs / "quota.log",
-                env={"BILLING_METRICS_PORT": str(self.quota_metrics_port)},
+                env={"BILLING_METRICS_PORT": str(self.quota_metrics_port), **ONE_CONSUMER},
             ),
         ]
         for child in self.children:
@@ -424,6 +428,8 @@ class Stack:
         """Hourly (and at start): ``billing invoices close`` for the latest month over for
         ``BILLING_CLOSE_GRACE``, as a child of its own (closing again issues nothing; a month
         with usage held unpriced is refused and tried again next hour — see its log)."""
+        if self._closer is not None and self._closer.poll() is not None:
+            self._closer = None  # reaped: no zombie waits the hour until the next close
         grace = self.settings.close_grace_delta
         if grace is None or time.monotonic() < self._next_close:
             return

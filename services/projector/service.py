@@ -23,6 +23,7 @@ from services.adapters import metrics
 from services.adapters.consuming import (
     PRICER_GROUP,
     RETRYABLE,
+    Assignment,
     Offsets,
     consume_exactly_once,
     priced_batch,
@@ -62,6 +63,7 @@ class Projector:
         retry_max_seconds: float = 5.0,
         retention_months: int | None = None,
         retention_action: RetentionAction = "detach",
+        assignment: Assignment = "group",
     ) -> None:
         self.bootstrap = bootstrap
         self.database_url = database_url
@@ -71,6 +73,8 @@ class Projector:
         self.retry_max_seconds = retry_max_seconds
         self.retention_months = retention_months
         self.retention_action: RetentionAction = retention_action
+        self.assignment: Assignment = assignment
+        """``group`` (share partitions with replicas) or ``all`` (every one, no group)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         pool = await wait_for_pool(self.database_url, stop)
@@ -98,6 +102,7 @@ class Projector:
                 maintain=maintain,
                 maintenance_seconds=MAINTENANCE_SECONDS,
                 lag=("projector", self._watched()),
+                assignment=self.assignment,
             )
         finally:
             await pool.close()

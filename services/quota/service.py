@@ -26,6 +26,7 @@ from services.adapters import metrics
 from services.adapters.consuming import (
     PRICER_GROUP,
     RETRYABLE,
+    Assignment,
     Offsets,
     consume_exactly_once,
     priced_batch,
@@ -62,6 +63,7 @@ class QuotaService:
         low_fraction: Decimal = DEFAULT_LOW_FRACTION,
         webhook: Webhook | None = None,
         maintenance_seconds: float = 30.0,
+        assignment: Assignment = "group",
     ) -> None:
         self.bootstrap = bootstrap
         self.database_url = database_url
@@ -71,6 +73,8 @@ class QuotaService:
         self.low_fraction = low_fraction
         self.webhook = webhook
         self.maintenance_seconds = maintenance_seconds
+        self.assignment: Assignment = assignment
+        """``group`` (share partitions with replicas) or ``all`` (every one, no group)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         pool = await wait_for_pool(self.database_url, stop)
@@ -104,6 +108,7 @@ class QuotaService:
                 maintain=maintain,
                 maintenance_seconds=self.maintenance_seconds,
                 lag=("quota", self._watched()),
+                assignment=self.assignment,
             )
         finally:
             if webhooks is not None:
