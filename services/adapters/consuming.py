@@ -34,7 +34,7 @@ from services.adapters import metrics
 from services.adapters.database import create_pool
 from services.adapters.kafka import FETCH_MAX_WAIT_MS, make_admin, make_consumer, make_producer
 from services.adapters.offsets import stored_offsets
-from services.adapters.topics import dead_letter_headers
+from services.adapters.topics import Topics, dead_letter_headers
 from services.core.backoff import Backoff
 from services.core.events import Position, UsagePriced, decode_priced, undecodable_reason
 
@@ -193,6 +193,16 @@ PRICER_GROUP = "billing-pricer"
 service watch what waits for it (:func:`watch_lag`)."""
 
 
+def watched_downstream(topics: Topics, group: str, own_suffix: str) -> list[tuple[str, str]]:
+    """What a cost consumer's lag watches: the costs topic for its ``group`` and, upstream,
+    the usage topic for the pricer's group, named like ``group`` (the prefix before
+    ``own_suffix``)."""
+    watched = [(topics.costs, group)]
+    if group.endswith(own_suffix):
+        watched.append((topics.usage, group.removesuffix(own_suffix) + PRICER_GROUP))
+    return watched
+
+
 async def watch_lag(
     service: str,
     bootstrap: str,
@@ -208,15 +218,39 @@ async def watch_lag(
     by a group-less consumer: if there is one, it waits, and its age is now minus its
     ``recorded_at`` (or its broker timestamp when it does not parse). End offsets are not
     used: Tansu under-reports them (``adapters/kafka.py``). One offset fetch per group and
-    one fetch per tick, so it is cheap; a failure is logged and tried next tick.
+    one fetch per tick, so it is cheap. A failed tick is logged and tried again; the
+    clients are made again (and the partitions listed again) after a failure to start,
+    and every ``_REWATCH_TICKS`` ticks, so a broker away at the start or partitions added
+    later never end the watch.
     """
+    backoff = Backoff(0.5, 10.0)
+    while not stop.is_set():
+        try:
+            await _watch_for_a_while(service, bootstrap, watched, stop, interval)
+            backoff = Backoff(0.5, 10.0)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.info("lag watch could not start: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff.next())
+
+
+_REWATCH_TICKS = 60
+
+
+async def _watch_for_a_while(
+    service: str,
+    bootstrap: str,
+    watched: Sequence[tuple[str, str]],
+    stop: asyncio.Event,
+    interval: float,
+) -> None:
     admin = make_admin(bootstrap, request_timeout_ms=5000)
     probe = make_consumer(
         bootstrap,
         group_id=None,
         enable_auto_commit=False,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-        max_partition_fetch_bytes=64 * 1024,  # one record per partition is all it reads
+        max_partition_fetch_bytes=64 * 1024,  # the first record per partition is all it reads
     )
     try:
         await admin.start()
@@ -228,7 +262,9 @@ async def watch_lag(
             for p in sorted(probe.partitions_for_topic(topic) or ())
         ]
         probe.assign(partitions)
-        while not stop.is_set():
+        for _ in range(_REWATCH_TICKS):
+            if stop.is_set():
+                return
             try:
                 age = await _oldest_waiting(admin, probe, watched)
                 metrics.observe_waiting(service, age)
@@ -257,7 +293,9 @@ async def _oldest_waiting(
                 await probe.seek_to_beginning(tp)
             else:
                 probe.seek(tp, meta.offset)
-    fetched = await probe.getmany(timeout_ms=300, max_records=len(assigned))
+    # Every partition's first records (up to 64 KiB each): the first is the one waiting; a
+    # partition that did not answer within the 0.3 s counts at the next tick.
+    fetched = await probe.getmany(timeout_ms=300)
     now = time.time()
     ages = [now - _recorded_at(records[0]) for records in fetched.values() if records]
     return max(0.0, *ages)
@@ -317,9 +355,6 @@ async def consume_exactly_once(
     ``group`` (only its committed offsets are mirrored there): two such processes both
     read everything, and the stored offsets fence each batch, so each record still
     counts once."""
-    watcher = None
-    if lag is not None:
-        watcher = asyncio.create_task(watch_lag(lag[0], bootstrap, lag[1], stop))
     options = (
         RESTART_TIMINGS if assignment == "group" else {"metadata_max_age_ms": PARTITIONS_CHECK_MS}
     )
@@ -328,10 +363,13 @@ async def consume_exactly_once(
     if assignment == "group":
         consumer.subscribe([topic], listener=listener)
     producer = make_producer(bootstrap)
-    await consumer.start()
-    await producer.start()
-    maintained = -maintenance_seconds
+    watcher = None
     try:
+        await consumer.start()
+        await producer.start()
+        if lag is not None:
+            watcher = asyncio.create_task(watch_lag(lag[0], bootstrap, lag[1], stop))
+        maintained = -maintenance_seconds
         while not stop.is_set():
             if maintain is not None and time.monotonic() - maintained >= maintenance_seconds:
                 await maintain(producer)

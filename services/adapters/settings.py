@@ -214,8 +214,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_tokens(self) -> Settings:
-        if self.finance_token is None or self.admin_token is None:
+        if self.finance_token is None:
             return self
+        if self.admin_token is None:  # /internal would be open to anyone: nothing to limit
+            raise ConfigError("BILLING_FINANCE_TOKEN needs BILLING_ADMIN_TOKEN set too")
         finance = self.finance_token.get_secret_value()
         if hmac.compare_digest(finance.encode(), self.admin_token.get_secret_value().encode()):
             raise ConfigError("BILLING_FINANCE_TOKEN must differ from BILLING_ADMIN_TOKEN")
@@ -238,11 +240,15 @@ class Settings(BaseSettings):
         if value is None or not value.strip():
             return None
         parts = urlsplit(value.strip())
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} is not http(s)://host[:port]")
-        if parts.path.strip("/") or parts.query or parts.fragment:
-            raise ValueError(f"{value!r}: only the scheme and host (no path)")
-        return f"{parts.scheme}://{parts.netloc}"
+        if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"{value!r}: only the scheme, host and port")
+        # As browsers send it in Origin: the host lower-cased, no default port.
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        default = {"http": 80, "https": 443}[parts.scheme]
+        port = "" if parts.port in (None, default) else f":{parts.port}"
+        return f"{parts.scheme}://{host}{port}"
 
     @field_validator("pipeline_metrics")
     @classmethod

@@ -231,6 +231,7 @@ def _fresh_metrics_dir(data_dir: Path, port: int) -> Path:
 @click.pass_obj
 def pricer_cmd(obj: Context, log_level: str) -> None:
     """Run the pricer (faust worker): billing.usage.v1 → billing.costs.v1."""
+    from services.adapters.consuming import PRICER_GROUP
     from services.adapters.topics import Topics
     from services.adapters.wiring import pricing_cache
     from services.pricer.app import build_app, run_worker
@@ -244,7 +245,7 @@ def pricer_cmd(obj: Context, log_level: str) -> None:
         topics=Topics.named(settings.topic_prefix),
         prices=pricing_cache(settings),
         unpriced=UnpricedStore(database_url),
-        app_id=f"{settings.topic_prefix}billing-pricer",
+        app_id=f"{settings.topic_prefix}{PRICER_GROUP}",  # the group the lag watchers name
     )
     (settings.data_dir / "pricer").mkdir(parents=True, exist_ok=True)
     _serve_metrics(settings)

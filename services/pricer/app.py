@@ -30,6 +30,7 @@ import mode
 from faust.app.base import BootStrategy
 
 from services.adapters import metrics
+from services.adapters.consuming import PRICER_GROUP
 from services.adapters.kafka import kafka_client_options
 from services.adapters.pricing_cache import PricingCache
 from services.adapters.topics import Topics
@@ -101,7 +102,7 @@ def build_app(
     topics: Topics,
     prices: PricingCache,
     unpriced: UnpricedStore | None,
-    app_id: str = "billing-pricer",
+    app_id: str = PRICER_GROUP,
 ) -> faust.App:
     app = faust.App(app_id, **faust_settings(bootstrap, data_dir))
     app.boot_strategy = _NoKafka(app)

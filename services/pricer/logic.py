@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from services.core.errors import BillingError, PriceNotFound
+from services.core.errors import BillingError, PriceNotFound, PricingError
 from services.core.events import (
     Position,
     UsagePriced,
@@ -46,9 +46,13 @@ def price_batch(batch: Sequence[Incoming], book: PriceLookup, *, now: datetime) 
             outcome.priced.append(rate(recorded, book, priced_at=now))
         except PriceNotFound as exc:
             outcome.unpriced.append((recorded, exc.reason))
-        except (BillingError, ArithmeticError) as exc:
-            # Decoded but unpriceable (usage the rules refuse): one bad message must not
-            # stop the partition, and is never billed at $0.
+        except (PricingError, ArithmeticError) as exc:
+            # The price is at fault (a bad book entry): held like a missing price, priced
+            # again once the price is corrected, never dead-lettered and so never lost.
+            outcome.unpriced.append((recorded, f"price unusable: {type(exc).__name__}"))
+        except BillingError as exc:
+            # Decoded but usage the rules refuse: one bad message must not stop the
+            # partition, and is never billed at $0.
             outcome.dead.append((message, f"cannot be priced: {type(exc).__name__}: {exc}"[:500]))
     return outcome
 

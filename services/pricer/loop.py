@@ -106,7 +106,8 @@ class BatchPricer:
         self._stop.set()
         if self._running is None:
             return
-        if self._watching is not None:
+        if self._watching is not None:  # a watch blocked on a dead broker must not hold us
+            self._watching.cancel()
             await asyncio.gather(self._watching, return_exceptions=True)
         try:
             await asyncio.wait_for(asyncio.shield(self._running), timeout)

@@ -21,7 +21,6 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from services.adapters import metrics
 from services.adapters.consuming import (
-    PRICER_GROUP,
     RETRYABLE,
     Assignment,
     Offsets,
@@ -30,6 +29,7 @@ from services.adapters.consuming import (
     retried,
     tune_gc,
     wait_for_pool,
+    watched_downstream,
 )
 from services.adapters.partitions import (
     RetentionAction,
@@ -110,10 +110,7 @@ class Projector:
     def _watched(self) -> list[tuple[str, str]]:
         """What ``billing_pipeline_lag_seconds`` watches: the costs topic for this group
         and, upstream, the usage topic for the pricer's group (named like this one's)."""
-        watched = [(self.topics.costs, self.group)]
-        if self.group.endswith(GROUP):
-            watched.append((self.topics.usage, self.group.removesuffix(GROUP) + PRICER_GROUP))
-        return watched
+        return watched_downstream(self.topics, self.group, GROUP)
 
     async def _maintain(self, pool: asyncpg.Pool) -> None:
         """Partitions ahead, old months retired, old minutes dropped; a failure is logged

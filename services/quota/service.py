@@ -24,7 +24,6 @@ from aiokafka.errors import KafkaError
 
 from services.adapters import metrics
 from services.adapters.consuming import (
-    PRICER_GROUP,
     RETRYABLE,
     Assignment,
     Offsets,
@@ -33,6 +32,7 @@ from services.adapters.consuming import (
     retried,
     tune_gc,
     wait_for_pool,
+    watched_downstream,
 )
 from services.adapters.quota import (
     QUOTA_CONSUMER,
@@ -119,10 +119,7 @@ class QuotaService:
     def _watched(self) -> list[tuple[str, str]]:
         """What ``billing_pipeline_lag_seconds`` watches: the costs topic for this group
         and, upstream, the usage topic for the pricer's group (named like this one's)."""
-        watched = [(self.topics.costs, self.group)]
-        if self.group.endswith(GROUP):
-            watched.append((self.topics.usage, self.group.removesuffix(GROUP) + PRICER_GROUP))
-        return watched
+        return watched_downstream(self.topics, self.group, GROUP)
 
     async def _handle(
         self,

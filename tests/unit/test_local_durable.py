@@ -157,3 +157,33 @@ def test_a_child_writing_past_the_limit_is_rotated_without_waiting(tmp_path: Pat
         logs / "pricer.log.1"
     ).read_bytes().splitlines()
     assert last[-1].startswith(b"line 039999")
+
+
+def test_stored_offsets_go_whenever_the_log_changes(tmp_path: Path) -> None:
+    from services.local.supervisor import durable_log_id, offsets_outlived
+
+    durable = durable_log_id(tmp_path / "objects-a")
+    assert durable == durable_log_id(tmp_path / "objects-a")  # kept with its objects
+    assert durable != durable_log_id(tmp_path / "objects-b")  # another dir: another log
+    assert not offsets_outlived(durable, durable, embedded=True)  # a restart: kept
+    assert offsets_outlived("memory 1", durable, embedded=True)  # memory → s3
+    assert offsets_outlived(durable, "memory 2", embedded=True)  # s3 → memory
+    assert offsets_outlived("external k:9092", durable, embedded=True)  # external → s3
+    assert offsets_outlived(durable, "external k:9092", embedded=False)  # s3 → external
+    assert offsets_outlived(None, durable, embedded=True)  # never recorded: replay (deduped)
+    assert not offsets_outlived(None, "external k:9092", embedded=False)  # a deployment's own
+
+
+def test_the_embedded_broker_gets_two_partitions_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.adapters.settings import Settings
+    from services.local.supervisor import stack_partitions
+
+    monkeypatch.delenv("BILLING_PARTITIONS", raising=False)
+    monkeypatch.delenv("BILLING_PRICER_PROCESSES", raising=False)
+    assert stack_partitions(Settings(), embedded=True) == 2
+    assert stack_partitions(Settings(), embedded=False) == 6  # a real broker: the setting's
+    assert stack_partitions(Settings(pricer_processes=3), embedded=True) == 3  # one each
+    monkeypatch.setenv("BILLING_PARTITIONS", "6")
+    assert stack_partitions(Settings(), embedded=True) == 6  # said explicitly

@@ -45,7 +45,17 @@ def test_production_accepts_a_real_token(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_the_public_url_is_an_origin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BILLING_PUBLIC_URL", "https://billing.example.com/")
     assert Settings().public_url == "https://billing.example.com"
-    for wrong in ("billing.example.com", "ftp://x", "https://x/dashboard", "https://x/?a=1"):
+    monkeypatch.setenv("BILLING_PUBLIC_URL", "HTTPS://Billing.Example.com:443")
+    assert Settings().public_url == "https://billing.example.com"  # as browsers send Origin
+    monkeypatch.setenv("BILLING_PUBLIC_URL", "http://gw:8080")
+    assert Settings().public_url == "http://gw:8080"
+    for wrong in (
+        "billing.example.com",
+        "ftp://x",
+        "https://x/dashboard",
+        "https://x/?a=1",
+        "https://u:p@x",
+    ):
         monkeypatch.setenv("BILLING_PUBLIC_URL", wrong)
         with pytest.raises(ValueError, match="BILLING_PUBLIC_URL|public_url"):
             Settings()
@@ -71,6 +81,11 @@ def test_the_finance_token_differs_from_the_admin_token(monkeypatch: pytest.Monk
         Settings()
     monkeypatch.setenv("BILLING_FINANCE_TOKEN", " ")
     assert Settings().finance_token is None  # blank: unset, never a match for no token
+    monkeypatch.delenv("BILLING_ADMIN_TOKEN")
+    monkeypatch.setenv("BILLING_FINANCE_TOKEN", "a-finance-token")
+    with pytest.raises(ConfigError, match="needs BILLING_ADMIN_TOKEN"):
+        Settings()  # /internal would be open: the finance token would limit nothing
+    monkeypatch.setenv("BILLING_ADMIN_TOKEN", "f3c9a1b27e")
     monkeypatch.setenv("BILLING_ENV", "production")
     monkeypatch.setenv("BILLING_FINANCE_TOKEN", "changeme")
     with pytest.raises(ConfigError, match="real secret"):

@@ -10,7 +10,6 @@ invoice downloads, and the static assets.
 
 from __future__ import annotations
 
-import hmac
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from services.gateway.auth import (
     Unauthorized,
     client_address,
     failed,
-    limited_for,
+    refuse_if_limited,
+    same_secret,
     tenant_of,
 )
 from services.gateway.dashboard.access import (
@@ -161,7 +161,10 @@ async def sign_in(request: Request, resources: Deps) -> Response:
         return _sign_in_page(request, resources, "The form expired. Please sign in again.", 400)
     credential = form.get("credential", "").strip()
     client = client_address(request.scope)
-    if (wait := limited_for(resources, client)) is not None:  # too many failed sign-ins
+    try:  # too many failed sign-ins: only a tenant key known valid gets in (auth.py)
+        refuse_if_limited(resources, client, credential)
+    except Unauthorized as exc:
+        wait = exc.retry_after
         page = _sign_in_page(request, resources, f"Too many failures: wait {wait}s.", 429)
         page.headers["retry-after"] = str(wait)
         return page
@@ -190,10 +193,7 @@ async def _viewer_of(resources: Resources, credential: str) -> Viewer | str:
     """Who ``credential`` signs in as, or why it cannot (a message for the form)."""
     if not credential:
         return "Enter a tenant API key or the admin token."
-    token = resources.settings.admin_token
-    if token is not None and hmac.compare_digest(
-        credential.encode(), token.get_secret_value().encode()
-    ):
+    if _is_admin_token(resources, credential):
         return Viewer("operator")
     try:
         key = await tenant_of(resources, credential)
@@ -202,6 +202,11 @@ async def _viewer_of(resources: Resources, credential: str) -> Viewer | str:
             return "Keys cannot be checked: the gateway has no database."
         return "That key is unknown or revoked."
     return Viewer("tenant", key.tenant_id, key.key_id)
+
+
+def _is_admin_token(resources: Resources, credential: str) -> bool:
+    token = resources.settings.admin_token
+    return token is not None and same_secret(credential, token)
 
 
 @router.post("/sign-out")
