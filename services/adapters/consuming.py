@@ -218,32 +218,31 @@ async def watch_lag(
     by a group-less consumer: if there is one, it waits, and its age is now minus its
     ``recorded_at`` (or its broker timestamp when it does not parse). End offsets are not
     used: Tansu under-reports them (``adapters/kafka.py``). One offset fetch per group and
-    one fetch per tick, so it is cheap. A failed tick is logged and tried again; the
-    clients are made again (and the partitions listed again) after a failure to start,
-    and every ``_REWATCH_TICKS`` ticks, so a broker away at the start or partitions added
-    later never end the watch.
+    one fetch per tick, so it is cheap. A failed tick is logged and tried again; clients
+    that cannot start (a broker away) are made again after a pause, so the watch never
+    ends before ``stop``; the partitions are listed again every ``_RELIST_TICKS`` ticks.
     """
     backoff = Backoff(0.5, 10.0)
     while not stop.is_set():
         try:
-            await _watch_for_a_while(service, bootstrap, watched, stop, interval)
-            backoff = Backoff(0.5, 10.0)
+            await _watch(service, bootstrap, watched, stop, interval)
         except (KafkaError, OSError, TimeoutError) as exc:
             log.info("lag watch could not start: %r", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff.next())
 
 
-_REWATCH_TICKS = 60
+_RELIST_TICKS = 60
 
 
-async def _watch_for_a_while(
+async def _watch(
     service: str,
     bootstrap: str,
     watched: Sequence[tuple[str, str]],
     stop: asyncio.Event,
     interval: float,
 ) -> None:
+    """:func:`watch_lag` with one pair of clients, until ``stop`` (or they cannot start)."""
     admin = make_admin(bootstrap, request_timeout_ms=5000)
     probe = make_consumer(
         bootstrap,
@@ -255,16 +254,11 @@ async def _watch_for_a_while(
     try:
         await admin.start()
         await probe.start()
-        await probe.topics()  # every topic's metadata (never a named, missing one)
-        partitions = [
-            TopicPartition(topic, p)
-            for topic, _ in watched
-            for p in sorted(probe.partitions_for_topic(topic) or ())
-        ]
-        probe.assign(partitions)
-        for _ in range(_REWATCH_TICKS):
-            if stop.is_set():
-                return
+        ticks = 0
+        while not stop.is_set():
+            if ticks % _RELIST_TICKS == 0:
+                await _assign_watched(probe, watched)
+            ticks += 1
             try:
                 age = await _oldest_waiting(admin, probe, watched)
                 metrics.observe_waiting(service, age)
@@ -275,6 +269,18 @@ async def _watch_for_a_while(
     finally:
         await probe.stop()
         await admin.close()
+
+
+async def _assign_watched(probe: AIOKafkaConsumer, watched: Sequence[tuple[str, str]]) -> None:
+    """Every partition of the watched topics (again only when they changed)."""
+    await probe.topics()  # every topic's metadata (never a named, missing one)
+    partitions = {
+        TopicPartition(topic, p)
+        for topic, _ in watched
+        for p in probe.partitions_for_topic(topic) or ()
+    }
+    if partitions != probe.assignment():
+        probe.assign(sorted(partitions))
 
 
 async def _oldest_waiting(
@@ -294,8 +300,13 @@ async def _oldest_waiting(
             else:
                 probe.seek(tp, meta.offset)
     # Every partition's first records (up to 64 KiB each): the first is the one waiting; a
-    # partition that did not answer within the 0.3 s counts at the next tick.
-    fetched = await probe.getmany(timeout_ms=300)
+    # partition that did not answer within the 0.3 s counts at the next tick. Paused in
+    # between: aiokafka would otherwise keep fetching ahead into its buffers all along.
+    probe.resume(*assigned)
+    try:
+        fetched = await probe.getmany(timeout_ms=300)
+    finally:
+        probe.pause(*assigned)
     now = time.time()
     ages = [now - _recorded_at(records[0]) for records in fetched.values() if records]
     return max(0.0, *ages)

@@ -243,7 +243,7 @@ class Stack:
         if cleared:
             # Offsets stored against another log (a lost in-memory one, another objects dir,
             # another broker) would skip this one's records; a replay is deduplicated.
-            self.echo(f"offsets     {cleared} stored offsets of another log cleared")
+            self.echo(f"offsets     {cleared} stored offsets cleared (positions in another log)")
         topics = Topics.named(self.settings.topic_prefix)
         partitions = stack_partitions(self.settings, embedded=self.broker is not None)
         asyncio.run(ensure_topics(bootstrap, topics.partitions(partitions)))
