@@ -15,6 +15,8 @@ from services.local.supervisor import Stack
 
 
 class Started:
+    pid = None  # a fake: nothing to record in pids/
+
     def __init__(self) -> None:
         self.commands: list[list[str]] = []
 
