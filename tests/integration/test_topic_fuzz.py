@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from services.adapters.kafka import ensure_topics
 from services.adapters.pricing_cache import PricingCache
 from services.adapters.topics import Topics
+from services.core.cost import COMPONENTS
 from services.core.events import UsagePriced, UsageRecorded
 from services.core.pricebook import InMemoryPriceBook
 from services.core.rating import rate
@@ -404,17 +405,7 @@ def test_the_mutations_never_decode() -> None:
         "usage_source": "upstream",
         "reported": None,
         "breakdown": dict.fromkeys(
-            (
-                "prompt_cost",
-                "cache_read_cost",
-                "cache_write_cost",
-                "completion_cost",
-                "internal_reasoning_cost",
-                "request_cost",
-                "web_search_cost",
-                "image_cost",
-                "total_cost",
-            ),
+            (*COMPONENTS, "total_cost"),
             "0",
         ),
         "total_cost": "0",

@@ -124,6 +124,9 @@ def test_rotation_keeps_a_few_copies_and_the_writer_appends_from_the_start(
     assert not rotate(log, max_bytes=1000)  # under the limit: left alone
 
 
+LINE_LENGTH = len("line 000000 ") + 50
+
+
 def test_a_child_writing_past_the_limit_is_rotated_without_waiting(tmp_path: Path) -> None:
     """A real process appending fast while the supervisor's rotation runs beside it."""
     logs = tmp_path / "logs"
@@ -151,6 +154,11 @@ def test_a_child_writing_past_the_limit_is_rotated_without_waiting(tmp_path: Pat
         assert path.stat().st_size < 1_500_000
         lines = path.read_bytes().splitlines()
         assert all(b"\0" not in line for line in lines)  # no sparse hole after a truncation
+        # A copy may end in a torn line (the child was writing it while it was read; its
+        # rest went with the truncation: the documented window). Nowhere else.
+        if lines and len(lines[-1]) != LINE_LENGTH:
+            lines = lines[:-1]
+        assert all(len(line) == LINE_LENGTH for line in lines), path
         numbers = [int(line.split()[1]) for line in lines]
         assert numbers == sorted(numbers)  # each file a run of whole lines, in order
     last = (logs / "pricer.log").read_bytes().splitlines() or (
