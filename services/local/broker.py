@@ -16,7 +16,6 @@ BrokerError (AdapterError)     the embedded broker cannot be used
 from __future__ import annotations
 
 import atexit
-import contextlib
 import importlib.resources
 import os
 import signal
@@ -30,12 +29,11 @@ from types import TracebackType
 from typing import IO, Self
 
 from services.adapters.errors import AdapterError
-from services.local.processes import die_with_parent
+from services.local.processes import die_with_parent, log_tail, port_is_free, signal_group
 
 HOST = "127.0.0.1"
 MEMORY_STORAGE = "memory://tansu/"
 _PROBE_INTERVAL = 0.02
-_LOG_TAIL_BYTES = 2000
 # Tansu reads these as fallbacks for its flags; the flags we pass win, but an inherited OTLP
 # endpoint would make a throwaway broker export telemetry, so none of them is passed on.
 _TANSU_ENV = (
@@ -124,7 +122,7 @@ class EmbeddedBroker:
         if self.running:
             return
         self._forget()  # a broker that died on its own (already reaped by ``running``)
-        if not _port_is_free(self.port):
+        if not port_is_free(self.port):
             if not self._auto_port:
                 raise BrokerStartFailed(f"port {self.port} on {HOST} is already in use")
             self.port = _free_port()
@@ -151,11 +149,11 @@ class EmbeddedBroker:
         if process is None:
             return
         if process.poll() is None:
-            _signal_group(process, signal.SIGTERM)
+            signal_group(process, signal.SIGTERM)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
+                signal_group(process, signal.SIGKILL)
                 process.wait()
         self._forget()
 
@@ -164,7 +162,7 @@ class EmbeddedBroker:
         process = self._process
         if process is None:
             return
-        _signal_group(process, signal.SIGKILL)
+        signal_group(process, signal.SIGKILL)
         process.wait()
         self._forget()
 
@@ -223,27 +221,12 @@ class EmbeddedBroker:
             if not isinstance(output, int):
                 output.close()  # the child holds its own descriptor
 
+    def _log_tail(self) -> str:
+        return log_tail(self.log_path, "the broker's")
+
     def _forget(self) -> None:
         self._process = None
         atexit.unregister(self.stop)
-
-    def _log_tail(self) -> str:
-        if self.log_path is None:
-            return " (no log: pass log_path to keep the broker's output)"
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
-                tail = log.read().decode(errors="replace").strip()
-        except OSError as exc:
-            return f" (log {self.log_path} unreadable: {exc})"
-        return f"; last lines of {self.log_path}:\n{tail}"
-
-
-def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
-    # The child leads its own group (start_new_session), so its pid is the group id.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signum)
 
 
 def _free_port() -> int:
@@ -251,18 +234,6 @@ def _free_port() -> int:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # As the broker's own listener does, so that a port left in TIME_WAIT by a previous
-        # broker (a restart on the same port) counts as free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
 
 
 def _answers_api_versions(port: int, timeout: float = 0.5) -> bool:

@@ -33,7 +33,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -47,7 +46,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from services.adapters.errors import AdapterError
-from services.local.processes import die_with_parent
+from services.local.processes import die_with_parent, log_tail, port_is_free, signal_group
 
 HOST = "127.0.0.1"
 BUCKET = "tansu"
@@ -60,7 +59,6 @@ _BASE_PORTS = (15000, 22000)
 outgoing connection cannot take one of the ports between the check and weed's bind."""
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _PROBE_INTERVAL = 0.05
-_LOG_TAIL_BYTES = 2000
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; longer dirs let weed use /tmp instead
 
 
@@ -268,11 +266,11 @@ class ObjectStore:
         if process is None:
             return
         if process.poll() is None:
-            _signal_group(process, signal.SIGTERM)
+            signal_group(process, signal.SIGTERM)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
+                signal_group(process, signal.SIGKILL)
                 process.wait()
         self._process = None
 
@@ -281,7 +279,7 @@ class ObjectStore:
         process = self._process
         if process is None:
             return
-        _signal_group(process, signal.SIGKILL)
+        signal_group(process, signal.SIGKILL)
         process.wait()
         self._process = None
 
@@ -364,6 +362,9 @@ class ObjectStore:
             if not isinstance(output, int):
                 output.close()  # the child holds its own descriptor
 
+    def _log_tail(self) -> str:
+        return log_tail(self.log_path, "weed's")
+
     def _wait_ready(self, timeout: float) -> None:
         assert self._process is not None  # noqa: S101 - set by the caller
         deadline = time.monotonic() + timeout
@@ -381,41 +382,14 @@ class ObjectStore:
                 )
             time.sleep(_PROBE_INTERVAL)
 
-    def _log_tail(self) -> str:
-        if self.log_path is None:
-            return " (no log: pass log_path to keep weed's output)"
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
-                tail = log.read().decode(errors="replace").strip()
-        except OSError as exc:
-            return f" (log {self.log_path} unreadable: {exc})"
-        return f"; last lines of {self.log_path}:\n{tail}"
-
 
 def _pick_base(preferred: int | None) -> int:
     """``preferred`` if all its ports are free, else a random base whose ports all are."""
-    if preferred is not None and all(_port_is_free(port) for port in ports_of(preferred)):
+    if preferred is not None and all(port_is_free(port) for port in ports_of(preferred)):
         return preferred
     low, high = _BASE_PORTS
     for _ in range(200):
         base = random.randrange(low, high)  # noqa: S311 - a port, not a secret
-        if all(_port_is_free(port) for port in ports_of(base)):
+        if all(port_is_free(port) for port in ports_of(base)):
             return base
     raise ObjectStoreStartFailed(f"no free block of weed ports between {low} and {high}")
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signum)

@@ -16,6 +16,8 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -33,6 +35,43 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass  # not Linux: orphans are possible if the supervisor is killed
+
+
+LOOPBACK = "127.0.0.1"
+_LOG_TAIL_BYTES = 2000
+
+
+def signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
+    """Signal the process group ``process`` leads (started with ``start_new_session``, so
+    its pid is the group id); nothing if it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signum)
+
+
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether ``port`` can be bound on ``host``, as the servers' own listeners bind it
+    (``SO_REUSEADDR``: a port left in TIME_WAIT by a previous run counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def log_tail(log_path: Path | None, whose: str) -> str:
+    """The end of a child's log, to append to an error saying it failed to start."""
+    if log_path is None:
+        return f" (no log: pass log_path to keep {whose} output)"
+    try:
+        with log_path.open("rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
+            tail = log.read().decode(errors="replace").strip()
+    except OSError as exc:
+        return f" (log {log_path} unreadable: {exc})"
+    return f"; last lines of {log_path}:\n{tail}"
 
 
 def start_time(pid: int) -> str | None:
