@@ -166,6 +166,11 @@ class Settings(BaseSettings):
     """Largest request body the gateway reads (413 beyond, answered before reading it)."""
     body_timeout_seconds: float = Field(default=30.0, gt=0)
     """A request body not received whole within this is answered 408 (slow clients)."""
+    max_head_bytes: int = Field(default=64 << 10, ge=1024)
+    """Largest request head (request line and headers) the gateway reads (431 beyond)."""
+    head_timeout_seconds: float = Field(default=10.0, gt=0)
+    """A request head not received whole within this of its first byte is answered 408, as
+    is a new connection that sends nothing for as long (slow clients, slowloris)."""
     auth_failures_per_minute: int = Field(default=30, ge=1)
     """Failed authentications one client address may make per minute; beyond it, 429."""
     database_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -144,6 +144,7 @@ def gateway_cmd(obj: Context, host: str, port: int, workers: int | None) -> None
     import uvicorn
 
     from services.gateway.app import create_app
+    from services.gateway.server import HeadLimitedProtocol
 
     settings = obj.settings
     if settings.env == "production" and settings.session_secret is None:
@@ -166,9 +167,7 @@ def gateway_cmd(obj: Context, host: str, port: int, workers: int | None) -> None
             port=port,
             log_level="info",
             access_log=False,
-            # Request heads above 64 KiB are refused (400) when uvicorn parses with h11;
-            # httptools, its default here, has no such limit (see the README).
-            h11_max_incomplete_event_size=64 * 1024,
+            http=HeadLimitedProtocol,
         )
         return
     # Each worker is a fresh interpreter that builds its app from the environment: hand it
@@ -183,7 +182,7 @@ def gateway_cmd(obj: Context, host: str, port: int, workers: int | None) -> None
         workers=workers,
         log_level="info",
         access_log=False,
-        h11_max_incomplete_event_size=64 * 1024,
+        http=HeadLimitedProtocol,
     )
 
 
