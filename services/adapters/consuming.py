@@ -32,7 +32,7 @@ from aiokafka.errors import KafkaError
 
 from services.adapters import metrics
 from services.adapters.database import create_pool
-from services.adapters.kafka import FETCH_MAX_WAIT_MS, make_admin, make_consumer, make_producer
+from services.adapters.kafka import make_admin, make_consumer, make_producer
 from services.adapters.offsets import stored_offsets
 from services.adapters.topics import Topics, dead_letter_headers
 from services.core.backoff import Backoff
@@ -248,7 +248,6 @@ async def _watch(
         bootstrap,
         group_id=None,
         enable_auto_commit=False,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         max_partition_fetch_bytes=64 * 1024,  # the first record per partition is all it reads
     )
     try:

@@ -21,6 +21,11 @@ that the embedded Tansu 0.6.0 broker works too. Measured against it on this mach
 - CreatePartitions is not supported, so a topic with the wrong partition count is an error.
 - A fetch that finds no data waits the full ``fetch_max_wait_ms`` even when records arrive
   meanwhile (no long-poll wake-up): see ``FETCH_MAX_WAIT_MS``.
+- With S3 storage (``billing up``'s durable log) every fetch below the high watermark, and
+  every ListOffsets, lists every batch object of the partition (~12 µs per object), and a
+  fetch whose listing outlasts ``fetch_max_wait_ms`` returns nothing: past ~8,000 batches
+  in a partition consumers at 100 ms stop receiving anything. ``local/logretention.py``
+  bounds the log for that reason.
 - With the broker SIGKILLed, ``send_and_wait`` fails after ``request_timeout_ms`` (5 s here)
   with ``NodeNotReadyError`` (or ``UnknownTopicOrPartitionError`` for a topic it never sent to).
 
@@ -59,10 +64,13 @@ from services.adapters.settings import Settings
 log = logging.getLogger(__name__)
 
 FETCH_MAX_WAIT_MS = 100
-"""Tansu answers a fetch with no data only when this wait is over, even if records arrive
-meanwhile (measured produce→consume latency p50: 370 ms at 1,500 ms, 137 ms at 500 ms,
-21 ms at 100 ms): a short wait is what keeps the pipeline's latency low. Kafka returns as
-soon as data arrives, so the short wait costs it only idle fetch requests."""
+"""The default of ``BILLING_KAFKA_FETCH_MAX_WAIT_MS``. Tansu answers a fetch with no data
+only when this wait is over, even if records arrive meanwhile (measured produce→consume
+latency p50: 370 ms at 1,500 ms, 137 ms at 500 ms, 21 ms at 100 ms): a short wait is what
+keeps the pipeline's latency low. Kafka returns as soon as data arrives, so the short wait
+costs it only idle fetch requests. On S3 storage a longer one (``S3_FETCH_MAX_WAIT_MS``)
+lists the log less often and lets a longer listing finish (see above)."""
+S3_FETCH_MAX_WAIT_MS = 500
 _RETRY_INTERVAL = 0.2
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -165,15 +173,17 @@ def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
 def make_consumer(
     bootstrap: str, *topics: str, group_id: str | None, **overrides: Any
 ) -> AIOKafkaConsumer:
-    """A group consumer that commits only when told to and starts from the earliest record."""
+    """A group consumer that commits only when told to and starts from the earliest record;
+    its fetches wait ``BILLING_KAFKA_FETCH_MAX_WAIT_MS`` (``FETCH_MAX_WAIT_MS``)."""
+    configured = Settings()
     settings: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
-        "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+        "fetch_max_wait_ms": configured.kafka_fetch_max_wait_ms,
         **GROUP_TIMINGS,
-        **kafka_client_options(),
+        **kafka_client_options(configured),
     }
     settings.update(overrides)
     return AIOKafkaConsumer(*topics, **settings)

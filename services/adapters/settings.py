@@ -181,6 +181,10 @@ class Settings(BaseSettings):
     """PostgreSQL TLS (libpq's ``sslmode``); unset: what ``BILLING_DATABASE_URL`` says."""
     database_sslrootcert: Path | None = None
     """CA bundle for ``verify-ca``/``verify-full``."""
+    kafka_fetch_max_wait_ms: int = Field(default=100, ge=10, le=30_000)
+    """How long a consumer's fetch may wait at the broker (``fetch_max_wait_ms``). Short
+    keeps Tansu's latency low (it answers an empty fetch only when the wait is over);
+    ``billing up`` makes it 500 on its s3 log, where a fetch lists every batch first."""
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_sasl_username: str | None = None

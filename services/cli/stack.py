@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,16 @@ if TYPE_CHECKING:
     "kept across restarts) or memory (lost when it stops). Unused with BILLING_KAFKA_BOOTSTRAP.",
 )
 @click.option(
+    "--broker-retention",
+    default="off",
+    show_default=True,
+    envvar="BILLING_BROKER_RETENTION",
+    callback=lambda _ctx, _param, value: _duration(value),
+    help="With s3 storage, delete the log's batches once every service has consumed them "
+    "and they are older than this (7d, 12h, 30m); off keeps them all. Tansu slows down as "
+    "the log grows, and `billing rebuild` refuses a trimmed log: see the README.",
+)
+@click.option(
     "--log-max-mb",
     type=click.IntRange(1, 10_000),
     default=10,
@@ -65,6 +76,7 @@ def up_cmd(
     port: int,
     with_demo: bool,
     broker_storage: str,
+    broker_retention: timedelta | None,
     log_max_mb: int,
     log_backups: int,
 ) -> None:
@@ -89,8 +101,21 @@ def up_cmd(
         broker_storage=broker_storage,
         log_max_bytes=log_max_mb * 1024 * 1024,
         log_backups=log_backups,
+        broker_retention=broker_retention,
     )
     run(stack, after)
+
+
+def _duration(text: str) -> timedelta | None:
+    from services.core.periods import parse_grace
+
+    try:
+        duration = parse_grace(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if duration is not None and duration < timedelta(minutes=1):
+        raise click.BadParameter(f"{text!r}: at least 1m (the log is swept every minute)")
+    return duration
 
 
 @click.command("migrate")

@@ -175,7 +175,8 @@ async def rebuild(
     transaction (tests use it to move the projector on meanwhile)."""
     from aiokafka import AIOKafkaConsumer
 
-    from services.adapters.kafka import FETCH_MAX_WAIT_MS, kafka_client_options
+    from services.adapters.kafka import kafka_client_options
+    from services.adapters.settings import Settings
 
     if tuple(SUMMARY_KEY_SQL) != SUMMARY_KEY:
         raise RebuildError(f"the summary key is now {SUMMARY_KEY}: update SUMMARY_KEY_SQL")
@@ -191,7 +192,7 @@ async def rebuild(
         group_id=None,  # positions are ours: nothing is committed anywhere
         enable_auto_commit=False,
         auto_offset_reset="earliest",  # a vanished offset 0 shows as a later first record
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms=Settings().kafka_fetch_max_wait_ms,
         max_partition_fetch_bytes=8 << 20,  # fewer round trips: the whole log is wanted
         **kafka_client_options(),  # TLS and SASL, as every service's clients
     )

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 from urllib.parse import urlsplit
 
 import httpx
@@ -235,6 +235,25 @@ class ObjectStore:
             "AWS_ENDPOINT": self.endpoint,
             "AWS_ALLOW_HTTP": "true",
         }
+
+    def client(self) -> Any:
+        """A boto3 S3 client of this store (its endpoint, credentials and region)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.credentials.access_key_id,
+            aws_secret_access_key=self.credentials.secret_access_key,
+            region_name=REGION,
+            config=Config(
+                s3={"addressing_style": "path"},
+                connect_timeout=5,
+                read_timeout=30,
+                retries={"max_attempts": 3},
+            ),
+        )
 
     def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
         """Start weed and return once its bucket answers a signed HEAD with 200."""

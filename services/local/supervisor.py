@@ -37,20 +37,22 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
 import click
 import httpx
 
+from services.adapters.consuming import PRICER_GROUP
 from services.adapters.database import connect, migrate
 from services.adapters.errors import AdapterError
-from services.adapters.kafka import ensure_topics
+from services.adapters.kafka import S3_FETCH_MAX_WAIT_MS, ensure_topics
 from services.adapters.settings import Settings
 from services.adapters.topics import Topics
 from services.core.periods import closable_month
 from services.local.broker import EmbeddedBroker
+from services.local.logretention import LogRetention, duration_text, positions_of
 from services.local.logrotate import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, rotate_all
 from services.local.objectstore import BUCKET, ObjectStore, load_or_create_credentials
 from services.local.postgres import EmbeddedPostgres
@@ -126,6 +128,7 @@ class Stack:
         broker_storage: str = "s3",
         log_max_bytes: int = DEFAULT_MAX_BYTES,
         log_backups: int = DEFAULT_BACKUPS,
+        broker_retention: timedelta | None = None,
     ) -> None:
         if broker_storage not in STORAGES:
             raise ValueError(f"broker storage {broker_storage!r} is not one of {STORAGES}")
@@ -134,6 +137,9 @@ class Stack:
         self.echo = echo
         self.broker_storage = broker_storage
         """Of the embedded broker: ``s3`` (durable, weed mini) or ``memory``."""
+        self.broker_retention = broker_retention
+        """How long the s3 log keeps consumed batches (``None``: all of them)."""
+        self.retention: LogRetention | None = None
         self.log_max_bytes = log_max_bytes
         self.log_backups = log_backups
         self.data_dir = settings.data_dir.resolve()
@@ -255,6 +261,8 @@ class Stack:
             "BILLING_DATABASE_URL": database_url,
             "BILLING_DATA_DIR": str(self.data_dir),
         }
+        if self.objects is not None:  # Tansu lists the s3 log on every fetch: fewer of them
+            self.env.setdefault("BILLING_KAFKA_FETCH_MAX_WAIT_MS", str(S3_FETCH_MAX_WAIT_MS))
         self.children = [
             Child(
                 "gateway",
@@ -280,6 +288,8 @@ class Stack:
         for child in self.children:
             self._start_child(child)
         self._wait_ready()
+        if self.objects is not None:
+            self._start_retention(self.objects, database_url, bootstrap, topics)
         self.state = StackState(
             pid=os.getpid(),
             data_dir=str(self.data_dir),
@@ -330,6 +340,29 @@ class Stack:
             where = "memory storage: lost when it stops"
         self.echo(f"broker      embedded Tansu at {self.broker.bootstrap} ({where})")
         return self.broker.bootstrap
+
+    def _start_retention(
+        self, objects: ObjectStore, database_url: str, bootstrap: str, topics: Topics
+    ) -> None:
+        """Sweep the s3 log every minute: trim what is old and consumed, or warn when it
+        grows long enough to slow Tansu down (``logretention``)."""
+        guarded: dict[str, str | None] = {
+            topics.usage: f"{self.settings.topic_prefix}{PRICER_GROUP}",
+            topics.costs: None,  # the projector's and quota service's consumer_offsets
+        }
+        self.retention = LogRetention(
+            objects.client(),
+            objects.bucket,
+            self.broker_retention,
+            positions_of(database_url, bootstrap, guarded),
+            self.echo,
+        )
+        self.retention.start()
+        if self.broker_retention is None:
+            self.echo("retention   off: the log keeps every batch (--broker-retention)")
+        else:
+            age = duration_text(self.broker_retention)
+            self.echo(f"retention   batches consumed and older than {age} are deleted from the log")
 
     def _watch_database(self, pgdata: Path) -> None:
         """A child that stops the embedded PostgreSQL if the supervisor dies: pgserver runs
@@ -452,6 +485,8 @@ class Stack:
         if self.state is not None:  # first: no command should pick a stack that is going
             remove_state(self.data_dir, self.state.pid)
             self.state = None
+        if self.retention is not None:
+            self.retention.stop()
         if self._closer is not None and self._closer.poll() is None:
             self._closer.terminate()  # a close is one transaction: nothing half-issued
             try:
