@@ -53,6 +53,7 @@ from services.core.events import decode_recorded
 from services.gateway import proxy
 from services.gateway.app import create_app
 from services.gateway.capture import Billed
+from services.gateway.server import HeadLimitedProtocol
 from services.local.fake_upstream import create_fake_upstream
 from tests.integration.pipeline import make_consumer
 from tests.integration.test_proxy import Recording, make_key
@@ -147,7 +148,14 @@ def served_gateway(
     app = create_app(configured, upstream_transport=upstream)
     port = _free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            http=HeadLimitedProtocol,  # the gateway's own protocol, as `billing gateway` runs
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
