@@ -62,12 +62,16 @@ class Context:
     def env_settings(self) -> Settings:
         """Settings from the environment alone (``billing up`` itself: it *is* the stack)."""
         if self._env_settings is None:
+            from pydantic import ValidationError
+
             from services.adapters.settings import Settings
 
             try:
                 self._env_settings = Settings(data_dir=self.data_dir)
             except ConfigError as exc:
                 raise click.ClickException(str(exc)) from exc
+            except ValidationError as exc:  # a value out of range, of the wrong type …
+                raise click.ClickException(settings_problems(exc)) from None
         return self._env_settings
 
     @property
@@ -169,3 +173,19 @@ def on_database(
             return await work(connection)
 
     return asyncio.run(run())
+
+
+_SECRET_WORDS = ("token", "secret", "password", "url", "key")
+
+
+def settings_problems(error: Any) -> str:
+    """A pydantic ``ValidationError`` of the settings as the variables to fix, one per line:
+    ``BILLING_MAX_HEAD_BYTES='10': Input should be greater than or equal to 1024``."""
+    lines = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        given = problem.get("input")
+        secret = any(word in field for word in _SECRET_WORDS)  # never echoed
+        shown = f"={given!r}" if isinstance(given, str | int | float) and not secret else ""
+        lines.append(f"BILLING_{field.upper()}{shown}: {problem['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)

@@ -90,3 +90,29 @@ def test_the_finance_token_differs_from_the_admin_token(monkeypatch: pytest.Monk
     monkeypatch.setenv("BILLING_FINANCE_TOKEN", "changeme")
     with pytest.raises(ConfigError, match="real secret"):
         Settings()
+
+
+def test_a_bad_setting_is_named_without_a_traceback_and_secrets_are_not_echoed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+
+    from services.cli.main import main
+
+    monkeypatch.setenv("BILLING_MAX_HEAD_BYTES", "10")
+    monkeypatch.setenv("BILLING_KAFKA_FETCH_MAX_WAIT_MS", "abc")
+    result = CliRunner().invoke(main, ["gateway", "--port", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "BILLING_MAX_HEAD_BYTES='10': Input should be greater than or equal to 1024" in (
+        result.output
+    )
+    assert "BILLING_KAFKA_FETCH_MAX_WAIT_MS='abc'" in result.output
+    monkeypatch.delenv("BILLING_MAX_HEAD_BYTES")
+    monkeypatch.delenv("BILLING_KAFKA_FETCH_MAX_WAIT_MS")
+    # A secret's value is never repeated, even when it is what is wrong.
+    monkeypatch.setenv("BILLING_SESSION_HOURS", "-1")
+    monkeypatch.setenv("BILLING_SESSION_SECRET", "hunter2")  # too short
+    result = CliRunner().invoke(main, ["gateway", "--port", "1"])
+    assert "BILLING_SESSION_HOURS='-1'" in result.output, result.output
+    assert "BILLING_SESSION_SECRET: Value error, must be at least 16" in result.output
+    assert "hunter2" not in result.output
