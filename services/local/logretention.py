@@ -15,9 +15,11 @@ that are older than the retention *and* that every service of the stack has cons
 committed positions: the projector's and the quota service's in ``consumer_offsets``, the
 pricer's group offsets in the broker); :class:`LogRetention` lists the objects through the S3
 API and deletes them. Only a prefix of a partition goes (never a hole), and never its last
-batch. Measured against Tansu (``tests/integration/test_log_retention.py``): a consumer from
-the earliest offset starts at the first batch left, a fetch at a trimmed offset answers from
-the next one, and produce, group offsets and restarts are unaffected.
+batch; every 10 minutes at most, weed is then asked to compact its volumes, which is when
+the deleted batches' disk comes back. Measured against Tansu
+(``tests/integration/test_log_retention.py``): a consumer from the earliest offset starts at
+the first batch left, a fetch at a trimmed offset answers from the next one, and produce,
+group offsets and restarts are unaffected.
 
 With retention off (the default) nothing is deleted; the sweep only counts the batches, every
 10 minutes, and warns once when a partition holds more than ``CROWDED_BATCHES`` of them. A
@@ -31,6 +33,7 @@ import asyncio
 import logging
 import re
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ SWEEP_SECONDS = 60.0
 COUNT_SECONDS = 600.0
 """With retention off the sweep only counts (a listing costs `weed` ~12 µs per batch): every
 10 minutes, and no more once it has warned."""
+VACUUM_SECONDS = 600.0
 _DELETE_CHUNK = 1000  # S3 DeleteObjects takes at most 1,000 keys
 _KEY = re.compile(
     r"^clusters/(?P<cluster>[^/]+)/topics/(?P<topic>[^/]+)/partitions/(?P<partition>\d{10})"
@@ -144,6 +148,7 @@ class LogRetention:
         echo: Callable[[str], None],
         interval: float = SWEEP_SECONDS,
         cluster: str = CLUSTER,
+        vacuum: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.bucket = bucket
@@ -156,6 +161,10 @@ class LogRetention:
         self._thread: threading.Thread | None = None
         self._warned: set[Partition] = set()
         self._trimmed = 0
+        self.vacuum = vacuum
+        """Gives the trimmed batches' disk back (weed keeps it until its volumes are
+        compacted): called after trimming, at most every ``VACUUM_SECONDS``."""
+        self._vacuumed_at = 0.0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="log-retention", daemon=True)
@@ -199,6 +208,9 @@ class LogRetention:
             if gone and not self._trimmed:
                 self.echo(f"retention   first {len(gone):,} batches trimmed from the log's start")
             self._trimmed += len(gone)
+            if gone and self.vacuum is not None and time.monotonic() >= self._vacuumed_at:
+                self._vacuumed_at = time.monotonic() + VACUUM_SECONDS
+                self.vacuum()
             return result
         result.crowded = crowded(partitions, CROWDED_BATCHES)
         fresh = [(name, count) for name, count in result.crowded if name not in self._warned]

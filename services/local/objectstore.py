@@ -255,6 +255,19 @@ class ObjectStore:
             ),
         )
 
+    def vacuum(self, garbage_threshold: float = 0.3, timeout: float = 300.0) -> None:
+        """Have weed's master compact the volumes whose deleted share passes the threshold
+        (deleted objects keep their disk until then; with weed mini's admin worker running,
+        the master's own periodic vacuum is off)."""
+        if self.base_port is None:
+            raise ObjectStoreError("no base port chosen")
+        response = httpx.get(
+            f"http://{HOST}:{self.base_port}/vol/vacuum",
+            params={"garbageThreshold": f"{garbage_threshold:g}"},
+            timeout=timeout,
+        )
+        response.raise_for_status()
+
     def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
         """Start weed and return once its bucket answers a signed HEAD with 200."""
         if self.running:

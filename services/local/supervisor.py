@@ -356,6 +356,7 @@ class Stack:
             self.broker_retention,
             positions_of(database_url, bootstrap, guarded),
             self.echo,
+            vacuum=objects.vacuum,
         )
         self.retention.start()
         if self.broker_retention is None:

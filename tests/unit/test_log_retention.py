@@ -122,8 +122,14 @@ def test_a_sweep_trims_guarded_topics_to_their_positions_and_others_by_age() -> 
     )
     # "u" is read by the stack: partition 0 needs offsets from 9 on, partition 1 is unknown
     said: list[str] = []
+    vacuums: list[int] = []
     retention = LogRetention(
-        store, "tansu", timedelta(minutes=5), lambda: {("u", 0): 9}, echo=said.append
+        store,
+        "tansu",
+        timedelta(minutes=5),
+        lambda: {("u", 0): 9},
+        echo=said.append,
+        vacuum=lambda: vacuums.append(1),
     )
     swept = retention.sweep(now=T0 + timedelta(hours=1))
     assert swept.batches == 8 and swept.trimmed == 4
@@ -133,6 +139,9 @@ def test_a_sweep_trims_guarded_topics_to_their_positions_and_others_by_age() -> 
         [key("u", 0, 9), key("u", 1, 0), key("u", 1, 3), key("dlq", 0, 2)]
         + [f"{PREFIX}/u/partitions/0000000000/watermark.json"]
     )
+    assert vacuums == [1]  # after a trim only, and at most every 10 minutes
+    store.objects[key("dlq", 0, 3)] = T0  # makes dlq[0]@2 trimmable
+    assert retention.sweep(now=T0 + timedelta(hours=1)).trimmed == 1 and vacuums == [1]
 
 
 def test_without_retention_nothing_goes_and_a_crowded_partition_is_named_once(
