@@ -15,8 +15,9 @@ that are older than the retention *and* that every service of the stack has cons
 committed positions: the projector's and the quota service's in ``consumer_offsets``, the
 pricer's group offsets in the broker); :class:`LogRetention` lists the objects through the S3
 API and deletes them. Only a prefix of a partition goes (never a hole), and never its last
-batch; every 10 minutes at most, weed is then asked to compact its volumes, which is when
-the deleted batches' disk comes back. Measured against Tansu
+batch; then, every 2 minutes at most, weed's master is asked to compact the volumes whose
+deleted share passed 30 % (it checks, and compacts only those): that is when the deleted
+batches' disk comes back. Measured against Tansu
 (``tests/integration/test_log_retention.py``): a consumer from the earliest offset starts at
 the first batch left, a fetch at a trimmed offset answers from the next one, and produce,
 group offsets and restarts are unaffected.
@@ -50,7 +51,7 @@ SWEEP_SECONDS = 60.0
 COUNT_SECONDS = 600.0
 """With retention off the sweep only counts (a listing costs `weed` ~12 µs per batch): every
 10 minutes, and no more once it has warned."""
-VACUUM_SECONDS = 600.0
+VACUUM_SECONDS = 120.0
 _DELETE_CHUNK = 1000  # S3 DeleteObjects takes at most 1,000 keys
 _KEY = re.compile(
     r"^clusters/(?P<cluster>[^/]+)/topics/(?P<topic>[^/]+)/partitions/(?P<partition>\d{10})"
@@ -246,44 +247,56 @@ class LogRetention:
                 raise RuntimeError(f"{len(errors)} batches not deleted: {errors[:3]}")
 
 
+@dataclass(frozen=True)
+class Readers:
+    """Who in the stack reads a topic: consumer groups whose offsets the broker keeps (the
+    pricer's) and consumers whose offsets are in ``consumer_offsets`` (projector, quota)."""
+
+    groups: tuple[str, ...] = ()
+    stored: tuple[str, ...] = ()
+
+
+def lowest_needed(positions: Sequence[int | None]) -> int:
+    """What a partition's readers still need: the lowest of their positions, 0 when any of
+    them has none yet (it has read nothing, or never ran)."""
+    return min((p if p is not None and p >= 0 else 0 for p in positions), default=0)
+
+
 async def stack_positions(
-    database_url: str, bootstrap: str, guarded: dict[str, str | None]
+    database_url: str, bootstrap: str, readers: dict[str, Readers]
 ) -> dict[Partition, int]:
-    """The positions the stack's consumers still need, for :class:`LogRetention`:
-    ``guarded`` maps each topic the stack reads to the consumer group whose broker-committed
-    offsets count (the pricer's), or ``None`` for the topics read by the services that keep
-    their offsets in ``consumer_offsets`` (projector, quota service). A partition with no
-    committed position at all needs everything (0)."""
+    """Per partition of each topic in ``readers``, the lowest offset one of its readers
+    still needs (:func:`lowest_needed`), for :class:`LogRetention`."""
     import asyncpg
     from aiokafka import TopicPartition
 
     from services.adapters.kafka import make_admin
 
-    needed: dict[Partition, int] = {}
     connection = await asyncpg.connect(database_url, timeout=10)
     try:
         rows = await connection.fetch(
-            "SELECT topic, partition, min(next_offset) AS needed FROM consumer_offsets"
-            " WHERE topic = ANY($1::text[]) GROUP BY topic, partition",
-            [topic for topic, group in guarded.items() if group is None],
+            "SELECT consumer, topic, partition, next_offset FROM consumer_offsets"
+            " WHERE topic = ANY($1::text[])",
+            list(readers),
         )
     finally:
         await connection.close()
-    stored = {(row["topic"], row["partition"]): int(row["needed"]) for row in rows}
+    stored = {(r["consumer"], r["topic"], r["partition"]): int(r["next_offset"]) for r in rows}
+    needed: dict[Partition, int] = {}
     admin = make_admin(bootstrap)
     await admin.start()
     try:
-        for topic, group in guarded.items():
+        for topic, who in readers.items():
             partitions = await _partitions(admin, topic)
-            if group is None:
-                needed.update({(topic, p): stored.get((topic, p), 0) for p in partitions})
-                continue
-            committed = await admin.list_consumer_group_offsets(
-                group, partitions=[TopicPartition(topic, p) for p in partitions]
-            )
-            for p in partitions:
-                meta = committed.get(TopicPartition(topic, p))
-                needed[(topic, p)] = meta.offset if meta is not None and meta.offset >= 0 else 0
+            tps = [TopicPartition(topic, p) for p in partitions]
+            committed = [
+                await admin.list_consumer_group_offsets(group, partitions=tps)
+                for group in who.groups
+            ]
+            for p, tp in zip(partitions, tps, strict=True):
+                positions = [stored.get((name, topic, p)) for name in who.stored]
+                positions += [(c[tp].offset if tp in c else None) for c in committed]
+                needed[(topic, p)] = lowest_needed(positions)
     finally:
         await admin.close()
     return needed
@@ -294,6 +307,6 @@ async def _partitions(admin: Any, topic: str) -> list[int]:
     return sorted(p["partition"] for p in described[0]["partitions"])
 
 
-def positions_of(database_url: str, bootstrap: str, guarded: dict[str, str | None]) -> Positions:
+def positions_of(database_url: str, bootstrap: str, readers: dict[str, Readers]) -> Positions:
     """:func:`stack_positions` as the synchronous callable :class:`LogRetention` takes."""
-    return lambda: asyncio.run(stack_positions(database_url, bootstrap, guarded))
+    return lambda: asyncio.run(stack_positions(database_url, bootstrap, readers))

@@ -48,11 +48,13 @@ from services.adapters.consuming import PRICER_GROUP
 from services.adapters.database import connect, migrate
 from services.adapters.errors import AdapterError
 from services.adapters.kafka import S3_FETCH_MAX_WAIT_MS, ensure_topics
+from services.adapters.quota import QUOTA_CONSUMER
+from services.adapters.readmodels import PROJECTOR_CONSUMER
 from services.adapters.settings import Settings
 from services.adapters.topics import Topics
 from services.core.periods import closable_month
 from services.local.broker import EmbeddedBroker
-from services.local.logretention import LogRetention, duration_text, positions_of
+from services.local.logretention import LogRetention, Readers, duration_text, positions_of
 from services.local.logrotate import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, rotate_all
 from services.local.objectstore import BUCKET, ObjectStore, load_or_create_credentials
 from services.local.postgres import EmbeddedPostgres
@@ -290,6 +292,8 @@ class Stack:
         self._wait_ready()
         if self.objects is not None:
             self._start_retention(self.objects, database_url, bootstrap, topics)
+        elif self.broker_retention is not None:
+            self.echo("retention   --broker-retention trims the s3 log only: ignored here")
         self.state = StackState(
             pid=os.getpid(),
             data_dir=str(self.data_dir),
@@ -346,15 +350,15 @@ class Stack:
     ) -> None:
         """Sweep the s3 log every minute: trim what is old and consumed, or warn when it
         grows long enough to slow Tansu down (``logretention``)."""
-        guarded: dict[str, str | None] = {
-            topics.usage: f"{self.settings.topic_prefix}{PRICER_GROUP}",
-            topics.costs: None,  # the projector's and quota service's consumer_offsets
+        readers = {
+            topics.usage: Readers(groups=(f"{self.settings.topic_prefix}{PRICER_GROUP}",)),
+            topics.costs: Readers(stored=(PROJECTOR_CONSUMER, QUOTA_CONSUMER)),
         }
         self.retention = LogRetention(
             objects.client(),
             objects.bucket,
             self.broker_retention,
-            positions_of(database_url, bootstrap, guarded),
+            positions_of(database_url, bootstrap, readers),
             self.echo,
             vacuum=objects.vacuum,
         )

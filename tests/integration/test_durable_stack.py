@@ -309,6 +309,7 @@ def test_the_stack_keeps_its_log_through_a_stop_and_a_kill(tmp_path: Path) -> No
 
     with billing_up(data_dir, port, "--demo") as first:
         assert "s3 storage: weed mini in" in first.output
+        assert "retention   off: the log keeps every batch" in first.output
         assert "billed == expected for every tenant" in first.output, first.output
         before = settled(data_dir)
         assert before.counts[Topics.named("").usage] == 330  # 300 requests, 30 sent twice

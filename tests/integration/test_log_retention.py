@@ -17,7 +17,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from services.adapters.kafka import ensure_topics
 from services.local.broker import EmbeddedBroker
-from services.local.logretention import LogRetention, positions_of
+from services.local.logretention import LogRetention, Readers, positions_of
 from services.local.objectstore import ObjectStore, load_or_create_credentials
 
 pytestmark = pytest.mark.integration
@@ -72,7 +72,7 @@ async def test_a_sweep_trims_only_old_consumed_batches_and_tansu_serves_the_rest
     finally:
         await producer.stop()
     # Positions: the pricer's group has committed 6 on usage[0] and nothing on usage[1]; the
-    # projector is at 4 and the quota service at 7 on costs[0], nothing stored for costs[1].
+    # projector is at 4 and the quota service at 7 on costs[0].
     group = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id="pricer", enable_auto_commit=False
     )
@@ -84,16 +84,21 @@ async def test_a_sweep_trims_only_old_consumed_batches_and_tansu_serves_the_rest
     await connection.executemany(
         "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset)"
         " VALUES ($1, $2, $3, $4)",
-        [("projector", costs, 0, 4), ("quota", costs, 0, 7)],
+        # costs[1]: the projector is at 8, the quota service has read nothing (no row)
+        [("projector", costs, 0, 4), ("quota", costs, 0, 7), ("projector", costs, 1, 8)],
     )
     await connection.close()
 
-    vacuums: list[None] = []  # weed compacts its volumes after a trim (not again for 10 min)
+    vacuums: list[None] = []  # weed compacts its volumes after a trim (not again for 2 min)
     retention = LogRetention(
         store.client(),
         store.bucket,
         timedelta(minutes=1),
-        positions_of(database_url, bootstrap, {usage: "pricer", costs: None}),
+        positions_of(
+            database_url,
+            bootstrap,
+            {usage: Readers(groups=("pricer",)), costs: Readers(stored=("projector", "quota"))},
+        ),
         echo=print,
         vacuum=lambda: vacuums.append(store.vacuum(garbage_threshold=0.01)),
     )

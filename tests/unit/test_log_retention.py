@@ -15,6 +15,7 @@ from services.local.logretention import (
     by_partition,
     crowded,
     duration_text,
+    lowest_needed,
     parse_batch,
     trimmable,
 )
@@ -139,7 +140,7 @@ def test_a_sweep_trims_guarded_topics_to_their_positions_and_others_by_age() -> 
         [key("u", 0, 9), key("u", 1, 0), key("u", 1, 3), key("dlq", 0, 2)]
         + [f"{PREFIX}/u/partitions/0000000000/watermark.json"]
     )
-    assert vacuums == [1]  # after a trim only, and at most every 10 minutes
+    assert vacuums == [1]  # after a trim only, and at most every 2 minutes
     store.objects[key("dlq", 0, 3)] = T0  # makes dlq[0]@2 trimmable
     assert retention.sweep(now=T0 + timedelta(hours=1)).trimmed == 1 and vacuums == [1]
 
@@ -164,3 +165,12 @@ def test_without_retention_nothing_goes_and_a_crowded_partition_is_named_once(
 def test_billing_up_refuses_a_retention_it_cannot_keep(value: str, error: str) -> None:
     result = CliRunner().invoke(main, ["up", "--broker-retention", value])
     assert result.exit_code == 2 and error in result.output, result.output
+
+
+def test_a_partition_needs_what_its_slowest_reader_has_not_read_and_all_if_one_read_nothing() -> (
+    None
+):
+    assert lowest_needed([7, 4, 12]) == 4
+    assert lowest_needed([7, None]) == 0  # e.g. the quota service never stored a position
+    assert lowest_needed([7, -1]) == 0  # a group with no committed offset
+    assert lowest_needed([]) == 0
