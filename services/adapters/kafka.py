@@ -68,9 +68,8 @@ FETCH_MAX_WAIT_MS = 100
 only when this wait is over, even if records arrive meanwhile (measured produce→consume
 latency p50: 370 ms at 1,500 ms, 137 ms at 500 ms, 21 ms at 100 ms): a short wait is what
 keeps the pipeline's latency low. Kafka returns as soon as data arrives, so the short wait
-costs it only idle fetch requests. On S3 storage a longer one (``S3_FETCH_MAX_WAIT_MS``)
+costs it only idle fetch requests. On S3 storage a longer one (``settings.S3_FETCH_MAX_WAIT_MS``)
 lists the log less often and lets a longer listing finish (see above)."""
-S3_FETCH_MAX_WAIT_MS = 500
 _RETRY_INTERVAL = 0.2
 _TOPIC_ALREADY_EXISTS = 36
 

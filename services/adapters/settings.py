@@ -19,6 +19,12 @@ from services.core.periods import parse_grace
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "admin", "token", "xxx"})
 
 
+S3_FETCH_MAX_WAIT_MS = 500
+"""``kafka_fetch_max_wait_ms`` on ``billing up``'s s3 log, for its services and for the
+commands run against it: each fetch there first lists the partition's batches
+(``adapters/kafka.py``)."""
+
+
 class Settings(BaseSettings):
     """Gateway and CLI settings; defaults work on a laptop with no network."""
 

@@ -81,7 +81,7 @@ class Context:
             settings, stack = self.env_settings, self.stack
             if stack is not None:
                 given = settings.model_fields_set
-                update = {
+                update: dict[str, object] = {
                     name: value
                     for name, value in (
                         ("database_url", stack.database_url),
@@ -90,6 +90,13 @@ class Context:
                     )
                     if name not in given and value
                 }
+                if stack.broker_storage == "s3" and "kafka_fetch_max_wait_ms" not in given:
+                    # Fetch as the stack's services do on its s3 log; the Kafka clients read
+                    # the environment (``make_consumer``), so it goes there too.
+                    from services.adapters.settings import S3_FETCH_MAX_WAIT_MS
+
+                    update["kafka_fetch_max_wait_ms"] = S3_FETCH_MAX_WAIT_MS
+                    os.environ["BILLING_KAFKA_FETCH_MAX_WAIT_MS"] = str(S3_FETCH_MAX_WAIT_MS)
                 settings = settings.model_copy(update=update)
             self._settings = settings
         return self._settings
@@ -184,8 +191,11 @@ def settings_problems(error: Any) -> str:
     lines = []
     for problem in error.errors():
         field = str(problem["loc"][0]) if problem["loc"] else ""
+        name = field if field.isupper() else f"BILLING_{field.upper()}"  # aliases as they are
+        if any(word in field.lower() for word in _SECRET_WORDS):  # neither value nor message
+            lines.append(f"{name}: not a valid value ({problem['type']})")
+            continue
         given = problem.get("input")
-        secret = any(word in field for word in _SECRET_WORDS)  # never echoed
-        shown = f"={given!r}" if isinstance(given, str | int | float) and not secret else ""
-        lines.append(f"BILLING_{field.upper()}{shown}: {problem['msg']}")
+        shown = f"={given!r}" if isinstance(given, str | int | float) else ""
+        lines.append(f"{name}{shown}: {problem['msg']}")
     return "invalid settings:\n  " + "\n  ".join(lines)

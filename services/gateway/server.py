@@ -143,6 +143,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if self._refusal is not None:
             self._answer(self._refusal)
         elif self._in_head and self._head_timer is None:
+            self._unset_keepalive_if_required()  # a head has begun: ours times it, not idle's
             self._time_head()
 
     def _time_head(self) -> None:

@@ -102,7 +102,7 @@ _MINUTE_SUMS = "count(*), sum(total_cost)"
 _WINNER_ORDER = "request_id, revision DESC, log_partition, log_offset"
 """Highest revision; among equals the first in log order, the one the projector kept."""
 
-_LOCK = 0x62696C6C_72626C64  # "billrbld": one rebuild at a time
+REBUILD_LOCK = 0x62696C6C_72626C64  # "billrbld": one rebuild at a time (the log trimmer waits)
 _WORK_MEM = "256MB"
 _CATCH_UP_ROUNDS = 3
 _CATCH_UP_UNLOCKED = 1000
@@ -182,7 +182,7 @@ async def rebuild(
         raise RebuildError(f"the summary key is now {SUMMARY_KEY}: update SUMMARY_KEY_SQL")
     report = RebuildReport(dry_run=dry_run)
     started = time.perf_counter()
-    if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
+    if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK):
         raise RebuildError("another rebuild is running on this database")
     # Sorts and hashes of whole tables (the fold, the EXCEPTs) stay in memory, 3× faster
     # than spilling at the default 4MB; this session only, one rebuild at a time.
@@ -233,7 +233,7 @@ async def rebuild(
                 for table in LIVE:
                     await connection.execute(f"DROP TABLE IF EXISTS {table}{SUFFIX}")
             await connection.execute(f"DROP TABLE IF EXISTS {STAGING}")
-            await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK)
+            await connection.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK)
             await connection.execute("RESET work_mem")
     report.seconds["total"] = time.perf_counter() - started
     return report

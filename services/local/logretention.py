@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -52,6 +52,7 @@ COUNT_SECONDS = 600.0
 """With retention off the sweep only counts (a listing costs `weed` ~12 µs per batch): every
 10 minutes, and no more once it has warned."""
 VACUUM_SECONDS = 120.0
+POSITIONS_TIMEOUT = 60.0
 _DELETE_CHUNK = 1000  # S3 DeleteObjects takes at most 1,000 keys
 _KEY = re.compile(
     r"^clusters/(?P<cluster>[^/]+)/topics/(?P<topic>[^/]+)/partitions/(?P<partition>\d{10})"
@@ -150,7 +151,14 @@ class LogRetention:
         interval: float = SWEEP_SECONDS,
         cluster: str = CLUSTER,
         vacuum: Callable[[], None] | None = None,
+        topics: Collection[str] | None = None,
+        guarded: Collection[str] = (),
     ) -> None:
+        self.topics = None if topics is None else frozenset(topics)
+        """The stack's own topics: nothing else on the broker is touched (``None``: all)."""
+        self.guarded = frozenset(guarded)
+        """Topics read by services of the stack: trimmed only below their positions, and
+        not at all where ``positions`` does not give one."""
         self.client = client
         self.bucket = bucket
         self.retention = retention
@@ -180,11 +188,16 @@ class LogRetention:
         interval = (
             self.interval if self.retention is not None else max(self.interval, COUNT_SECONDS)
         )
+        failing = False
         while not self._stop.wait(interval):
             try:
                 self.sweep()
+                failing = False
             except Exception as exc:  # a store or database away: the next sweep tries again
                 log.warning("log retention sweep failed: %r", exc)
+                if not failing:  # said when it starts failing, not at every minute
+                    self.echo(f"retention   a sweep failed, trying again each minute: {exc}")
+                failing = True
             if self.retention is None and self._warned:
                 return  # said once; counting again would only cost weed
 
@@ -192,16 +205,19 @@ class LogRetention:
         """List the log, delete what :func:`trimmable` gives up, warn about crowded
         partitions."""
         now = now or datetime.now(UTC)
-        partitions = by_partition(self._list())
+        partitions = {
+            name: batches
+            for name, batches in by_partition(self._list()).items()
+            if self.topics is None or name[0] in self.topics
+        }
         result = Sweep(batches=sum(len(batches) for batches in partitions.values()))
         if self.retention is not None:
             needed = self.positions()
-            guarded = {topic for topic, _ in needed}
             gone = [
                 batch
                 for name, batches in partitions.items()
-                # a partition of a consumed topic whose positions are not known yet waits
-                if name in needed or name[0] not in guarded
+                # a partition of a consumed topic whose positions are not known waits
+                if name in needed or name[0] not in self.guarded
                 for batch in trimmable(batches, now - self.retention, needed.get(name))
             ]
             self._delete([batch.key for batch in gone])
@@ -212,16 +228,22 @@ class LogRetention:
             if gone and self.vacuum is not None and time.monotonic() >= self._vacuumed_at:
                 self._vacuumed_at = time.monotonic() + VACUUM_SECONDS
                 self.vacuum()
-            return result
+            for batch in gone:
+                partitions[(batch.topic, batch.partition)].remove(batch)
         result.crowded = crowded(partitions, CROWDED_BATCHES)
         fresh = [(name, count) for name, count in result.crowded if name not in self._warned]
         if fresh:
             self._warned.update(name for name, _ in fresh)
             (topic, partition), count = fresh[0]
+            why = (
+                "set --broker-retention"
+                if self.retention is None
+                else "retention keeps what a service has not consumed yet: is one stopped?"
+            )
             self.echo(
                 f"warning     the log's partition {topic}[{partition}] holds {count:,} batches; "
                 "Tansu lists them all on every fetch, so consumers slow down and then stop "
-                "as it grows: set --broker-retention (see README, 'Durable local log')"
+                f"as it grows: {why} (see README, 'Durable local log')"
             )
         return result
 
@@ -271,9 +293,15 @@ async def stack_positions(
     from aiokafka import TopicPartition
 
     from services.adapters.kafka import make_admin
+    from services.jobs.rebuild import REBUILD_LOCK
 
     connection = await asyncpg.connect(database_url, timeout=10)
     try:
+        # Not while `billing rebuild` reads the log: it reads from offset 0 up to the
+        # projector's position, below which this would delete (its advisory lock).
+        if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK):
+            raise RuntimeError("a rebuild is reading the log: nothing trimmed this time")
+        await connection.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK)
         rows = await connection.fetch(
             "SELECT consumer, topic, partition, next_offset FROM consumer_offsets"
             " WHERE topic = ANY($1::text[])",
@@ -284,8 +312,8 @@ async def stack_positions(
     stored = {(r["consumer"], r["topic"], r["partition"]): int(r["next_offset"]) for r in rows}
     needed: dict[Partition, int] = {}
     admin = make_admin(bootstrap)
-    await admin.start()
     try:
+        await admin.start()
         for topic, who in readers.items():
             partitions = await _partitions(admin, topic)
             tps = [TopicPartition(topic, p) for p in partitions]
@@ -303,10 +331,14 @@ async def stack_positions(
 
 
 async def _partitions(admin: Any, topic: str) -> list[int]:
-    described = await admin.describe_topics([topic])
-    return sorted(p["partition"] for p in described[0]["partitions"])
+    described = (await admin.describe_topics([topic]))[0]
+    if described.get("error_code") or not described.get("partitions"):
+        raise RuntimeError(f"the broker did not describe {topic}: {described.get('error_code')}")
+    return sorted(p["partition"] for p in described["partitions"])
 
 
 def positions_of(database_url: str, bootstrap: str, readers: dict[str, Readers]) -> Positions:
     """:func:`stack_positions` as the synchronous callable :class:`LogRetention` takes."""
-    return lambda: asyncio.run(stack_positions(database_url, bootstrap, readers))
+    return lambda: asyncio.run(
+        asyncio.wait_for(stack_positions(database_url, bootstrap, readers), POSITIONS_TIMEOUT)
+    )

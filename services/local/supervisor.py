@@ -47,10 +47,10 @@ import httpx
 from services.adapters.consuming import PRICER_GROUP
 from services.adapters.database import connect, migrate
 from services.adapters.errors import AdapterError
-from services.adapters.kafka import S3_FETCH_MAX_WAIT_MS, ensure_topics
+from services.adapters.kafka import ensure_topics
 from services.adapters.quota import QUOTA_CONSUMER
 from services.adapters.readmodels import PROJECTOR_CONSUMER
-from services.adapters.settings import Settings
+from services.adapters.settings import S3_FETCH_MAX_WAIT_MS, Settings
 from services.adapters.topics import Topics
 from services.core.periods import closable_month
 from services.local.broker import EmbeddedBroker
@@ -361,6 +361,8 @@ class Stack:
             positions_of(database_url, bootstrap, readers),
             self.echo,
             vacuum=objects.vacuum,
+            topics=list(topics),
+            guarded=list(readers),
         )
         self.retention.start()
         if self.broker_retention is None:

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from services.adapters.kafka import ensure_topics
+from services.jobs.rebuild import REBUILD_LOCK
 from services.local.broker import EmbeddedBroker
 from services.local.logretention import LogRetention, Readers, positions_of
 from services.local.objectstore import ObjectStore, load_or_create_credentials
@@ -101,10 +102,18 @@ async def test_a_sweep_trims_only_old_consumed_batches_and_tansu_serves_the_rest
         ),
         echo=print,
         vacuum=lambda: vacuums.append(store.vacuum(garbage_threshold=0.01)),
+        topics=[usage, costs, dlq],
+        guarded=[usage, costs],
     )
+    # While `billing rebuild` reads the log (its advisory lock), a sweep trims nothing.
+    rebuild = await asyncpg.connect(database_url)
+    assert await rebuild.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK)
+    later = datetime.now(UTC) + timedelta(minutes=2)
+    with pytest.raises(RuntimeError, match="a rebuild is reading the log"):
+        await asyncio.to_thread(retention.sweep, later)
+    await rebuild.close()
     # Not old yet: nothing goes. (A sweep is synchronous, as on the supervisor's thread.)
     assert (await asyncio.to_thread(retention.sweep)).trimmed == 0
-    later = datetime.now(UTC) + timedelta(minutes=2)
     swept = await asyncio.to_thread(retention.sweep, later)
     assert swept.batches == 5 * RECORDS
     assert swept.trimmed == 6 + 4 + (RECORDS - 1)
@@ -127,7 +136,7 @@ async def test_a_sweep_trims_only_old_consumed_batches_and_tansu_serves_the_rest
     tp = TopicPartition(usage, 0)
     consumer.assign([tp])
     consumer.seek(tp, 2)
-    first = await consumer.getone()
+    first = await asyncio.wait_for(consumer.getone(), 30)
     await consumer.stop()
     assert first.offset == 6
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -122,15 +123,18 @@ def test_a_sweep_trims_guarded_topics_to_their_positions_and_others_by_age() -> 
         | {f"{PREFIX}/u/partitions/0000000000/watermark.json": T0}
     )
     # "u" is read by the stack: partition 0 needs offsets from 9 on, partition 1 is unknown
+    store.objects |= {key("other.u", 0, b): T0 for b in (0, 1, 2)}  # not the stack's topic
     said: list[str] = []
     vacuums: list[int] = []
     retention = LogRetention(
         store,
         "tansu",
         timedelta(minutes=5),
-        lambda: {("u", 0): 9},
+        lambda: {("u", 0): 9},  # the broker did not describe u[1]: it waits
         echo=said.append,
         vacuum=lambda: vacuums.append(1),
+        topics=["u", "dlq"],
+        guarded=["u"],
     )
     swept = retention.sweep(now=T0 + timedelta(hours=1))
     assert swept.batches == 8 and swept.trimmed == 4
@@ -138,11 +142,25 @@ def test_a_sweep_trims_guarded_topics_to_their_positions_and_others_by_age() -> 
     assert retention.sweep(now=T0 + timedelta(hours=1)).trimmed == 0 and len(said) == 1
     assert sorted(store.objects) == sorted(
         [key("u", 0, 9), key("u", 1, 0), key("u", 1, 3), key("dlq", 0, 2)]
+        + [key("other.u", 0, b) for b in (0, 1, 2)]
         + [f"{PREFIX}/u/partitions/0000000000/watermark.json"]
     )
     assert vacuums == [1]  # after a trim only, and at most every 2 minutes
     store.objects[key("dlq", 0, 3)] = T0  # makes dlq[0]@2 trimmable
     assert retention.sweep(now=T0 + timedelta(hours=1)).trimmed == 1 and vacuums == [1]
+
+
+def test_a_partition_held_back_by_a_reader_is_named_with_retention_on_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("services.local.logretention.CROWDED_BATCHES", 2)
+    store = FakeStore({key("u", 0, b): T0 for b in range(4)})
+    said: list[str] = []
+    retention = LogRetention(
+        store, "tansu", timedelta(minutes=1), lambda: {("u", 0): 0}, said.append, guarded=["u"]
+    )
+    assert retention.sweep(now=T0 + timedelta(days=1)).trimmed == 0
+    assert len(said) == 1 and "is one stopped?" in said[0], said
 
 
 def test_without_retention_nothing_goes_and_a_crowded_partition_is_named_once(
@@ -162,8 +180,11 @@ def test_without_retention_nothing_goes_and_a_crowded_partition_is_named_once(
     ("value", "error"),
     [("30s", "at least 1m"), ("3x", "a duration such as"), ("-5m", "a duration such as")],
 )
-def test_billing_up_refuses_a_retention_it_cannot_keep(value: str, error: str) -> None:
-    result = CliRunner().invoke(main, ["up", "--broker-retention", value])
+def test_billing_up_refuses_a_retention_it_cannot_keep(
+    value: str, error: str, tmp_path: Path
+) -> None:
+    arguments = ["--data-dir", str(tmp_path), "up", "--broker-retention", value]
+    result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 2 and error in result.output, result.output
 
 
