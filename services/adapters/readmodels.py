@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 PROJECTOR_CONSUMER: Final = "projector"
 """The name the projector's offsets are stored under in ``consumer_offsets``."""
+REBUILD_LOCK: Final = 0x62696C6C_72626C64
+"""``billing rebuild``'s advisory lock ("billrbld"): one rebuild at a time, and the local
+log's retention sweep waits while it is held (the rebuild reads the log from offset 0)."""
 
 COUNT_COLUMNS: Final = Usage._fields
 """One column per normalised count."""

@@ -68,6 +68,7 @@ from services.adapters.offsets import lock_offsets, store_offsets, stored_offset
 from services.adapters.partitions import create_partitions, partition_months, retired_before
 from services.adapters.readmodels import (
     PROJECTOR_CONSUMER,
+    REBUILD_LOCK,
     SUMMARY_KEY,
     SUMMARY_VALUES,
     TRANSACTION_COLUMNS,
@@ -102,7 +103,6 @@ _MINUTE_SUMS = "count(*), sum(total_cost)"
 _WINNER_ORDER = "request_id, revision DESC, log_partition, log_offset"
 """Highest revision; among equals the first in log order, the one the projector kept."""
 
-REBUILD_LOCK = 0x62696C6C_72626C64  # "billrbld": one rebuild at a time (the log trimmer waits)
 _WORK_MEM = "256MB"
 _CATCH_UP_ROUNDS = 3
 _CATCH_UP_UNLOCKED = 1000

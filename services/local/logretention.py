@@ -293,7 +293,7 @@ async def stack_positions(
     from aiokafka import TopicPartition
 
     from services.adapters.kafka import make_admin
-    from services.jobs.rebuild import REBUILD_LOCK
+    from services.adapters.readmodels import REBUILD_LOCK
 
     connection = await asyncpg.connect(database_url, timeout=10)
     try:

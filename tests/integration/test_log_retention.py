@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from services.adapters.kafka import ensure_topics
-from services.jobs.rebuild import REBUILD_LOCK
+from services.adapters.readmodels import REBUILD_LOCK
 from services.local.broker import EmbeddedBroker
 from services.local.logretention import LogRetention, Readers, positions_of
 from services.local.objectstore import ObjectStore, load_or_create_credentials
