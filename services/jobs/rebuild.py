@@ -173,10 +173,7 @@ async def rebuild(
     """Rebuild the read models from ``topic`` (see the module docstring); ``connection``
     needs ``init_connection``'s codecs. ``before_lock`` runs just before the swap
     transaction (tests use it to move the projector on meanwhile)."""
-    from aiokafka import AIOKafkaConsumer
-
-    from services.adapters.kafka import kafka_client_options
-    from services.adapters.settings import Settings
+    from services.adapters.kafka import make_consumer
 
     if tuple(SUMMARY_KEY_SQL) != SUMMARY_KEY:
         raise RebuildError(f"the summary key is now {SUMMARY_KEY}: update SUMMARY_KEY_SQL")
@@ -187,14 +184,12 @@ async def rebuild(
     # Sorts and hashes of whole tables (the fold, the EXCEPTs) stay in memory, 3× faster
     # than spilling at the default 4MB; this session only, one rebuild at a time.
     await connection.execute(f"SET work_mem = '{_WORK_MEM}'")
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+    # From the earliest record (a vanished offset 0 shows as a later first record), never
+    # committing, with every service's fetch wait and TLS/SASL options.
+    consumer = make_consumer(
+        bootstrap,
         group_id=None,  # positions are ours: nothing is committed anywhere
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",  # a vanished offset 0 shows as a later first record
-        fetch_max_wait_ms=Settings().kafka_fetch_max_wait_ms,
         max_partition_fetch_bytes=8 << 20,  # fewer round trips: the whole log is wanted
-        **kafka_client_options(),  # TLS and SASL, as every service's clients
     )
     try:
         await _refuse_other_topics(connection, PROJECTOR_CONSUMER, topic)

@@ -289,13 +289,13 @@ async def stack_positions(
 ) -> dict[Partition, int]:
     """Per partition of each topic in ``readers``, the lowest offset one of its readers
     still needs (:func:`lowest_needed`), for :class:`LogRetention`."""
-    import asyncpg
     from aiokafka import TopicPartition
 
+    from services.adapters.database import connect
     from services.adapters.kafka import make_admin
     from services.adapters.readmodels import REBUILD_LOCK
 
-    connection = await asyncpg.connect(database_url, timeout=10)
+    connection = await connect(database_url, timeout=10)  # with the settings' TLS
     try:
         # Not while `billing rebuild` reads the log: it reads from offset 0 up to the
         # projector's position, below which this would delete (its advisory lock).
